@@ -173,6 +173,8 @@ def write_image(path: str | os.PathLike, image: np.ndarray, quality: int = 95) -
     im = Image.fromarray(np.ascontiguousarray(image))
     if path.suffix.lower() in (".jpg", ".jpeg"):
         im.convert("RGB").save(path, quality=quality)
+    elif path.suffix.lower() == ".png":
+        im.save(path, compress_level=1)  # lossless either way; level 1 is several times faster
     else:
         im.save(path)
 
@@ -232,6 +234,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o644)  # mkstemp makes it 0600; outputs are shared files
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -254,6 +257,7 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; datasets are read by other users/services
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
