@@ -1,0 +1,391 @@
+"""Crop, rotate and flip a dataset into training samples, split per source mosaic.
+
+The thesis's recipe: every annotated image is cut into crops that hold about 100 tesserae, each
+crop is kept as is and rotated by 90/180/270 degrees and flipped horizontally and vertically, and
+the longest side is brought to at most 1024 px (SAM 2's input size). Train/val/test splits are
+drawn per source mosaic, never per crop, so that no mosaic is seen in two splits.
+
+Choices made here (all deterministic; the seed only drives the split assignment):
+
+* Crops form a regular grid that partitions the image (no overlap, no gaps, the last crop flush
+  with the border); the grid is chosen so that one crop holds about ``tesserae_per_crop``
+  tesserae, from the image's mean area per tessera (grout included). An image that holds at most
+  1.5 times that many tesserae is kept whole.
+* A tessera cut by a crop border is kept only if at least ``min_visible`` of its area lies in the
+  crop; the pieces kept are renumbered so that every id is one 4-connected region.
+* The crop is resized first (image: area interpolation, instances: nearest neighbour) and then
+  rotated and flipped with exact array operations, so the six variants of a crop are pixel-exact
+  rotations/mirrors of each other. ``rot90`` turns counter-clockwise (``numpy.rot90``), ``rot270``
+  clockwise; ``hflip`` mirrors left-right, ``vflip`` top-bottom.
+* Output images are PNG (lossless: no second JPEG compression of the crops).
+* Crops left without any tessera are skipped.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from .dataset import (
+    SPLITS,
+    Dataset,
+    Sample,
+    atomic_output_dir,
+    split_disconnected,
+    write_manifest,
+    write_sample,
+)
+from .errors import MosaicError
+
+log = logging.getLogger(__name__)
+
+# Name -> exact array transform (works on H x W and H x W x C arrays alike).
+TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "identity": lambda a: a,
+    "rot90": lambda a: np.rot90(a, 1),  # counter-clockwise
+    "rot180": lambda a: np.rot90(a, 2),
+    "rot270": lambda a: np.rot90(a, 3),  # clockwise
+    "hflip": lambda a: np.flip(a, 1),  # left-right mirror
+    "vflip": lambda a: np.flip(a, 0),  # top-bottom mirror
+}
+DEFAULT_SPLIT = (0.68, 0.17, 0.15)
+WHOLE_IMAGE_FACTOR = 1.5  # keep an image whole when it holds <= this x tesserae_per_crop
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (x1, y1 exclusive), parent pixel coordinates
+
+
+# --------------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------------
+def validate_split(fractions: Sequence[float]) -> tuple[float, float, float]:
+    """Three non-negative train/val/test fractions that sum to 1, else a MosaicError."""
+    values = tuple(float(f) for f in fractions)
+    if len(values) != len(SPLITS):
+        raise MosaicError(
+            f"--split: need three fractions train,val,test (e.g. 0.68,0.17,0.15), got {len(values)}"
+        )
+    if any(not math.isfinite(v) or v < 0 for v in values):
+        raise MosaicError(f"--split: fractions must be non-negative numbers, got {values}")
+    if abs(sum(values) - 1.0) > 1e-6:
+        raise MosaicError(f"--split: fractions must sum to 1, got {values} (sum {sum(values):g})")
+    return values  # type: ignore[return-value]
+
+
+def parse_split(text: str) -> tuple[float, float, float]:
+    """Parse ``"0.68,0.17,0.15"`` into validated train/val/test fractions."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise MosaicError(
+            f"--split: {text!r} is not a comma-separated list of numbers (e.g. 0.68,0.17,0.15)"
+        ) from None
+    return validate_split(values)
+
+
+def validate_transforms(names: Sequence[str]) -> tuple[str, ...]:
+    """Known, non-empty transform names, deduplicated, in the canonical order of TRANSFORMS."""
+    chosen = set(names)
+    unknown = sorted(chosen - TRANSFORMS.keys())
+    if unknown:
+        raise MosaicError(
+            f"--transforms: unknown {', '.join(unknown)} (choose from {', '.join(TRANSFORMS)})"
+        )
+    if not chosen:
+        raise MosaicError(f"--transforms: choose at least one of {', '.join(TRANSFORMS)}")
+    return tuple(name for name in TRANSFORMS if name in chosen)
+
+
+def parse_transforms(text: str) -> tuple[str, ...]:
+    """Parse ``"identity,rot90"`` into validated transform names."""
+    return validate_transforms([part.strip() for part in text.split(",") if part.strip()])
+
+
+# --------------------------------------------------------------------------------------------
+# Pure array functions
+# --------------------------------------------------------------------------------------------
+def _edges(length: int, parts: int) -> list[int]:
+    """``parts + 1`` evenly spaced integer cut positions from 0 to ``length``."""
+    return [i * length // parts for i in range(parts + 1)]
+
+
+def plan_crops(width: int, height: int, n_tesserae: int, per_crop: int) -> list[Box]:
+    """A grid of crops partitioning the image, each holding about ``per_crop`` tesserae.
+
+    The target crop area is ``per_crop`` times the mean area per tessera (image area / count,
+    grout included). The shorter side is cut into ``round(short / sqrt(target))`` parts, the
+    longer side into as many parts as make a crop's area closest to the target, so crops stay
+    square-ish even on elongated images. Crops are listed row by row, left to right.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if per_crop <= 0:
+        raise ValueError(f"tesserae per crop must be positive, got {per_crop}")
+    if n_tesserae <= WHOLE_IMAGE_FACTOR * per_crop:
+        return [(0, 0, width, height)]
+    target_area = per_crop * width * height / n_tesserae
+    short, long_ = min(width, height), max(width, height)
+    n_short = max(1, min(short, round(short / math.sqrt(target_area))))
+    n_long = max(1, min(long_, round(long_ * short / n_short / target_area)))
+    nx, ny = (n_short, n_long) if width <= height else (n_long, n_short)
+    xs, ys = _edges(width, nx), _edges(height, ny)
+    return [(xs[i], ys[j], xs[i + 1], ys[j + 1]) for j in range(ny) for i in range(nx)]
+
+
+def crop_instances(
+    instances: np.ndarray,
+    box: Box,
+    min_visible: float,
+    areas: np.ndarray | None = None,
+) -> np.ndarray:
+    """The crop of an instance map without the tesserae that the crop cuts too much.
+
+    A tessera stays only if at least ``min_visible`` of its full area (in ``instances``) lies
+    inside ``box``; the others become background. Ids are not renumbered here. ``areas`` (the
+    ``np.bincount`` of ``instances``) may be passed to avoid recounting for every crop.
+    """
+    x0, y0, x1, y1 = box
+    crop = instances[y0:y1, x0:x1]
+    if areas is None:
+        areas = np.bincount(instances.ravel())
+    inside = np.bincount(crop.ravel(), minlength=len(areas))
+    keep = inside >= min_visible * areas
+    keep[0] = False
+    ids = np.arange(len(areas), dtype=crop.dtype)
+    return np.where(keep, ids, 0).astype(crop.dtype)[crop]
+
+
+def resize_to_max_side(
+    image: np.ndarray, instances: np.ndarray, max_side: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Shrink image and instance map so the longest side is at most ``max_side``.
+
+    Returns the new image, the instance map renumbered so every id is one 4-connected region
+    (resizing can split or drop thin tesserae), and the scale factor applied (1.0 if none).
+    """
+    height, width = instances.shape
+    scale = min(1.0, max_side / max(height, width))
+    if scale < 1.0:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        instances = cv2.resize(instances.astype(np.int32), size, interpolation=cv2.INTER_NEAREST)
+    return image, split_disconnected(instances), scale
+
+
+def mosaic_id(sample: Sample) -> str:
+    """The source mosaic a sample comes from: ``source.mosaic``, else its Label Studio task
+    (``task:<id>``), else its stem. Crops of one mosaic always share a split."""
+    source = sample.source or {}
+    if source.get("mosaic") is not None:
+        return str(source["mosaic"])
+    if source.get("task") is not None:
+        return f"task:{source['task']}"
+    return sample.stem
+
+
+def assign_splits(
+    weights: dict[str, int], fractions: Sequence[float], seed: int
+) -> dict[str, str]:
+    """Assign every mosaic to train/val/test so the summed weights approach ``fractions``.
+
+    Mosaics are shuffled with ``seed``, then each goes to the split furthest below its target
+    share (ties: train, val, test). Every split with a positive fraction gets at least one
+    mosaic when there are enough; with fewer mosaics than such splits, train is filled first,
+    then val, then test.
+    """
+    fractions = validate_split(fractions)
+    target = dict(zip(SPLITS, fractions))
+    wanted = [s for s in SPLITS if target[s] > 0]
+    ids = sorted(weights)
+    order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+    total = sum(weights.values())
+    load = dict.fromkeys(SPLITS, 0)
+    members: dict[str, int] = dict.fromkeys(SPLITS, 0)
+    result = {}
+    for i, mosaic in enumerate(order):
+        empty = [s for s in wanted if members[s] == 0]
+        if len(order) - i <= len(empty):
+            choice = empty[0]
+        else:
+            choice = max(wanted, key=lambda s: target[s] * total - load[s])
+        result[mosaic] = choice
+        load[choice] += weights[mosaic]
+        members[choice] += 1
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+@dataclass
+class AugmentSummary:
+    """What ``augment_dataset`` wrote."""
+
+    parents: int
+    mosaics: int
+    crops: int
+    skipped_empty: int
+    outputs: int
+    per_split: dict[str, int] = field(default_factory=dict)
+    mosaics_per_split: dict[str, int] = field(default_factory=dict)
+
+
+def augment_dataset(
+    dataset: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    tesserae_per_crop: int = 100,
+    min_visible: float = 0.5,
+    max_side: int = 1024,
+    transforms: Sequence[str] = tuple(TRANSFORMS),
+    split: Sequence[float] = DEFAULT_SPLIT,
+    keep_splits: bool = False,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> AugmentSummary:
+    """Write the cropped, rotated and flipped samples of ``dataset`` into a new dataset ``out``.
+
+    Output stems are ``<parent>_c<crop:03d>_<transform>``; each manifest source records the
+    parent, the crop box in parent pixels, the transform, the scale and the parent's own source
+    (plus ``mosaic``, the group used for splitting). With ``keep_splits`` every output inherits
+    its parent's split (all parents must have one); otherwise splits are drawn per mosaic.
+    """
+    fractions = validate_split(split)
+    transforms = validate_transforms(transforms)
+    if tesserae_per_crop <= 0:
+        raise MosaicError(f"--tesserae-per-crop must be positive, got {tesserae_per_crop}")
+    if not 0.0 <= min_visible <= 1.0:
+        raise MosaicError(f"--min-visible must be between 0 and 1, got {min_visible}")
+    if max_side <= 0:
+        raise MosaicError(f"--max-side must be positive, got {max_side}")
+    if Path(out).resolve() == Path(dataset).resolve():
+        raise MosaicError(f"{out}: output folder must differ from the input dataset")
+
+    ds = Dataset.open(dataset)
+    if not ds.samples:
+        raise MosaicError(f"{dataset}: dataset has no samples")
+    if keep_splits:
+        missing = [s.stem for s in ds.samples if s.split not in SPLITS]
+        if missing:
+            raise MosaicError(
+                f"{dataset}: --keep-splits needs a train/val/test split on every sample; "
+                f"{len(missing)} have none (first: {missing[0]})"
+            )
+        _warn_split_leaks(ds.samples)
+
+    written: list[tuple[Sample, Sample]] = []  # (parent, output)
+    crops = skipped = 0
+    with atomic_output_dir(out, overwrite) as tmp:
+        bar = tqdm(ds.samples, desc="augment", unit="image", disable=None)
+        for parent in bar:
+            outputs, n_crops, n_empty = _augment_parent(
+                ds, parent, tmp, tesserae_per_crop, min_visible, max_side, transforms
+            )
+            written.extend((parent, s) for s in outputs)
+            crops += n_crops
+            skipped += n_empty
+            bar.set_postfix(crops=crops, samples=len(written))
+        if not written:
+            raise MosaicError(f"{dataset}: no crop holds a tessera; nothing to write")
+
+        if keep_splits:
+            split_of_parent = {p.stem: p.split for p in ds.samples}
+            for parent, sample in written:
+                sample.split = split_of_parent[parent.stem]
+        else:
+            weights = Counter(mosaic_id(parent) for parent, _ in written)
+            split_of_mosaic = assign_splits(dict(weights), fractions, seed)
+            for parent, sample in written:
+                sample.split = split_of_mosaic[mosaic_id(parent)]
+
+        samples = [s for _, s in written]
+        write_manifest(
+            tmp,
+            samples,
+            augment={
+                "seed": seed,
+                "tesserae_per_crop": tesserae_per_crop,
+                "min_visible": min_visible,
+                "max_side": max_side,
+                "transforms": list(transforms),
+                "split": list(fractions),
+                "keep_splits": keep_splits,
+            },
+        )
+
+    mosaics_in: dict[str, set[str]] = defaultdict(set)
+    for parent, sample in written:
+        mosaics_in[sample.split].add(mosaic_id(parent))
+    per_split = Counter(s.split for s in samples)
+    return AugmentSummary(
+        parents=len(ds.samples),
+        mosaics=len({mosaic_id(p) for p in ds.samples}),
+        crops=crops,
+        skipped_empty=skipped,
+        outputs=len(samples),
+        per_split={name: per_split.get(name, 0) for name in SPLITS},
+        mosaics_per_split={name: len(mosaics_in.get(name, ())) for name in SPLITS},
+    )
+
+
+def _augment_parent(
+    ds: Dataset,
+    parent: Sample,
+    root: Path,
+    per_crop: int,
+    min_visible: float,
+    max_side: int,
+    transforms: Sequence[str],
+) -> tuple[list[Sample], int, int]:
+    """Write every crop x transform of one parent; returns (samples, crops, empty crops)."""
+    image = ds.image(parent)
+    instances = ds.instances(parent)
+    height, width = image.shape[:2]
+    if instances.shape != (height, width):
+        raise MosaicError(
+            f"{parent.stem}: instance map is {instances.shape[1]}x{instances.shape[0]}, "
+            f"image is {width}x{height}"
+        )
+    areas = np.bincount(instances.ravel())
+    n_tesserae = int(np.count_nonzero(areas[1:]))
+    boxes = plan_crops(width, height, n_tesserae, per_crop)
+    source_base = {**parent.source, "mosaic": mosaic_id(parent), "parent": parent.stem}
+    samples, empty = [], 0
+    for index, box in enumerate(boxes):
+        x0, y0, x1, y1 = box
+        crop_ids = crop_instances(instances, box, min_visible, areas)
+        crop_image, crop_ids, scale = resize_to_max_side(image[y0:y1, x0:x1], crop_ids, max_side)
+        if not crop_ids.any():
+            empty += 1
+            continue
+        for name in transforms:
+            transform = TRANSFORMS[name]
+            source = {**source_base, "crop": list(box), "transform": name, "scale": round(scale, 6)}
+            samples.append(
+                write_sample(
+                    root,
+                    f"{parent.stem}_c{index:03d}_{name}",
+                    transform(crop_image),
+                    transform(crop_ids),
+                    source=source,
+                )
+            )
+    return samples, len(boxes), empty
+
+
+def _warn_split_leaks(samples: Sequence[Sample]) -> None:
+    """Log a warning for every mosaic whose kept splits differ between its images."""
+    splits: dict[str, set[str]] = defaultdict(set)
+    for s in samples:
+        splits[mosaic_id(s)].add(str(s.split))
+    for mosaic, names in sorted(splits.items()):
+        if len(names) > 1:
+            log.warning("mosaic %s is in several splits (%s): kept as given", mosaic,
+                        ", ".join(sorted(names)))
