@@ -465,6 +465,15 @@ def _client(url: str, api_key: str):
     return LabelStudio(base_url=url, api_key=api_key)
 
 
+def _api_error_detail(body: Any) -> str:
+    """The reason in a Label Studio error body, on one line: the JSON ``detail`` if there is
+    one; nothing for an HTML page (an unknown project answers 404 with the web app's page)."""
+    if isinstance(body, dict):
+        body = body.get("detail") or body
+    text = " ".join(str(body or "").split())
+    return "" if text.startswith("<") else text
+
+
 def fetch_tasks(url: str, api_key: str, project: int) -> list[dict[str, Any]]:
     """All tasks of a project (annotated or not) as a JSON export, through label-studio-sdk."""
     import httpx
@@ -473,8 +482,10 @@ def fetch_tasks(url: str, api_key: str, project: int) -> list[dict[str, Any]]:
     try:
         data = _client(url, api_key).projects.exports.as_json(project)
     except ApiError as exc:
+        detail = _api_error_detail(exc.body) or ("not found" if exc.status_code == 404 else "")
         raise MosaicError(
-            f"{url}: cannot export project {project} (HTTP {exc.status_code}: {exc.body})"
+            f"{url}: cannot export project {project} (HTTP {exc.status_code}"
+            + (f": {detail})" if detail else ")")
         ) from exc
     except httpx.HTTPError as exc:
         raise MosaicError(f"{url}: cannot reach Label Studio ({exc})") from exc
