@@ -19,6 +19,8 @@ COMMANDS = {
     "eval": ("evaluate", "Score predicted masks against ground truth (pixel and per-tessera)."),
     "weights": ("weights", "List, download and locate SAM 2 checkpoints."),
     "segment": ("segment", "Segment every tessera of images (SAM 2 or classical engine)."),
+    "train": ("train", "Fine-tune SAM 2's prompt encoder and mask decoder on a dataset."),
+    "stats": ("stats", "Measure every tessera and write a mosaic report."),
 }
 
 
