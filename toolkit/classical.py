@@ -1,0 +1,644 @@
+"""The classical (no-weights) segmentation engine: colour-gradient, marker-controlled watershed.
+
+It needs no model weights, so it is the default engine when no SAM 2 checkpoint is installed, and
+it is the baseline row of every evaluation (the mosaic literature's TOS approach is a watershed
+of the same family). The pipeline, all on Lab colour:
+
+0. *Working scale*: large tesserae (over ~50 px) are textured enough to fragment the maps
+   below, so stage 1 (steps 1-3) runs on a copy shrunk until tiles measure ~35 px; stage 2
+   (steps 4-6) always runs at full resolution, on the regions scaled back up.
+1. *Boundary map*: colour gradient magnitude plus a thin-line (Hessian ridge) strength, so that
+   grout lines one or two pixels wide show up even where the two tiles have the same colour.
+2. *Tile interiors*: pixels below a threshold of the boundary map (Otsu's threshold of its
+   logarithm, which separates flat tile interiors from edges whatever the image's contrast).
+   Their distance transform gives the typical tessera size and one marker per tile (its local
+   maxima, at least a fraction of a tessera apart).
+3. *Regions*: a watershed of the boundary map from those markers partitions the image, one
+   region per tessera plus its share of the surrounding grout. Regions much larger than the
+   typical one are re-split with a local threshold (a weak grout line between similar tiles).
+4. *Colour models*: per region a linear colour ramp fitted to its central pixels (tiles are
+   tilted and unevenly lit), and a smooth grout colour map fitted to the pixels that look like
+   grout; every pixel gets a score from -1 (its tile's colour) to +1 (the grout's colour).
+   Grout-coloured regions that are large and flat, or thin, are background (plain grout, mortar
+   where tiles are missing, a wall around the mosaic); other grout-coloured regions are tiles
+   whose border only the gradient can find.
+5. *Tile / grout split*: a second watershed, on a finer colour gradient, grows the confidently
+   tile-coloured pixels of each region and the confidently grout-coloured pixels into the
+   uncertain band between them, so the tile border lands on the strongest edge (not on the dark
+   bevel of a tile or the shadow in the grout).
+6. *Clean-up*: touching tiles are separated by one grout pixel (the more grout-like of the two),
+   every tile keeps its largest 4-connected piece with holes filled, and slivers are dropped.
+
+Output: an int32 instance map, 0 = grout / background, ids 1..N in raster order, every id one
+4-connected component, no two tiles 4-adjacent. A 1024x1024 image takes 1-2 s on one core.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
+from scipy import sparse
+from scipy.sparse.csgraph import connected_components
+from skimage.feature import peak_local_max
+from skimage.filters import threshold_otsu
+from skimage.segmentation import watershed
+
+from .dataset import FOUR_CONNECTED, relabel_sequential
+from .errors import MosaicError
+
+
+@dataclass
+class ClassicalParams:
+    """Tunable knobs of the classical engine. Lengths marked "fraction" are relative to the
+    estimated tessera size, so the defaults work from tiny to large tesserae."""
+
+    work_size: float = 35.0  # tiles found larger than ~1.5x this are segmented at a reduced scale
+    sigma: float = 1.0  # Gaussian sigma (px) before the colour gradient of the boundary map
+    ridge_weight: float = 1.0  # weight of the thin-line (Hessian) strength in the boundary map
+    ridge_sigma: float = 1.0  # scale (px) of the thin-line detector, about half a grout width
+    grad_k: float = 1.2  # interior threshold = grad_k x Otsu threshold of the log boundary map
+    grad_min: float = 2.0  # lowest interior threshold (Lab units per px): flat, noise-free images
+    marker_min_distance: float = 0.35  # fraction: minimum distance between two tile markers
+    marker_min_radius: float = 0.15  # fraction: a marker lies this deep inside a tile interior
+    compactness: float = 0.0  # watershed compactness of the regions (0 = classic watershed)
+    class_sigma: float = 0.5  # Gaussian sigma (px) of the colours scored as tile or grout
+    edge_sigma: float = 0.5  # Gaussian sigma (px) of the gradient the tile border snaps to
+    tile_confidence: float = 0.5  # score below -this: surely tile (a seed of the 2nd watershed)
+    grout_confidence: float = 0.6  # score above this: surely grout
+    min_contrast: float = 6.0  # tile-grout colour distance (Lab) below which colour is ignored
+    split_area: float = 1.8  # regions above this many typical areas are re-split locally
+    background_area: float = 3.0  # flat grout-coloured areas above this many typical areas: bg
+    min_roundness: float = 0.2  # grout-coloured regions less round than this are grout (bg)
+    min_area: float = 0.05  # fraction of the squared tessera size: smaller tiles are dropped
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ClassicalParams":
+        """Parameters from a dict (e.g. JSON); unknown keys are an error, missing keys default."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise MosaicError(f"classical parameters: unknown key(s) {', '.join(unknown)}")
+        try:
+            return cls(**{k: type(getattr(cls(), k))(v) for k, v in data.items()})
+        except (TypeError, ValueError) as exc:
+            raise MosaicError(f"classical parameters: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Image maps
+# --------------------------------------------------------------------------------------------
+def _check_image(image: np.ndarray) -> np.ndarray:
+    """An RGB uint8 HxWx3 array (grey and RGBA are accepted and converted)."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+        raise MosaicError(
+            f"classical engine: expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}"
+        )
+    if min(image.shape[:2]) < 8:
+        raise MosaicError(
+            f"classical engine: image {image.shape[1]}x{image.shape[0]} is too small (min 8x8)"
+        )
+    return np.ascontiguousarray(image[..., :3])
+
+
+def _lab(image: np.ndarray) -> np.ndarray:
+    """CIE Lab as float32 (L 0..100): distances there follow perceived colour differences."""
+    return cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)
+
+
+def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    if sigma <= 0:
+        return img
+    return cv2.GaussianBlur(img, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+
+
+def _gradient(lab: np.ndarray) -> np.ndarray:
+    """Colour gradient magnitude in Lab units per pixel (Scharr, all channels together)."""
+    sq = np.zeros(lab.shape[:2], np.float32)
+    for c in range(3):
+        gx = cv2.Scharr(lab[..., c], cv2.CV_32F, 1, 0, borderType=cv2.BORDER_REFLECT)
+        gy = cv2.Scharr(lab[..., c], cv2.CV_32F, 0, 1, borderType=cv2.BORDER_REFLECT)
+        sq += gx * gx + gy * gy
+    return np.sqrt(sq) / 32.0  # Scharr's kernel weights sum to 32 per unit step
+
+
+def _ridge(lab: np.ndarray) -> np.ndarray:
+    """Thin-line strength: the largest absolute Hessian eigenvalue, over the Lab channels.
+
+    A grout line a pixel or two wide is a ridge (or valley) of every channel it differs in; its
+    gradient is weak after blurring, its second derivative is not.
+    """
+    sq = np.zeros(lab.shape[:2], np.float32)
+    for c in range(3):
+        ch = lab[..., c]
+        dxx = cv2.Sobel(ch, cv2.CV_32F, 2, 0, ksize=3, borderType=cv2.BORDER_REFLECT)
+        dyy = cv2.Sobel(ch, cv2.CV_32F, 0, 2, ksize=3, borderType=cv2.BORDER_REFLECT)
+        dxy = cv2.Sobel(ch, cv2.CV_32F, 1, 1, ksize=3, borderType=cv2.BORDER_REFLECT)
+        lam = np.abs(dxx + dyy) * 0.5 + np.sqrt(((dxx - dyy) * 0.5) ** 2 + dxy * dxy)
+        sq += lam * lam
+    return np.sqrt(sq) / 4.0  # the 3x3 second-derivative kernels weigh 4 per unit curvature
+
+
+def _boundary_map(lab: np.ndarray, p: ClassicalParams) -> np.ndarray:
+    """Edge-and-line strength: high on grout and on colour edges, low inside tiles."""
+    grad = _gradient(_blur(lab, p.sigma))
+    if p.ridge_weight > 0:
+        ridge = _ridge(_blur(lab, p.ridge_sigma)) * p.ridge_weight
+        grad = np.sqrt(grad * grad + ridge * ridge)
+    return grad
+
+
+def _interior_threshold(boundary: np.ndarray, p: ClassicalParams) -> float:
+    """Otsu's threshold of the log boundary map: flat interiors vs. edges, scale-free."""
+    logb = np.log(boundary + 0.5)
+    if float(logb.max() - logb.min()) < 1e-6:
+        return p.grad_min
+    t = float(np.exp(threshold_otsu(logb)) - 0.5)
+    return max(p.grad_k * t, p.grad_min)
+
+
+def _interior_size(interior: np.ndarray, dist: np.ndarray) -> float:
+    """Typical tessera size from the inscribed radii of the interior components.
+
+    Each component's deepest point is about one tile's inradius even when a weak grout line
+    lets two tiles merge, so the median is robust to under-segmentation.
+    """
+    labels, n = ndi.label(interior, structure=FOUR_CONNECTED)
+    if n == 0:
+        return max(4.0, min(interior.shape) / 4)
+    radii = np.asarray(ndi.maximum(dist, labels, np.arange(1, n + 1)))
+    radii = radii[radii >= 2]
+    if radii.size == 0:
+        return 4.0
+    # +1 per side: the threshold eats about a pixel of every tile's border.
+    return float(2 * np.median(radii) + 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Colour models
+# --------------------------------------------------------------------------------------------
+def _region_colour_ramps(
+    colour: np.ndarray, regions: np.ndarray, fit: np.ndarray, n: int
+) -> np.ndarray:
+    """Per pixel, its region's colour predicted by a linear ramp ``a + b*x + c*y`` per region.
+
+    The ramp is fitted (least squares, slopes shrunk towards 0) to the pixels where ``fit`` is
+    True; it follows tilted tiles and lighting gradients that a single mean colour would not.
+    Every region needs at least one ``fit`` pixel.
+    """
+    h, w = regions.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    sel = fit & (regions > 0)
+    lab_ids = regions[sel]
+    x = xx[sel].astype(np.float64)
+    y = yy[sel].astype(np.float64)
+    c = colour[sel].astype(np.float64)
+
+    def sums(weights: np.ndarray | None) -> np.ndarray:
+        return np.bincount(lab_ids, weights=weights, minlength=n + 1)
+
+    cnt = sums(None)
+    safe = np.maximum(cnt, 1)
+    mx, my = sums(x) / safe, sums(y) / safe
+    dx, dy = x - mx[lab_ids], y - my[lab_ids]
+    # Slopes shrink towards 0 like a prior of 4 px^2 variance per pixel: tiny cores stay flat.
+    reg = 4.0 * cnt
+    sxx, syy, sxy = sums(dx * dx) + reg, sums(dy * dy) + reg, sums(dx * dy)
+    det = np.maximum(sxx * syy - sxy * sxy, 1e-9)
+    mean_c = np.stack([sums(c[:, k]) for k in range(3)], 1) / safe[:, None]
+    sxc = np.stack([sums(dx * c[:, k]) for k in range(3)], 1)
+    syc = np.stack([sums(dy * c[:, k]) for k in range(3)], 1)
+    bx = (syy[:, None] * sxc - sxy[:, None] * syc) / det[:, None]
+    by = (sxx[:, None] * syc - sxy[:, None] * sxc) / det[:, None]
+    r = regions
+    pred = mean_c[r] + bx[r] * (xx - mx[r])[..., None] + by[r] * (yy - my[r])[..., None]
+    return pred.astype(np.float32)
+
+
+def _smooth_colour_map(colour: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
+    """A smooth colour map from the pixels where ``weight`` is set (normalised convolution).
+
+    Fills the whole image; far from any weighted pixel it tends to their global median. The
+    blur runs on a reduced copy: the map is smooth at the scale of a few tesserae anyway.
+    """
+    if not weight.any():
+        return np.broadcast_to(colour.reshape(-1, 3).mean(0), colour.shape).astype(np.float32)
+    fallback = np.median(colour[weight], axis=0)
+    h, w = weight.shape
+    factor = max(1, int(sigma // 4))
+    small = (max(1, w // factor), max(1, h // factor))
+    wt = cv2.resize(weight.astype(np.float32), small, interpolation=cv2.INTER_AREA)
+    num = cv2.resize(colour * weight[..., None], small, interpolation=cv2.INTER_AREA)
+    num = _blur(num, sigma / factor)
+    den = _blur(wt, sigma / factor)[..., None]
+    prior = 1e-3  # a whisper of the global colour where no grout pixel is near
+    smooth = (num + prior * fallback) / (den + prior)
+    return cv2.resize(smooth, (w, h), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Label-map helpers
+# --------------------------------------------------------------------------------------------
+def _boundary_pixels(regions: np.ndarray) -> np.ndarray:
+    """Pixels with a 4-neighbour of another region (both sides of every border)."""
+    edge = np.zeros(regions.shape, bool)
+    dh = regions[:, 1:] != regions[:, :-1]
+    dv = regions[1:] != regions[:-1]
+    edge[:, 1:] |= dh
+    edge[:, :-1] |= dh
+    edge[1:] |= dv
+    edge[:-1] |= dv
+    return edge
+
+
+def _grout_sample(regions: np.ndarray, interior: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    """Pixels to take a first grout colour from.
+
+    The floors of grout lines at least ~3 px wide: flat pixels in thin structures (no deep
+    interior within 2 px). Failing enough of those (thin grout), the region borders, which run
+    along the grout lines.
+    """
+    thin = interior & (ndi.maximum_filter(dist, size=5) <= 2.5)
+    if np.count_nonzero(thin) >= 0.005 * thin.size:
+        return thin
+    border = _boundary_pixels(regions)
+    return border if border.any() else ~interior
+
+
+def _separate(labels: np.ndarray, score: np.ndarray) -> None:
+    """Put one grout pixel between 4-adjacent pixels of different tiles, in place.
+
+    Of the two touching pixels the one that looks more like grout (higher score) becomes grout.
+    """
+    for a, b, sa, sb in (
+        (labels[:, :-1], labels[:, 1:], score[:, :-1], score[:, 1:]),
+        (labels[:-1], labels[1:], score[:-1], score[1:]),
+    ):
+        touch = (a != b) & (a > 0) & (b > 0)
+        first = touch & (sa >= sb)
+        second = touch & ~first
+        a[first] = 0
+        b[second] = 0
+
+
+def _keep_solid(labels: np.ndarray, min_area: float) -> np.ndarray:
+    """Every tile keeps its largest 4-connected piece with its holes filled; small tiles go.
+
+    Small tiles are dropped before holes are filled, so a speck inside a tile does not keep
+    a hole open; a hole with a real tile inside stays open (tiles must not touch).
+    """
+    solid = np.zeros(labels.shape, np.int32)
+    slices = ndi.find_objects(labels)
+    for k, sl in enumerate(slices, start=1):
+        if sl is None:
+            continue
+        pieces, _ = ndi.label(labels[sl] == k, structure=FOUR_CONNECTED)
+        areas = np.bincount(pieces.ravel())
+        areas[0] = 0
+        if areas.max() >= min_area:
+            solid[sl][pieces == int(np.argmax(areas))] = k
+    out = solid.copy()
+    for k, sl in enumerate(slices, start=1):
+        if sl is None:
+            continue
+        obj = solid[sl] == k
+        if not obj.any():
+            continue
+        holes, n_holes = ndi.label(ndi.binary_fill_holes(obj) & ~obj)
+        if n_holes:
+            other = solid[sl] != 0  # hole pixels are never k itself
+            occupied = np.bincount(holes.ravel(), weights=other.ravel(), minlength=n_holes + 1)
+            fill = occupied == 0
+            fill[0] = False
+            out[sl][fill[holes]] = k
+    return out
+
+
+def _split_large(
+    regions: np.ndarray, boundary: np.ndarray, dist: np.ndarray, size: float, p: ClassicalParams
+) -> tuple[np.ndarray, int]:
+    """Re-segment regions much larger than the typical one with their own, lower threshold.
+
+    A weak grout line between two similar tiles stays below the global threshold; within the
+    merged region it is among the strongest edges, so a local Otsu threshold finds it.
+    ``dist`` is updated in place with the local interior distances.
+    """
+    n = int(regions.max())
+    areas = np.bincount(regions.ravel(), minlength=n + 1)
+    typical = float(np.median(areas[1:]))
+    out = regions.copy()
+    next_id = n + 1
+    min_dist = max(1, int(round(p.marker_min_distance * size)))
+    for k, sl in enumerate(ndi.find_objects(regions), start=1):
+        if sl is None or areas[k] <= p.split_area * typical:
+            continue
+        mask = regions[sl] == k
+        sub = boundary[sl]
+        vals = np.log(sub[mask] + 0.5)
+        if float(vals.max() - vals.min()) < 1e-6:
+            continue
+        t = float(np.exp(threshold_otsu(vals)) - 0.5)
+        inner = (sub < t) & mask
+        d = ndi.distance_transform_edt(inner).astype(np.float32)
+        peaks = peak_local_max(
+            d, min_distance=min_dist, threshold_abs=max(1.0, p.marker_min_radius * size),
+            exclude_border=False, labels=mask.astype(np.int32),
+        )
+        if len(peaks) < 2:
+            continue
+        m = np.zeros(mask.shape, np.int32)
+        m[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1)
+        parts = watershed(sub, m, mask=mask)
+        view = out[sl]
+        view[mask] = np.where(parts[mask] == 1, k, parts[mask] + next_id - 2)
+        next_id += len(peaks) - 1
+        dview = dist[sl]
+        dview[mask] = d[mask]
+    return out, next_id - 1
+
+
+def _flat_background(
+    regions: np.ndarray, weak: np.ndarray, boundary: np.ndarray, threshold: float, factor: float
+) -> np.ndarray:
+    """Per region: True where it belongs to a large flat grout-coloured area (background).
+
+    Weak regions (coloured like the grout) that meet without an edge between them (a mean
+    boundary strength along their border under half the interior threshold) are joined;
+    a joined area larger than ``factor`` typical regions is background, not a tessera: plain
+    grout, mortar or a wall around the mosaic. Tiles coloured like the grout keep a grout line
+    (an edge) to their neighbours and stay separate.
+    """
+    n = int(regions.max())
+    keys, values = [], []
+    for a, b, va, vb in (
+        (regions[:, :-1], regions[:, 1:], boundary[:, :-1], boundary[:, 1:]),
+        (regions[:-1], regions[1:], boundary[:-1], boundary[1:]),
+    ):
+        sel = (a != b) & weak[a] & weak[b]
+        lo, hi = np.minimum(a[sel], b[sel]), np.maximum(a[sel], b[sel])
+        keys.append(lo.astype(np.int64) * (n + 1) + hi)
+        values.append(np.maximum(va[sel], vb[sel]))
+    pairs, inverse = np.unique(np.concatenate(keys), return_inverse=True)
+    mean_edge = np.bincount(inverse, weights=np.concatenate(values)) / np.maximum(
+        np.bincount(inverse), 1
+    )
+    flat = pairs[mean_edge < 0.5 * threshold]
+    graph = sparse.coo_matrix(
+        (np.ones(flat.size), (flat // (n + 1), flat % (n + 1))), shape=(n + 1, n + 1)
+    )
+    _, comp = connected_components(graph, directed=False)
+    areas = np.bincount(regions.ravel(), minlength=n + 1).astype(np.float64)
+    typical = float(np.median(areas[1:])) if n else 0.0
+    comp_area = np.bincount(comp, weights=np.where(weak, areas, 0))
+    background = weak & (comp_area[comp] > factor * typical)
+    background[0] = False
+    return background
+
+
+# --------------------------------------------------------------------------------------------
+# The two stages
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Regions:
+    """Stage 1's partition and the maps stage 2 reuses (all at one resolution)."""
+
+    regions: np.ndarray  # int32, 1..n, one region per tile with its share of the grout
+    n: int
+    boundary: np.ndarray  # edge-and-line strength
+    threshold: float  # interior threshold of ``boundary``
+    interior: np.ndarray  # boundary < threshold
+    dist: np.ndarray  # distance to the nearest non-interior pixel
+    size: float  # interior-map tessera size estimate (px)
+
+    def upsampled(self, factor: int, shape: tuple[int, int]) -> "_Regions":
+        """The same maps at ``factor`` times the resolution (``shape`` = (height, width))."""
+        dsize = (shape[1], shape[0])
+        return _Regions(
+            regions=cv2.resize(self.regions, dsize, interpolation=cv2.INTER_NEAREST),
+            n=self.n,
+            boundary=cv2.resize(self.boundary, dsize, interpolation=cv2.INTER_LINEAR),
+            threshold=self.threshold,
+            interior=cv2.resize(self.interior.view(np.uint8), dsize,
+                                interpolation=cv2.INTER_NEAREST).astype(bool),
+            dist=cv2.resize(self.dist, dsize, interpolation=cv2.INTER_LINEAR) * factor,
+            size=self.size * factor,
+        )
+
+
+def _interior_maps(
+    lab: np.ndarray, p: ClassicalParams
+) -> tuple[np.ndarray, float, np.ndarray, np.ndarray, float]:
+    """Boundary map, its interior threshold, the interior, its distance map and the size."""
+    boundary = _boundary_map(lab, p)
+    threshold = _interior_threshold(boundary, p)
+    interior = boundary < threshold
+    dist = ndi.distance_transform_edt(interior).astype(np.float32)
+    return boundary, threshold, interior, dist, _interior_size(interior, dist)
+
+
+def _shrink(lab: np.ndarray, factor: int) -> np.ndarray:
+    h, w = lab.shape[:2]
+    size = (max(8, w // factor), max(8, h // factor))
+    return cv2.resize(lab, size, interpolation=cv2.INTER_AREA)
+
+
+def _working_factor(lab: np.ndarray, full_size: float, p: ClassicalParams) -> int:
+    """How much to shrink the image so that tesserae are about ``work_size`` pixels.
+
+    Large tesserae are textured: at full resolution their mottling breaks the interior map into
+    fragments (and a tiny size estimate, ``full_size``). Seen at 1/2 and 1/4 scale the texture
+    averages out; when both views agree that tiles are large, the image is segmented shrunk.
+    Tiny tesserae alias at 1/4 scale (a large, wrong estimate), so the smaller view decides.
+    A half-scale estimate far above the full-scale one is the signature of fragmentation: then
+    at least half scale.
+    """
+    if min(lab.shape[:2]) < 64:
+        return 1
+    half, quarter = (_interior_maps(_shrink(lab, f), p)[4] * f for f in (2, 4))
+    factor = max(1, int(round(min(half, quarter) / p.work_size)))
+    if factor == 1 and half > 2.5 * full_size:
+        factor = 2
+    return factor
+
+
+def _find_regions(
+    lab: np.ndarray, p: ClassicalParams, maps: tuple | None = None
+) -> _Regions | None:
+    """Stage 1: tile markers from the interior map and a watershed from them (None: no tile).
+
+    ``maps``: ``_interior_maps(lab, p)`` when already computed.
+    """
+    boundary, threshold, interior, dist, size = maps or _interior_maps(lab, p)
+    peaks = peak_local_max(
+        dist,
+        min_distance=max(1, int(round(p.marker_min_distance * size))),
+        threshold_abs=max(1.0, p.marker_min_radius * size),
+        exclude_border=False,
+    )
+    n = len(peaks)
+    if n == 0:
+        return None
+    markers = np.zeros(lab.shape[:2], np.int32)
+    markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, n + 1)
+    regions = watershed(boundary, markers, compactness=p.compactness)
+    if p.split_area > 0:
+        regions, n = _split_large(regions, boundary, dist, size, p)
+    return _Regions(regions, n, boundary, threshold, interior, dist, size)
+
+
+def _split_tiles(lab: np.ndarray, r: _Regions, p: ClassicalParams) -> np.ndarray:
+    """Stage 2: within every region, the tile and the grout around it (0), touching tiles apart."""
+    regions, n = r.regions, r.n
+    idx = np.arange(1, n + 1)
+
+    # Colour models: a ramp per tile fitted to its centre, a smooth grout colour map.
+    colour = _blur(lab, p.class_sigma)
+    depth = np.zeros(n + 1, np.float32)
+    depth[1:] = ndi.maximum(r.dist, regions, idx)
+    centre = r.dist >= 0.5 * depth[regions]
+    tile_c = _region_colour_ramps(colour, regions, centre, n)
+    d_tile = np.linalg.norm(colour - tile_c, axis=2)
+    sample = _grout_sample(regions, r.interior, r.dist)
+    if not sample.any():  # a featureless image: nothing to segment
+        return np.zeros(regions.shape, np.int32)
+    grout_c = np.broadcast_to(np.median(colour[sample], axis=0), colour.shape)
+    score = _score(colour, tile_c, grout_c, d_tile)
+    grout_c = _smooth_colour_map(colour, score >= 0, 2.0 * r.size)
+    score = _score(colour, tile_c, grout_c, d_tile)
+
+    # Regions coloured like the grout ("weak"): colour cannot tell their tile from the grout.
+    contrast = np.linalg.norm(tile_c - grout_c, axis=2)
+    weak = np.zeros(n + 1, bool)
+    weak[1:] = np.asarray(ndi.mean(contrast, regions, idx)) < p.min_contrast
+    background = _flat_background(regions, weak, r.boundary, r.threshold, p.background_area)
+    # Weak regions far from compact (a disc scores 1, a square 0.79) are stretches of the grout
+    # network itself, not tesserae.
+    area = np.bincount(regions.ravel(), minlength=n + 1)
+    roundness = np.pi * (depth + 1) ** 2 / np.maximum(area, 1)
+    background |= weak & (roundness < p.min_roundness)
+    weak_px = weak[regions]
+
+    # Second watershed: sure tile and sure grout grow into the uncertain band between them.
+    sure_tile = np.where(weak_px, centre, score < -p.tile_confidence)
+    seeds = np.where(sure_tile, regions, 0)
+    seeds[(score > p.grout_confidence) & ~weak_px] = n + 1
+    seeds[background[regions]] = n + 1
+    labels = watershed(_gradient(_blur(lab, p.edge_sigma)), seeds)
+    labels[labels == n + 1] = 0
+
+    # Separate touching tiles, keep solid pieces, drop slivers.
+    _separate(labels, score)
+    return _keep_solid(labels, p.min_area * r.size * r.size)
+
+
+def _score(
+    colour: np.ndarray, tile_c: np.ndarray, grout_c: np.ndarray, d_tile: np.ndarray
+) -> np.ndarray:
+    """Per pixel: -1 on its tile's colour, +1 on the grout's colour, 0 half-way."""
+    d_grout = np.linalg.norm(colour - grout_c, axis=2)
+    contrast = np.linalg.norm(tile_c - grout_c, axis=2)
+    return np.clip((d_tile - d_grout) / np.maximum(contrast, 1e-3), -1.5, 1.5)
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------
+def estimate_tessera_size(image: np.ndarray, params: ClassicalParams | None = None) -> float:
+    """Typical tessera diameter in pixels (equivalent-circle diameter of the median tile).
+
+    Measured on a classical segmentation of (at most a 1024x1024 centre crop of) the image, so
+    it costs about a second; when nothing is segmented, the cruder interior-map estimate
+    (inscribed diameters, at least 4 px).
+    """
+    image = _check_image(image)
+    h, w = image.shape[:2]
+    top, left = max(0, (h - 1024) // 2), max(0, (w - 1024) // 2)
+    crop = image[top:top + 1024, left:left + 1024]
+    engine = ClassicalEngine(params)
+    size = _median_diameter(engine.segment(crop))
+    if size is None:
+        size = _interior_maps(_lab(crop), engine.params)[4]
+    return size
+
+
+def _median_diameter(instances: np.ndarray) -> float | None:
+    areas = np.bincount(instances.ravel())[1:]
+    areas = areas[areas > 0]
+    if areas.size == 0:
+        return None
+    return float(2 * np.sqrt(np.median(areas) / np.pi))
+
+
+class ClassicalEngine:
+    """Segments every tessera of an RGB image without model weights."""
+
+    name = "classical"
+
+    def __init__(self, params: ClassicalParams | None = None):
+        self.params = params or ClassicalParams()
+        self._cache_key: str | None = None
+        self._cache: tuple[np.ndarray, np.ndarray, np.ndarray, float] | None = None
+
+    # ----------------------------------------------------------------------------------------
+    def segment(self, image: np.ndarray) -> np.ndarray:
+        """Instance map (int32, 0 = grout/background, ids 1..N, each one 4-connected tile)."""
+        p = self.params
+        image = _check_image(image)
+        lab = _lab(image)
+        maps = _interior_maps(lab, p)
+        factor = _working_factor(lab, maps[4], p)
+        if factor == 1:
+            found = _find_regions(lab, p, maps)
+        else:
+            found = _find_regions(_shrink(lab, factor), p)
+        if found is None:
+            return np.zeros(image.shape[:2], np.int32)
+        if factor > 1:
+            found = found.upsampled(factor, image.shape[:2])
+        return relabel_sequential(_split_tiles(lab, found, p))
+
+    # ----------------------------------------------------------------------------------------
+    def predict_point(self, image: np.ndarray, x: int, y: int) -> np.ndarray | None:
+        """Boolean mask of the tessera under pixel ``(x, y)`` (column, row).
+
+        On grout, the nearest tessera within two tessera sizes; ``None`` when there is none or
+        the point is outside the image. The image's segmentation is cached (keyed by a hash of
+        its bytes and the parameters), so repeated clicks on one image cost microseconds.
+        """
+        instances, nearest_row, nearest_col, size = self._cached(image)
+        h, w = instances.shape
+        x, y = int(round(x)), int(round(y))
+        if not (0 <= x < w and 0 <= y < h):
+            return None
+        r, c = int(nearest_row[y, x]), int(nearest_col[y, x])
+        tile = int(instances[r, c])
+        if tile == 0 or np.hypot(r - y, c - x) > 2.0 * size:
+            return None
+        return instances == tile
+
+    def _cached(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """Instances, the nearest tile pixel (row, column) of every pixel, median tile size."""
+        image = _check_image(image)
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(repr((image.shape, sorted(self.params.to_dict().items()))).encode())
+        digest.update(image.tobytes())
+        key = digest.hexdigest()
+        if key != self._cache_key or self._cache is None:
+            instances = self.segment(image)
+            if instances.any():
+                _, (rows, cols) = ndi.distance_transform_edt(instances == 0, return_indices=True)
+            else:
+                rows = cols = np.zeros(instances.shape, np.int32)
+            size = _median_diameter(instances) or 0.0  # no tile: every click gives None
+            self._cache = (instances, rows.astype(np.int32), cols.astype(np.int32), size)
+            self._cache_key = key
+        return self._cache
