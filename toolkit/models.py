@@ -1,0 +1,406 @@
+"""Building and loading SAM 2 models, and the fine-tune file format.
+
+A *model* is a base SAM 2 checkpoint (official format: ``{"model": state_dict}``) plus, optionally,
+a *fine-tune file*: a small torch file holding only the prompt encoder and mask decoder weights
+(~17 MB, the parts the thesis trains; the image encoder stays frozen) and the metadata needed to
+use it::
+
+    {"format": "mosaic-sam-finetune", "version": 1,
+     "base": {"name": "sam2.1-large", "config": "configs/sam2.1/sam2.1_hiera_l.yaml",
+              "sha256": "<of the base checkpoint, optional>", "image_size": 1024},
+     "state_dict": {"sam_prompt_encoder.*": tensor, "sam_mask_decoder.*": tensor},
+     "generator": {tuned generator parameters, see engine.GeneratorParams},
+     "training": {training data summary, hyper-parameters, scores}}
+
+``resolve_model`` turns what the user typed (a model name, a base checkpoint path or a fine-tune
+path) into a ``ModelSpec``; ``load_model`` builds the ready ``torch.nn.Module`` from it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from .dataset import atomic_file
+from .errors import MosaicError
+
+FINETUNE_FORMAT = "mosaic-sam-finetune"
+FINETUNE_VERSION = 1
+#: Parameter-name prefixes a fine-tune file stores (everything else comes from the base).
+FINETUNE_PREFIXES = ("sam_prompt_encoder.", "sam_mask_decoder.")
+
+
+# --------------------------------------------------------------------------------------------
+# Device and model construction
+# --------------------------------------------------------------------------------------------
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """The torch device to run on: ``device`` when given, else CUDA, else MPS, else CPU."""
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise MosaicError(f"device {device!r}: not a valid torch device ({exc})") from exc
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise MosaicError(f"device {device!r}: CUDA is not available on this machine")
+        if dev.type == "mps" and not torch.backends.mps.is_available():
+            raise MosaicError(f"device {device!r}: MPS is not available on this machine")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _read_torch_file(path: Path, what: str, mmap: bool = False) -> Any:
+    """``torch.load`` (tensors and plain data only) with a MosaicError naming the file."""
+    if not path.is_file():
+        raise MosaicError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
+            zipfile.BadZipFile, AttributeError, KeyError) as exc:
+        if mmap:  # files in torch's legacy (non-zip) format cannot be memory-mapped
+            return _read_torch_file(path, what, mmap=False)
+        raise MosaicError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc})") from exc
+
+
+def read_checkpoint_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict of an official SAM 2 checkpoint ``{"model": state_dict}``.
+
+    ``mmap=True`` maps the tensors instead of reading them: cheap when only names and shapes
+    are needed.
+    """
+    path = Path(path)
+    data = _read_torch_file(path, "SAM 2 checkpoint", mmap=mmap)
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        if isinstance(data, dict) and data.get("format") == FINETUNE_FORMAT:
+            raise MosaicError(f"{path}: is a fine-tune file, not a base SAM 2 checkpoint")
+        raise MosaicError(f'{path}: not a SAM 2 checkpoint (expected a dict with a "model" key)')
+    return data["model"]
+
+
+def build_sam2_model(
+    config: str,
+    checkpoint: Path | None,
+    device: str | torch.device | None,
+    image_size: int | None = None,
+    overrides: Iterable[str] = (),
+) -> torch.nn.Module:
+    """Build a SAM 2 model from its Hydra ``config`` and load ``checkpoint`` strictly.
+
+    ``checkpoint=None`` keeps the random initialisation (tests). ``image_size`` overrides the
+    config's input resolution (1024); the weights do not depend on it (Hiera interpolates its
+    position embeddings), so a reduced size gives a cheaper model for tests and benchmarks.
+    ``overrides`` are extra Hydra overrides such as ``"++model.foo=1"``. Returns the model in
+    eval mode on ``device``.
+    """
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+    from sam2.build_sam import build_sam2
+
+    extra = list(overrides)
+    if image_size is not None:
+        if image_size <= 0 or image_size % 32:
+            raise MosaicError(f"{config}: image_size must be a positive multiple of 32, got {image_size}")
+        extra.append(f"++model.image_size={int(image_size)}")
+    state = read_checkpoint_state_dict(checkpoint) if checkpoint is not None else None
+    try:
+        model = build_sam2(config, None, device="cpu", mode="eval", hydra_overrides_extra=extra)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise MosaicError(f"{config}: cannot build SAM 2 model ({exc})") from exc
+    if state is not None:
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            raise MosaicError(
+                f"{checkpoint}: weights do not match config {config} ({' '.join(first[:3])[:400]})"
+            ) from exc
+    return model.to(pick_device(device)).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tune files
+# --------------------------------------------------------------------------------------------
+def finetune_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The prompt-encoder and mask-decoder weights of ``model`` (CPU copies)."""
+    return {
+        k: v.detach().to("cpu").clone()
+        for k, v in model.state_dict().items()
+        if k.startswith(FINETUNE_PREFIXES)
+    }
+
+
+def _check_generator(path: Path, generator: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validate generator parameters against engine.GeneratorParams (unknown keys are errors)."""
+    if not generator:
+        return {}
+    from .engine import GeneratorParams  # engine imports this module
+
+    try:
+        GeneratorParams.from_dict(generator)
+    except MosaicError as exc:
+        raise MosaicError(f"{path}: {exc}") from exc
+    return dict(generator)
+
+
+def save_finetune(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    *,
+    base: dict[str, Any],
+    generator: dict[str, Any] | None,
+    training: dict[str, Any] | None,
+) -> None:
+    """Write a fine-tune file (prompt encoder + mask decoder and metadata), atomically.
+
+    ``base`` needs "name" and "config"; "sha256" (of the base checkpoint) and "image_size" are
+    optional.
+    """
+    path = Path(path)
+    if not base.get("config"):
+        raise MosaicError(f'{path}: fine-tune metadata needs base["config"]')
+    base_meta = {
+        "name": base.get("name"),
+        "config": base["config"],
+        "sha256": base.get("sha256"),
+        "image_size": base.get("image_size"),
+    }
+    data = {
+        "format": FINETUNE_FORMAT,
+        "version": FINETUNE_VERSION,
+        "base": base_meta,
+        "state_dict": finetune_state_dict(model),
+        "generator": _check_generator(path, generator),
+        "training": dict(training or {}),
+    }
+    _write_finetune(path, data)
+
+
+def _write_finetune(path: Path, data: dict[str, Any]) -> None:
+    with atomic_file(path) as tmp:
+        torch.save(data, tmp)
+
+
+def load_finetune(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a fine-tune file; a MosaicError naming the file when it is not one."""
+    path = Path(path)
+    data = _read_torch_file(path, "fine-tune file")
+    if not isinstance(data, dict) or data.get("format") != FINETUNE_FORMAT:
+        raise MosaicError(f'{path}: not a fine-tune file (no "format": "{FINETUNE_FORMAT}")')
+    if data.get("version") != FINETUNE_VERSION:
+        raise MosaicError(
+            f"{path}: fine-tune format version {data.get('version')!r} is not supported "
+            f"(this version reads {FINETUNE_VERSION})"
+        )
+    base = data.get("base")
+    if not isinstance(base, dict) or not base.get("config"):
+        raise MosaicError(f'{path}: fine-tune file has no base["config"]')
+    state = data.get("state_dict")
+    if not isinstance(state, dict) or not state:
+        raise MosaicError(f"{path}: fine-tune file has no weights")
+    stray = sorted(k for k in state if not k.startswith(FINETUNE_PREFIXES))
+    if stray:
+        raise MosaicError(f"{path}: fine-tune file holds weights outside the decoder: {stray[:3]}")
+    data.setdefault("generator", {})
+    data.setdefault("training", {})
+    return data
+
+
+def update_finetune_metadata(
+    path: str | os.PathLike,
+    generator: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+) -> None:
+    """Replace the "generator" and/or "training" sections of a fine-tune file (atomically).
+
+    A section given as ``None`` is left as it is.
+    """
+    path = Path(path)
+    data = load_finetune(path)
+    if generator is not None:
+        data["generator"] = _check_generator(path, generator)
+    if training is not None:
+        data["training"] = dict(training)
+    _write_finetune(path, data)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving what the user named
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ModelSpec:
+    """Everything needed to build a model: base weights, config, optional fine-tune."""
+
+    base_checkpoint: Path
+    config: str
+    base_name: str | None
+    finetune: Path | None = None
+    generator: dict[str, Any] = field(default_factory=dict)
+    image_size: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _config_signature(config: str) -> tuple[int, int, bool] | None:
+    """(Hiera embed dim, number of blocks, SAM 2.1?) of a packaged config, for matching."""
+    import sam2
+    from omegaconf import OmegaConf
+
+    file = Path(sam2.__path__[0]) / config
+    if not file.is_file():
+        return None
+    model = OmegaConf.load(file).model
+    trunk = model.image_encoder.trunk
+    embed = int(trunk.get("embed_dim", 96))
+    blocks = int(sum(trunk.get("stages", (2, 3, 16, 3))))
+    return embed, blocks, bool(model.get("no_obj_embed_spatial", False))
+
+
+def _checkpoint_signature(state: Mapping[str, torch.Tensor]) -> tuple[int, int, bool] | None:
+    weight = state.get("image_encoder.trunk.patch_embed.proj.weight")
+    if weight is None:
+        return None
+    blocks = {k.split(".")[3] for k in state if k.startswith("image_encoder.trunk.blocks.")}
+    return int(weight.shape[0]), len(blocks), "no_obj_embed_spatial" in state
+
+
+def infer_config(checkpoint: Path) -> str:
+    """The packaged config whose architecture matches a base checkpoint's weights."""
+    from . import weights
+
+    signature = _checkpoint_signature(read_checkpoint_state_dict(checkpoint, mmap=True))
+    configs = sorted({info.config for info in weights.MODELS.values()})
+    for config in configs:
+        if signature is not None and _config_signature(config) == signature:
+            return config
+    raise MosaicError(f"{checkpoint}: weights match none of the SAM 2 configs {configs}")
+
+
+def _resolve_base(name_or_path: str | os.PathLike) -> tuple[Path, str, str | None, str | None]:
+    """(checkpoint, config, model name, known sha256) of a base model name or path.
+
+    The sha256 is only known for a registry checkpoint that ``weights`` has verified (its
+    sidecar records the published hash); other files are not rehashed.
+    """
+    from . import weights
+
+    path, info = weights.resolve_checkpoint(str(name_or_path))
+    path = Path(path)
+    if info is None:
+        return path, infer_config(path), None, None
+    verified = any(
+        s.info.name == info.name and s.verified and s.path.resolve() == path.resolve()
+        for s in weights.model_status()
+    )
+    return path, info.config, info.name, info.sha256 if verified else None
+
+
+def _is_finetune_file(path: Path) -> bool:
+    data = _read_torch_file(path, "model file", mmap=True)
+    return isinstance(data, dict) and data.get("format") == FINETUNE_FORMAT
+
+
+def resolve_model(spec: str | os.PathLike, base: str | os.PathLike | None = None) -> ModelSpec:
+    """Resolve a model NAME, a base checkpoint PATH, or a fine-tune file PATH.
+
+    A fine-tune file names its base model; ``base`` (a name or a checkpoint path) overrides where
+    the base weights come from. A different config, differently shaped decoder weights, or a
+    different base checksum (checked when both are known: the fine-tune recorded one and the
+    base is a registry checkpoint verified by ``weights``) is a MosaicError naming both files.
+    """
+    path = Path(spec)
+    if not path.is_file() or not _is_finetune_file(path):
+        if base is not None:
+            raise MosaicError(f"{spec}: a separate base model only applies to a fine-tune file")
+        checkpoint, config, name, _ = _resolve_base(spec)
+        return ModelSpec(
+            base_checkpoint=checkpoint,
+            config=config,
+            base_name=name,
+            metadata={"base": {"name": name, "config": config, "checkpoint": str(checkpoint)}},
+        )
+
+    meta = load_finetune(path)
+    made_for = meta["base"]
+    wanted = base if base is not None else made_for.get("name")
+    if not wanted:
+        raise MosaicError(f"{path}: fine-tune file does not name its base model; give the base")
+    checkpoint, config, name, known_sha = _resolve_base(wanted)
+    if config != made_for["config"]:
+        raise MosaicError(
+            f"{path}: fine-tune was made for {made_for.get('name') or '?'} ({made_for['config']}), "
+            f"but the base {checkpoint} is {name or '?'} ({config})"
+        )
+    if made_for.get("sha256") and known_sha and made_for["sha256"].lower() != known_sha.lower():
+        raise MosaicError(
+            f"{path}: fine-tune was made for base weights with sha256 {made_for['sha256'][:12]}..., "
+            f"but {checkpoint} has sha256 {known_sha[:12]}..."
+        )
+    _check_shapes(path, meta["state_dict"], checkpoint, read_checkpoint_state_dict(checkpoint, mmap=True))
+    return ModelSpec(
+        base_checkpoint=checkpoint,
+        config=config,
+        base_name=name or made_for.get("name"),
+        finetune=path,
+        generator=dict(meta.get("generator") or {}),
+        image_size=made_for.get("image_size"),
+        metadata={k: v for k, v in meta.items() if k != "state_dict"},
+    )
+
+
+def _check_shapes(
+    finetune: Path,
+    tuned: Mapping[str, torch.Tensor],
+    base: Path,
+    reference: Mapping[str, torch.Tensor],
+) -> None:
+    """Every fine-tuned tensor must exist in the base with the same shape."""
+    expected = {k for k in reference if k.startswith(FINETUNE_PREFIXES)}
+    missing = sorted(expected - set(tuned))
+    unknown = sorted(set(tuned) - expected)
+    wrong = sorted(
+        f"{k} {tuple(tuned[k].shape)} vs {tuple(reference[k].shape)}"
+        for k in set(tuned) & expected
+        if tuned[k].shape != reference[k].shape
+    )
+    if missing or unknown or wrong:
+        detail = "; ".join(
+            f"{label}: {', '.join(items[:3])}"
+            for label, items in (("shape mismatch", wrong), ("missing", missing), ("unknown", unknown))
+            if items
+        )
+        raise MosaicError(f"{finetune}: does not fit base {base} ({detail})")
+
+
+def load_model(spec: ModelSpec, device: str | torch.device | None) -> torch.nn.Module:
+    """Build the model of ``spec``: base weights, then the fine-tuned decoder on top."""
+    model = build_sam2_model(spec.config, spec.base_checkpoint, "cpu", image_size=spec.image_size)
+    if spec.finetune is not None:
+        tuned = load_finetune(spec.finetune)["state_dict"]
+        _check_shapes(spec.finetune, tuned, spec.base_checkpoint, model.state_dict())
+        model.load_state_dict(tuned, strict=False)
+    return model.to(pick_device(device)).eval()
+
+
+def model_version(spec: ModelSpec) -> str:
+    """A short stable id of the weights in use: base name (or file) plus fine-tune hash."""
+    base = spec.base_name or spec.base_checkpoint.name
+    if spec.finetune is None:
+        return base
+    return f"{base}+ft-{file_sha256(spec.finetune)[:12]}"
