@@ -1,0 +1,196 @@
+"""`mosaic-toolkit segment` and its library: engine choice, outputs, eval on them, bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from fixtures_sam2 import grid_mosaic
+from mosaic_toolkit.classical import ClassicalEngine
+from mosaic_toolkit.cli import main
+from mosaic_toolkit.dataset import (
+    instances_to_mask,
+    read_image,
+    read_instances,
+    read_mask,
+    relabel_sequential,
+    write_image,
+)
+from mosaic_toolkit.errors import MosaicError
+from mosaic_toolkit.metrics import pixel_metrics
+from mosaic_toolkit.segment import collect_images, load_engine, overlay, segment_image
+from mosaic_toolkit.synth import synth_dataset
+from mosaic_toolkit.weights import MODELS
+
+
+@pytest.fixture
+def no_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty checkpoint folder: no SAM 2 model is installed."""
+    monkeypatch.setenv("MOSAIC_SAM_HOME", str(tmp_path / "empty_sam_home"))
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    """Two small synthetic mosaics in the dataset layout."""
+    root = tmp_path / "synthetic"
+    synth_dataset(root, 2, seed=3, min_size=280, max_size=360)
+    return root
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+# ------------------------------------------------------------------------------ engines
+def test_auto_engine_is_classical_without_weights_and_sam2_needs_weights(no_weights):
+    assert isinstance(load_engine(None, None, None), ClassicalEngine)
+    assert isinstance(load_engine("auto", None, None), ClassicalEngine)
+    with pytest.raises(MosaicError, match="weights fetch sam2.1-large"):
+        load_engine("sam2", None, None)
+    with pytest.raises(MosaicError, match="only applies to --engine sam2"):
+        load_engine("classical", "sam2.1-tiny", None)
+
+
+def test_auto_engine_is_sam2_when_a_model_is_installed(sam2_home):
+    engine = load_engine(None, None, "cpu", method="stock")
+    assert engine.name == "sam2"
+    assert engine.model_version == "sam2.1-tiny"
+    assert engine.params.method == "stock"
+
+
+# ------------------------------------------------------------------------------ pieces
+def test_collect_images_from_files_folders_and_datasets(dataset: Path, tmp_path: Path):
+    images = sorted((dataset / "images").iterdir())
+    assert collect_images([dataset]) == images  # a dataset folder: its images/
+    assert collect_images([dataset / "images", images[0]]) == images  # same file twice is fine
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / images[0].name).write_bytes(images[0].read_bytes())
+    with pytest.raises(MosaicError, match="both have the stem"):
+        collect_images([dataset, other])
+    with pytest.raises(MosaicError, match="no such file"):
+        collect_images([tmp_path / "missing"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(MosaicError, match="no images found"):
+        collect_images([empty])
+
+
+def test_overlay_outlines_each_tessera_and_nothing_else():
+    image, instances = grid_mosaic(2, 3)
+    out = overlay(image, instances)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    changed = np.any(out != image, axis=2)
+    # Outline = tessera pixels with a 4-neighbour outside the tessera: the ring of each square.
+    tile = np.zeros((28, 28), bool)
+    tile[[0, -1], :] = tile[:, [0, -1]] = True
+    expected = np.zeros(instances.shape, bool)
+    for k in range(1, int(instances.max()) + 1):
+        ys, xs = np.nonzero(instances == k)
+        expected[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = tile
+    assert np.array_equal(changed, expected)
+    assert np.all(out[changed] == (255, 0, 255))
+
+
+def test_segment_image_tiles_large_images_for_the_classical_engine():
+    image, truth = grid_mosaic(12, 16, seed=1)  # 384 x 512
+    engine = ClassicalEngine()
+    tiled = segment_image(engine, image, tile=256)
+    whole = segment_image(engine, image)  # fits one 1024 tile
+    assert np.array_equal(whole, relabel_sequential(engine.segment(image)))
+    assert tiled.max() == whole.max() == truth.max()
+    assert pixel_metrics(tiled > 0, whole > 0)["dice"] > 0.98
+
+
+# ------------------------------------------------------------------------------ command
+def test_segment_classical_writes_outputs_that_eval_scores(dataset: Path, tmp_path: Path, no_weights):
+    pred = tmp_path / "pred"
+    result = run("segment", dataset, "--out", pred, "--tile", 256)
+    assert result.exit_code == 0, result.output
+    assert "Engine: classical" in result.output
+    assert "No SAM 2 weights are installed" in result.output
+    assert "2 images" in result.output
+    info = json.loads((pred / "segment.json").read_text())
+    assert info["engine"] == "classical" and info["tile"] == 256
+    assert [r["stem"] for r in info["images"]] == ["synth_00000", "synth_00001"]
+    for record in info["images"]:
+        stem = record["stem"]
+        image = read_image(dataset / "images" / f"{stem}.png")
+        instances = read_instances(pred / "instances" / f"{stem}.png")
+        assert instances.shape == image.shape[:2]
+        assert int(instances.max()) == record["tesserae"] > 10
+        assert np.array_equal(read_mask(pred / f"{stem}.png"), instances_to_mask(instances))
+        assert read_image(pred / "overlays" / f"{stem}.jpg").shape == image.shape
+
+    report = tmp_path / "report"
+    result = run("eval", "--pred", pred, "--gt", dataset, "--out", report)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["mean"]["pixel"]["dice"] > 0.8
+
+
+def test_unreadable_image_fails_cleanly_without_output(dataset: Path, tmp_path: Path, no_weights):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "bad.png").write_bytes(b"not an image at all")
+    out = tmp_path / "pred"
+    result = run("segment", dataset, broken, "--out", out)
+    assert result.exit_code == 1
+    assert "bad.png" in result.output and "cannot read image" in result.output
+    assert not out.exists()
+    # A valid header with truncated pixel data fails while segmenting: still no output.
+    good = (dataset / "images" / "synth_00001.png").read_bytes()
+    (broken / "bad.png").write_bytes(good[: len(good) // 2])
+    result = run("segment", dataset, broken, "--out", out)
+    assert result.exit_code == 1
+    assert "bad.png" in result.output
+    assert not out.exists() and not any(p.name.startswith(".pred") for p in tmp_path.iterdir())
+
+
+def test_too_small_tile_is_a_usage_error(dataset: Path, tmp_path: Path):
+    result = run("segment", dataset, "--out", tmp_path / "pred", "--tile", 10)
+    assert result.exit_code == 2
+    assert "--tile" in result.output
+    assert not (tmp_path / "pred").exists()
+
+
+def test_sam2_requested_without_weights_is_a_clear_error(dataset: Path, tmp_path: Path, no_weights):
+    result = run("segment", dataset, "--out", tmp_path / "pred", "--engine", "sam2")
+    assert result.exit_code == 1
+    assert "mosaic-toolkit weights fetch sam2.1-large" in result.output
+    assert "--engine classical" in result.output
+    assert not (tmp_path / "pred").exists()
+
+
+def test_segment_with_sam2_model_end_to_end(sam2_home: Path, sam2_engine, tmp_path: Path):
+    """A fine-tune of the random-weight tiny fixture: its metadata runs it at 256² input and
+    opens the generator's filters (random weights give low scores) so masks get through."""
+    from mosaic_toolkit.models import save_finetune
+
+    image, _ = grid_mosaic(3, 4)
+    write_image(tmp_path / "images" / "grid.png", image)
+    centres = np.array([[16 + 32 * c, 16 + 32 * r] for r in range(3) for c in range(4)], np.float32)
+    logits, _ = sam2_engine.decode_points(image, centres)
+    generator = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
+                 "stability_score_offset": 0.05, "mask_threshold": float(logits.median()),
+                 "min_area": 16}
+    finetune = tmp_path / "tiny-finetune.pt"
+    base = {"name": "sam2.1-tiny", "config": MODELS["sam2.1-tiny"].config, "image_size": 256}
+    save_finetune(finetune, sam2_engine.model, base=base, generator=generator, training=None)
+
+    out = tmp_path / "pred"
+    result = run("segment", tmp_path / "images", "--out", out, "--engine", "sam2",
+                 "--model", finetune, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "Engine: SAM 2, model sam2.1-tiny+ft-" in result.output
+    info = json.loads((out / "segment.json").read_text())
+    assert info["engine"] == "sam2" and info["model"] == str(finetune)
+    assert info["params"]["mask_threshold"] == pytest.approx(generator["mask_threshold"])
+    instances = read_instances(out / "instances" / "grid.png")
+    assert instances.shape == image.shape[:2]
+    assert int(instances.max()) == info["images"][0]["tesserae"] > 0
+    assert np.array_equal(read_mask(out / "grid.png"), instances_to_mask(instances))
+    assert (out / "overlays" / "grid.jpg").is_file()
