@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 DEMO   := demo-output
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean chromium labelstudio
 
 install: $(STAMP)
 
@@ -22,10 +22,22 @@ demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(VENV)/bin/mosaic-toolkit synth --out $(DEMO)/synthetic --n 4 --seed 7
 	$(VENV)/bin/mosaic-toolkit augment $(DEMO)/synthetic --out $(DEMO)/augmented --seed 7
-	$(VENV)/bin/mosaic-toolkit eval --pred $(DEMO)/synthetic/masks --gt $(DEMO)/synthetic --out $(DEMO)/report
-	@echo "Demo outputs are in $(DEMO)/"
+	$(VENV)/bin/mosaic-toolkit segment $(DEMO)/synthetic --out $(DEMO)/segmented
+	$(VENV)/bin/mosaic-toolkit eval --pred $(DEMO)/segmented --gt $(DEMO)/synthetic --out $(DEMO)/report --per-image
+	$(VENV)/bin/mosaic-toolkit stats $(DEMO)/synthetic $(DEMO)/segmented --images $(DEMO)/synthetic --compare --out $(DEMO)/stats
+	@echo "Demo outputs are in $(DEMO)/: report/metrics.json, segmented/overlays/, stats/index.html"
 
-test: $(STAMP)
+# Chromium (Debian package) for the browser tests; best effort: those tests skip without it.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium not installed: browser tests will be skipped"; }
+
+# The end-to-end tests need a real Label Studio in its own venv (.cache/labelstudio-venv).
+labelstudio: $(STAMP)
+	$(PY) tests/labelstudio_server.py install
+
+test: $(STAMP) chromium labelstudio
 	$(PY) -m pytest
 
 bench: $(STAMP)

@@ -1,0 +1,144 @@
+"""`mosaic-toolkit train`: fine-tune SAM 2's prompt encoder and mask decoder on a dataset.
+
+Several GPUs: run the same command under torchrun, e.g.
+``torchrun --nproc-per-node 4 -m mosaic_toolkit.cli.train DATASET --base ... --out ...``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from .options import handle_errors
+
+
+@click.command("train")
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--base", required=True,
+    help="Model to start from: a model name (see `mosaic-toolkit weights list`), a SAM 2 "
+    "checkpoint file, or a fine-tune file.",
+)
+@click.option(
+    "--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+    help="Run folder: finetune.pt (best epoch), last.pt, metrics.csv, training.png, tb/, cache/.",
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Training epochs.")
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+    help="Images per optimizer step (per process under torchrun).",
+)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
+              help="Initial learning rate (AdamW).")
+@click.option(
+    "--min-lr", type=click.FloatRange(min=0), default=None,
+    help="Learning rate at the end of the cosine schedule  [default: --lr / 100]",
+)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+              help="AdamW weight decay.")
+@click.option(
+    "--score-weight", type=click.FloatRange(min=0), default=0.2, show_default=True,
+    help="λ: weight of |predicted IoU - actual IoU| added to the Dice loss.",
+)
+@click.option(
+    "--max-prompts", type=click.IntRange(min=0), default=64, show_default=True,
+    help="Tesserae prompted per image and step (sampled when an image has more); 0 = all.",
+)
+@click.option(
+    "--val-every", type=click.IntRange(min=1), default=1, show_default=True,
+    help="Validate (full-image segmentation of the val split) every N epochs and after the last.",
+)
+@click.option(
+    "--device", default=None,
+    help="Torch device, e.g. cuda, cuda:1, cpu  [default: CUDA if available, else MPS, else CPU]",
+)
+@click.option(
+    "--workers", type=click.IntRange(min=0), default=0, show_default=True,
+    help="Data-loading worker processes.",
+)
+@click.option(
+    "--cache/--no-cache", "cache", default=True, show_default=True,
+    help="Encode each training image once and reuse its embeddings (the encoder is frozen); "
+    "--no-cache re-encodes every image at every step.",
+)
+@click.option(
+    "--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Embedding cache folder, shareable between runs (entries are keyed by image and "
+    "model)  [default: OUT/cache]",
+)
+@click.option(
+    "--image-size", type=click.IntRange(min=32), default=None,
+    help="Model input resolution (multiple of 32)  [default: the model's, 1024]; recorded in "
+    "the fine-tune file. Smaller is faster for quick experiments.",
+)
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, show_default=True,
+    help="Random seed of the data order and of the prompts sampled per image.",
+)
+@click.option(
+    "--resume", is_flag=True,
+    help="Continue the run in OUT from its last completed epoch; options not repeated keep "
+    "the run's values.",
+)
+@click.option(
+    "--overwrite", is_flag=True,
+    help="Start afresh in a non-empty OUT (its run files are removed; the cache is kept).",
+)
+@handle_errors
+def command(
+    dataset: Path,
+    base: str,
+    out: Path,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    min_lr: float | None,
+    weight_decay: float,
+    score_weight: float,
+    max_prompts: int,
+    val_every: int,
+    device: str | None,
+    workers: int,
+    cache: bool,
+    cache_dir: Path | None,
+    image_size: int | None,
+    seed: int,
+    resume: bool,
+    overwrite: bool,
+) -> None:
+    """Fine-tune SAM 2 on DATASET (its manifest's train split; the val split picks the best epoch).
+
+    The image encoder stays frozen; the prompt encoder and mask decoder learn to segment each
+    tessera from its point (loss: Dice + λ·|predicted - actual IoU|, AdamW, cosine learning
+    rate). After each epoch the val images are segmented without prompts, as at inference; the
+    epoch with the best Dice is kept as OUT/finetune.pt, usable by `segment` and the backend.
+    """
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite exclude each other")
+    from ..finetune import is_main_process, recorded_config, train  # imports torch: only now
+
+    hyper = dict(
+        epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
+        score_weight=score_weight, max_prompts=max_prompts, seed=seed, image_size=image_size,
+        val_every=val_every, val_params=None,
+    )
+    recorded = recorded_config(out) if resume else None
+    if recorded:  # --resume: options not given again keep the run's recorded values
+        ctx = click.get_current_context()
+        for name in hyper:
+            if name == "val_params" or ctx.get_parameter_source(name) is ParameterSource.DEFAULT:
+                hyper[name] = recorded[name]
+    result = train(
+        dataset, base, out, **hyper, device=device, resume=resume, overwrite=overwrite,
+        num_workers=workers, cache_embeddings=cache, cache_dir=cache_dir,
+    )
+    if is_main_process():
+        click.echo(
+            f"best epoch {result.best_epoch}/{hyper['epochs']}: validation Dice "
+            f"{result.best_dice:.4f} -> {result.finetune}"
+        )
+
+
+if __name__ == "__main__":  # torchrun -m mosaic_toolkit.cli.train ...
+    command()
