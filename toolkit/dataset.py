@@ -147,15 +147,20 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise MosaicError(f"{path}: image file not found")
     try:
         with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I", "F"):
-                arr = np.asarray(im, dtype=np.float64)
-                peak = arr.max() if arr.size and arr.max() > 0 else 1.0
-                arr = (arr / peak * 255).astype(np.uint8)
-                return np.repeat(arr[..., None], 3, axis=2)
-            return np.asarray(im.convert("RGB"))
+            return pil_to_rgb(im)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise MosaicError(f"{path}: cannot read image ({exc})") from exc
+
+
+def pil_to_rgb(im: Image.Image) -> np.ndarray:
+    """RGB uint8 pixels of an opened PIL image (16-bit and float greys are scaled to 0..255)."""
+    im.load()
+    if im.mode in ("I;16", "I;16B", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        peak = arr.max() if arr.size and arr.max() > 0 else 1.0
+        arr = (arr / peak * 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"))
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
