@@ -1,0 +1,238 @@
+"""Clicks and pre-labels on one image, with the SAM 2 or the classical engine.
+
+Clicks (``Predictor.click``):
+
+* SAM 2: the prompts go to ``Sam2Engine.predict_points``, whose embedding cache makes the first
+  click on an image run the image encoder and later ones only the prompt encoder and mask
+  decoder. An image up to ``CLICK_WINDOW`` pixels a side is encoded whole; on a larger one the
+  click is answered inside a fixed grid of ``CLICK_WINDOW``-pixel windows (overlapping by
+  ``CLICK_OVERLAP``), the window that holds all prompts farthest from its inner borders, so
+  tesserae keep their native resolution and clicks in the same window share one encoding.
+  Of the mask only the pieces under positive clicks are kept (the largest piece for a box).
+* Classical (no weights): the image is segmented once (tile by tile, cached per image) and a
+  click selects the tessera under it or, on grout, the nearest one within two tessera
+  diameters (the rule of ``ClassicalEngine.predict_point``); several positive clicks select
+  the union, a negative click removes the tessera under it. A box selects every tessera lying
+  at least half inside it, merged into one region; when none does (a box drawn inside one
+  tessera), the tessera covering most of the box.
+
+Pre-labels (``Predictor.prelabel``) segment the whole image through
+``mosaic_toolkit.tiling.segment_tiled`` (SAM 2: tiles of about 100 tesserae, the fast path;
+classical: 1024-pixel tiles), stopping with a 504 error when the request's deadline passes
+between two tiles. With SAM 2 every tessera also gets a score (MOSAIC_BACKEND_PRELABEL_SCORES):
+the model's predicted IoU for a click on the tessera's point (``decode_points`` on the cached
+tile features; skipped when the deadline has passed).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Union
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from mosaic_toolkit.classical import ClassicalEngine
+from mosaic_toolkit.dataset import tessera_points
+from mosaic_toolkit.segment import CLASSICAL_TILE
+from mosaic_toolkit.tiling import MAX_TILE, plan_tiles, resolve_tiling, segment_tiled
+
+from .errors import BackendError
+from .images import ByteLRU
+from .regions import Prompt
+
+if TYPE_CHECKING:
+    from mosaic_toolkit.engine import Sam2Engine
+
+Engine = Union[ClassicalEngine, "Sam2Engine"]
+
+CLICK_WINDOW = MAX_TILE  # px: SAM 2's input size, so a window is encoded at native resolution
+CLICK_OVERLAP = 256  # px: neighbouring click windows overlap by this much
+NEAREST_SIZES = 2.0  # classical: a click on grout takes a tessera within this many diameters
+BOX_INSIDE = 0.5  # classical: a tessera belongs to a box when this part of it lies inside
+
+
+@dataclass
+class ClassicalIndex:
+    """A classical segmentation of one image, ready for clicks."""
+
+    instances: np.ndarray  # int32, 0 = grout, 1..N
+    areas: np.ndarray  # pixels per id (index 0 unused)
+    size: float  # median tessera diameter (px)
+
+    @classmethod
+    def of(cls, instances: np.ndarray) -> "ClassicalIndex":
+        areas = np.bincount(instances.ravel())
+        tiles = areas[1:][areas[1:] > 0]
+        size = float(2 * np.sqrt(np.median(tiles) / np.pi)) if tiles.size else 0.0
+        return cls(instances, areas, size)
+
+    @property
+    def nbytes(self) -> int:
+        return self.instances.nbytes + self.areas.nbytes
+
+    def tessera_at(self, x: float, y: float) -> int:
+        """The id under pixel (x, y), else the nearest within NEAREST_SIZES diameters, else 0."""
+        h, w = self.instances.shape
+        c, r = min(int(x), w - 1), min(int(y), h - 1)
+        found = int(self.instances[r, c])
+        if found or self.size == 0:
+            return found
+        reach = int(math.ceil(NEAREST_SIZES * self.size))
+        r0, c0 = max(r - reach, 0), max(c - reach, 0)
+        window = self.instances[r0 : r + reach + 1, c0 : c + reach + 1]
+        rows, cols = np.nonzero(window)
+        if rows.size == 0:
+            return 0
+        d2 = (rows + r0 - r) ** 2 + (cols + c0 - c) ** 2
+        best = int(np.argmin(d2))
+        return int(window[rows[best], cols[best]]) if d2[best] <= reach * reach else 0
+
+    def in_box(self, box: np.ndarray) -> set[int]:
+        """Ids at least BOX_INSIDE inside the box [x0, y0, x1, y1]; else the one covering most."""
+        x0, y0 = int(math.floor(box[0])), int(math.floor(box[1]))
+        x1, y1 = int(math.ceil(box[2])), int(math.ceil(box[3]))
+        inside = np.bincount(self.instances[y0:y1, x0:x1].ravel(), minlength=len(self.areas))
+        inside[0] = 0
+        whole = np.nonzero(inside >= BOX_INSIDE * np.maximum(self.areas, 1))[0]
+        chosen = {int(k) for k in whole if k > 0}
+        if not chosen and inside.any():
+            chosen = {int(np.argmax(inside))}
+        return chosen
+
+
+def click_window(shape: tuple[int, int], prompt: Prompt) -> tuple[int, int, int, int]:
+    """(y0, x0, y1, x1) of the window a SAM 2 click is answered in (module docstring)."""
+    h, w = shape
+    if h <= CLICK_WINDOW and w <= CLICK_WINDOW:
+        return 0, 0, h, w
+    xs = list(prompt.points[:, 0])
+    ys = list(prompt.points[:, 1])
+    if prompt.box is not None:
+        xs += [prompt.box[0], prompt.box[2]]
+        ys += [prompt.box[1], prompt.box[3]]
+    lo_x, hi_x, lo_y, hi_y = min(xs), max(xs), min(ys), max(ys)
+    best, best_margin = (0, 0, h, w), -1.0
+    for y0, x0, y1, x1 in plan_tiles(h, w, CLICK_WINDOW, CLICK_OVERLAP):
+        if not (x0 <= lo_x and hi_x <= x1 and y0 <= lo_y and hi_y <= y1):
+            continue
+        # distance to the window's inner borders (a border on the image border does not count)
+        margins = [lo_x - x0 if x0 > 0 else math.inf, x1 - hi_x if x1 < w else math.inf,
+                   lo_y - y0 if y0 > 0 else math.inf, y1 - hi_y if y1 < h else math.inf]
+        if min(margins) > best_margin:
+            best, best_margin = (y0, x0, y1, x1), min(margins)
+    return best
+
+
+def writable(image: np.ndarray) -> np.ndarray:
+    """``image`` itself, or a copy when it is read-only (the fetcher's cached images are):
+    torch warns about tensors made from read-only arrays."""
+    return image if image.flags.writeable else image.copy()
+
+
+def keep_clicked(mask: np.ndarray, positives: np.ndarray) -> np.ndarray:
+    """The 4-connected pieces of ``mask`` under a positive click, else its largest piece."""
+    pieces, n = ndi.label(mask)
+    if n <= 1:
+        return mask
+    h, w = mask.shape
+    hit = {int(pieces[min(int(y), h - 1), min(int(x), w - 1)]) for x, y in positives} - {0}
+    if not hit:
+        hit = {1 + int(np.argmax(np.bincount(pieces.ravel())[1:]))}
+    return np.isin(pieces, list(hit))
+
+
+class Predictor:
+    """Answers clicks and pre-labels; keeps classical segmentations between clicks."""
+
+    def __init__(self, cache_bytes: int, prelabel_scores: bool = True) -> None:
+        self.classical_cache: ByteLRU[ClassicalIndex] = ByteLRU(cache_bytes, lambda i: i.nbytes)
+        self.prelabel_scores = prelabel_scores
+
+    # ---------------------------------------------------------------- clicks
+    def click(self, engine: Engine, image: np.ndarray, key: str, prompt: Prompt
+              ) -> tuple[np.ndarray, float | None]:
+        """(boolean mask over the whole image, score or None) for the prompts; the mask may be
+        empty (nothing found)."""
+        if len(prompt.positives) == 0 and prompt.box is None:
+            raise BackendError("prompts: negative clicks only remove; add a positive click or a box")
+        if isinstance(engine, ClassicalEngine):
+            return self._classical_click(engine, image, key, prompt), None
+        y0, x0, y1, x1 = click_window(image.shape[:2], prompt)
+        box = None if prompt.box is None else prompt.box - [x0, y0, x0, y0]
+        local, score = engine.predict_points(
+            writable(image[y0:y1, x0:x1]), prompt.points - [x0, y0], prompt.labels, box)
+        local = keep_clicked(local, prompt.positives - [x0, y0])
+        mask = np.zeros(image.shape[:2], bool)
+        mask[y0:y1, x0:x1] = local
+        return mask, score
+
+    def classical_index(self, engine: ClassicalEngine, image: np.ndarray, key: str,
+                        segment: Callable[[np.ndarray], np.ndarray] | None = None) -> ClassicalIndex:
+        """The classical segmentation of ``image`` (cached by its content ``key``)."""
+        index = self.classical_cache.get(key)
+        if index is None:
+            index = ClassicalIndex.of(
+                segment_tiled(image, segment or engine.segment, tile=CLASSICAL_TILE, progress=False))
+            self.classical_cache.put(key, index)
+        return index
+
+    def _classical_click(self, engine: ClassicalEngine, image: np.ndarray, key: str,
+                         prompt: Prompt) -> np.ndarray:
+        index = self.classical_index(engine, image, key)
+        chosen = {index.tessera_at(x, y) for x, y in prompt.positives}
+        if prompt.box is not None:
+            chosen |= index.in_box(prompt.box)
+        chosen -= {index.tessera_at(x, y) for x, y in prompt.negatives}
+        chosen.discard(0)
+        if not chosen:
+            return np.zeros(image.shape[:2], bool)
+        return np.isin(index.instances, sorted(chosen))
+
+    # ---------------------------------------------------------------- pre-labels
+    def prelabel(self, engine: Engine, image: np.ndarray, key: str, deadline: float, what: str
+                 ) -> tuple[np.ndarray, list[float] | None]:
+        """(instance map, per-tessera scores or None) of the whole image, within ``deadline``
+        (a ``time.monotonic()`` value)."""
+
+        def guarded(segment: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+            def run(crop: np.ndarray) -> np.ndarray:
+                if time.monotonic() > deadline:
+                    raise BackendError(
+                        f"{what}: pre-labelling stopped at the predict timeout "
+                        "(MOSAIC_BACKEND_PREDICT_TIMEOUT); the image is too large for this "
+                        "machine's speed: raise the timeout (and Label Studio's ML_TIMEOUT_PREDICT) "
+                        "or use a GPU", 504)
+                return segment(writable(crop))
+            return run
+
+        if isinstance(engine, ClassicalEngine):
+            return self.classical_index(engine, image, key, guarded(engine.segment)).instances, None
+        tile, overlap = resolve_tiling(image)
+        instances = segment_tiled(image, guarded(engine.segment), tile=tile, overlap=overlap,
+                                  progress=False)
+        scores = None
+        if self.prelabel_scores and instances.any() and time.monotonic() < deadline:
+            scores = self._tessera_scores(engine, image, instances, tile, overlap)
+        return instances, scores
+
+    @staticmethod
+    def _tessera_scores(engine: "Sam2Engine", image: np.ndarray, instances: np.ndarray,
+                        tile: int, overlap: int) -> list[float]:
+        """SAM 2's predicted IoU for a click on each tessera's point, decoded in the segmentation
+        tile that holds the point farthest from its borders (its features are cached)."""
+        points = np.asarray(tessera_points(instances), np.float64)
+        h, w = instances.shape
+        tiles = plan_tiles(h, w, tile, overlap) if max(h, w) > tile else [(0, 0, h, w)]
+        margins = np.stack([
+            np.minimum.reduce([points[:, 0] - x0, x1 - 1 - points[:, 0], points[:, 1] - y0, y1 - 1 - points[:, 1]])
+            for y0, x0, y1, x1 in tiles], axis=1)
+        owner = np.argmax(margins, axis=1)
+        scores = np.zeros(len(points))
+        for t, (y0, x0, y1, x1) in enumerate(tiles):
+            mine = np.nonzero(owner == t)[0]
+            if mine.size:
+                _, ious = engine.decode_points(writable(image[y0:y1, x0:x1]), (points[mine] - [x0, y0]).astype(np.float32))
+                scores[mine] = ious.numpy()
+        return [float(s) for s in scores]

@@ -1,0 +1,423 @@
+"""Training runs: started by Label Studio, run in a separate worker process.
+
+``TrainingManager`` (in the server) starts one run at a time, on ``START_TRAINING`` or every
+``MOSAIC_BACKEND_TRAIN_EVERY`` new annotations. The run is a child process
+(``python -m mosaic_backend.trainer RUN_DIR/job.json``), so the server keeps answering clicks
+and pre-labels with the current model while it trains. The worker:
+
+1. pulls the project's tasks and annotations through label-studio-sdk and exports them as a
+   dataset (``mosaic_toolkit.export``; images are downloaded from Label Studio);
+2. augments it (crops, rotations, flips; ``mosaic_toolkit.augment``), split per mosaic into
+   train and val (at least two annotated images are needed: one is held out);
+3. measures the current model's validation Dice, then fine-tunes it
+   (``mosaic_toolkit.finetune.Trainer``, the small settings ``MOSAIC_BACKEND_TRAIN_*``), which
+   keeps the epoch with the best validation Dice on the same images with the same parameters;
+4. stores the result as a new version (``versions/<version>/``, kept whether or not it is
+   switched to) and says whether it beats the current model (``MOSAIC_BACKEND_TRAIN_PROMOTE``).
+
+When the worker ends, the server loads a winning version and switches to it
+(``EngineManager.switch``); a failed run (an error in any step, a crash, a version that cannot
+be loaded) is logged and reported by ``GET /train/status``, and the old model keeps serving.
+
+A run folder ``runs/<run id>/`` holds ``job.json`` (the run's settings, no secrets),
+``status.json`` (stage and result, rewritten atomically), ``worker.log`` and the training run's
+``train/metrics.csv`` and ``train/training.png``. The exported and augmented datasets and the
+embedding cache are deleted when the run ends. ``train.lock`` in the models folder (an
+exclusive ``flock``) makes runs exclusive across all server processes sharing the folder.
+"""
+from __future__ import annotations
+
+import csv
+import fcntl
+import itertools
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from mosaic_toolkit.dataset import atomic_output_dir, write_json
+from mosaic_toolkit.errors import MosaicError
+
+from .config import Settings
+from .errors import BackendError
+from .images import LabelStudioLink
+from .metrics import Metrics
+from .versions import FINETUNE, METADATA, EngineManager, ModelStore, job_base_spec
+
+log = logging.getLogger(__name__)
+
+JOB = "job.json"
+STATUS = "status.json"
+LOG = "worker.log"
+LOCK = "train.lock"
+API_KEY_ENV = "MOSAIC_BACKEND_JOB_API_KEY"  # the key reaches the worker by environment, not disk
+SPLIT = (0.8, 0.2, 0.0)  # train / val / test fractions of the annotated mosaics
+BULKY = ("export", "augmented", "train/cache", "train/last.pt", "train/tb")
+ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED")
+_run_numbers = itertools.count(1)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def epochs_done(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of the run's metrics.csv (one per completed epoch)."""
+    try:
+        with open(run_dir / "train" / "metrics.csv", newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+    except OSError:
+        return []
+
+
+def should_promote(policy: str, val_dice: float | None, baseline_dice: float | None) -> tuple[bool, str]:
+    """Whether a finished run's model replaces the current one, and why (for the status)."""
+    if val_dice is None:
+        return False, "no validation Dice"
+    if policy == "always":
+        return True, "MOSAIC_BACKEND_TRAIN_PROMOTE=always"
+    if baseline_dice is None or val_dice > baseline_dice:
+        return True, f"validation Dice {val_dice:.4f} beats the current model's {baseline_dice or 0:.4f}"
+    return False, f"validation Dice {val_dice:.4f} does not beat the current model's {baseline_dice:.4f}"
+
+
+class TrainingManager:
+    """Starts, watches and reports training runs (module docstring)."""
+
+    def __init__(self, settings: Settings, store: ModelStore, engines: EngineManager,
+                 link: LabelStudioLink, metrics: Metrics) -> None:
+        self.settings = settings
+        self.store = store
+        self.engines = engines
+        self.link = link
+        self.metrics = metrics
+        self.annotations: Counter[int] = Counter()  # new annotations per project since the last run
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen | None = None
+        self._watcher: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- starting
+    def start(self, project: int, reason: str) -> dict[str, Any]:
+        """Start a run for ``project`` unless one is going on; the answer names the run."""
+        if not self.engines.trainable:
+            raise BackendError("training needs the SAM 2 engine; this backend runs the classical "
+                               "engine (no SAM 2 weights installed)")
+        url, key = self.link.require("training")
+        with self._lock:
+            lock = self._try_lock()
+            if lock is None:
+                running = self._latest()
+                return {"status": "already running", "job": running.name if running else None}
+            try:
+                run_dir = self._new_run_dir()
+                job = self._job(run_dir, project, url)
+                write_json(run_dir / JOB, job)
+                write_json(run_dir / STATUS, {
+                    "state": "running", "stage": "starting", "run": run_dir.name, "project": project,
+                    "reason": reason, "started": now(), "base_version": job["base_version"],
+                    "epochs": self.settings.train_epochs})
+                with open(run_dir / LOG, "w", encoding="utf-8") as logfile:
+                    process = subprocess.Popen(
+                        [sys.executable, "-m", "mosaic_backend.trainer", str(run_dir / JOB)],
+                        stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                        env={**os.environ, API_KEY_ENV: key}, start_new_session=True)
+            except BaseException:
+                lock.close()
+                raise
+            self._process = process
+            self.annotations[project] = 0
+            self._watcher = threading.Thread(target=self._watch, args=(process, run_dir, lock),
+                                             name=f"training {run_dir.name}", daemon=True)
+            self._watcher.start()
+        log.info("training run %s started for project %s (%s), worker pid %s", run_dir.name,
+                 project, reason, process.pid)
+        self.metrics.event("training", "started")
+        return {"status": "started", "job": run_dir.name}
+
+    def on_annotation(self, project: int) -> dict[str, Any] | None:
+        """Count a new annotation; start a run when MOSAIC_BACKEND_TRAIN_EVERY are reached."""
+        self.annotations[project] += 1
+        every = self.settings.train_every
+        if every and self.annotations[project] >= every:
+            return self.start(project, f"{self.annotations[project]} new annotations")
+        return None
+
+    def _new_run_dir(self) -> Path:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        run_dir = self.store.runs_dir / f"{stamp}-{os.getpid()}-{next(_run_numbers)}"
+        run_dir.mkdir(parents=True)
+        return run_dir
+
+    def _job(self, run_dir: Path, project: int, url: str) -> dict[str, Any]:
+        s = self.settings
+        engine = self.engines.active
+        return {
+            "run": run_dir.name, "run_dir": str(run_dir), "models_dir": str(self.store.root),
+            "project": project, "label_studio_url": url, "base": job_base_spec(engine),
+            "base_version": self.engines.active_version, "device": s.train_device or s.device,
+            "promote": s.train_promote,
+            "augment": {"tesserae_per_crop": s.train_tesserae_per_crop, "max_side": s.train_max_side,
+                        "split": list(SPLIT), "seed": s.train_seed},
+            "train": {"epochs": s.train_epochs, "batch_size": s.train_batch_size, "lr": s.train_lr,
+                      "max_prompts": s.train_max_prompts, "image_size": s.train_image_size,
+                      "val_params": s.train_val_params, "seed": s.train_seed},
+        }
+
+    # ---------------------------------------------------------------- finishing
+    def _try_lock(self):
+        """The exclusive run lock as an open file, or None when another run holds it."""
+        self.store.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.store.root / LOCK, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        return handle
+
+    def _watch(self, process: subprocess.Popen, run_dir: Path, lock) -> None:
+        try:
+            code = process.wait()
+            self._finish(run_dir, code)
+        except Exception as exc:  # noqa: BLE001 (a watcher must never die silently)
+            log.exception("training run %s: finishing failed", run_dir.name)
+            self._write_status(run_dir, state="failed", error=f"finishing the run failed: {exc}")
+        finally:
+            lock.close()
+            with self._lock:
+                self._process = None
+
+    def _finish(self, run_dir: Path, code: int) -> None:
+        status = read_json(run_dir / STATUS)
+        if code != 0 or status.get("stage") != "done":
+            error = status.get("error") or (f"the worker exited with status {code}; last lines of "
+                                            f"{run_dir / LOG}:\n{tail(run_dir / LOG)}")
+            log.error("training run %s failed: %s", run_dir.name, error)
+            self._write_status(run_dir, state="failed", error=error)
+            self.metrics.event("training", "failed")
+        elif status.get("promote"):
+            try:
+                self.engines.switch(status["version"])
+            except Exception as exc:  # noqa: BLE001 (any load failure: keep serving the old model)
+                error = f"trained version {status['version']} cannot be served: {exc}"
+                log.error("training run %s: %s", run_dir.name, error)
+                self._write_status(run_dir, state="failed", promoted=False, error=error)
+                self.metrics.event("training", "failed")
+            else:
+                self._write_status(run_dir, state="succeeded", promoted=True)
+                self.metrics.event("training", "promoted")
+        else:
+            log.info("training run %s: %s; keeping %s", run_dir.name, status.get("reason"),
+                     self.engines.active_version)
+            self._write_status(run_dir, state="succeeded", promoted=False)
+            self.metrics.event("training", "not promoted")
+        for name in BULKY:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink()
+
+    def _write_status(self, run_dir: Path, **fields: Any) -> None:
+        write_json(run_dir / STATUS, {**read_json(run_dir / STATUS), **fields, "finished": now(),
+                                      "model_version": self.engines.active_version})
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the current run (if any) to be finished and handled; False on timeout."""
+        watcher = self._watcher
+        if watcher is None:
+            return True
+        watcher.join(timeout)
+        return not watcher.is_alive()
+
+    def close(self) -> None:
+        """Stop a running worker (server shutdown); its run is reported as interrupted."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            self.wait(30)
+
+    # ---------------------------------------------------------------- reporting
+    def _latest(self) -> Path | None:
+        runs = self.store.runs_dir
+        if not runs.is_dir():
+            return None
+        found = [p for p in runs.iterdir() if (p / STATUS).is_file()]
+        return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name)) if found else None
+
+    def _held_elsewhere(self) -> bool:
+        lock = self._try_lock()
+        if lock is None:
+            return True
+        lock.close()
+        return False
+
+    def run_status(self, run_dir: Path) -> dict[str, Any]:
+        status = read_json(run_dir / STATUS)
+        if status.get("state") == "running" and self._process is None and not self._held_elsewhere():
+            status["state"] = "interrupted"  # its server stopped before the run ended
+        history = epochs_done(run_dir)
+        status["epochs_completed"] = len(history)
+        status["history"] = [{k: row.get(k) for k in ("epoch", "train_loss", "val_dice", "seconds")}
+                             for row in history]
+        status["log"] = str(run_dir / LOG)
+        return status
+
+    def status(self, run: str | None = None) -> dict[str, Any]:
+        """The latest run's (or run ``run``'s) status, with the model version serving now."""
+        if run is not None:
+            run_dir = self.store.runs_dir / run
+            if "/" in run or run.startswith(".") or not (run_dir / STATUS).is_file():
+                raise BackendError(f"training run {run!r}: unknown", 404)
+        else:
+            run_dir = self._latest()
+        answer = {"state": "idle"} if run_dir is None else self.run_status(run_dir)
+        answer["active_version"] = self.engines.active_version
+        answer["annotations_since_last_run"] = dict(self.annotations)
+        answer["train_every"] = self.settings.train_every
+        return answer
+
+
+# --------------------------------------------------------------------------------------------
+# The worker process
+# --------------------------------------------------------------------------------------------
+def run_job(job_path: Path, api_key: str) -> int:
+    """Export, augment, train and store one run (module docstring); 0 on success."""
+    job = json.loads(job_path.read_text(encoding="utf-8"))
+    run_dir = Path(job["run_dir"])
+    status_path = run_dir / STATUS
+    started = time.monotonic()
+
+    def update(**fields: Any) -> None:
+        write_json(status_path, {**read_json(status_path), **fields})
+        if "stage" in fields:
+            print(f"[{time.monotonic() - started:7.1f} s] {fields['stage']}", flush=True)
+
+    try:
+        update(stage="exporting", worker_pid=os.getpid())
+        counts = export_project(job, api_key, run_dir, update)
+        update(stage="augmenting", **counts)
+        augment(job, run_dir, update)
+        result = train_and_store(job, run_dir, update)
+        # "done", not yet "succeeded": the server decides that once it has switched (or not)
+        update(stage="done", seconds=round(time.monotonic() - started, 1), **result)
+        return 0
+    except MosaicError as exc:
+        update(state="failed", stage="failed", error=str(exc))
+        print(f"error: {exc}", flush=True)
+    except Exception as exc:  # noqa: BLE001 (reported, not hidden: the traceback goes to the log)
+        traceback.print_exc()
+        update(state="failed", stage="failed", error=f"{type(exc).__name__}: {exc}")
+    return 1
+
+
+def export_project(job: dict[str, Any], api_key: str, run_dir: Path,
+                   update: Callable[..., None]) -> dict[str, Any]:
+    """Step 1: the project's annotations as a dataset in RUN_DIR/export."""
+    from mosaic_toolkit.export import export_dataset, fetch_tasks, label_studio_resolver
+
+    url, project = job["label_studio_url"], job["project"]
+    tasks = fetch_tasks(url, api_key, project)
+    with tempfile.TemporaryDirectory(prefix="mosaic-backend-images-") as cache:
+        summary = export_dataset(tasks, label_studio_resolver(url, api_key, cache),
+                                 run_dir / "export", project=project)
+    if len(summary.samples) < 2:
+        raise MosaicError(
+            f"project {project}: {len(summary.samples)} annotated task(s) with tesserae; training needs "
+            "at least 2 (one is held out to validate)"
+            + (f" ({len(summary.skipped)} skipped: {summary.skipped[0].reason}, ...)" if summary.skipped else ""))
+    return {"tasks": len(tasks), "annotated_tasks": len(summary.samples),
+            "skipped_tasks": len(summary.skipped), "tesserae": summary.tesserae}
+
+
+def augment(job: dict[str, Any], run_dir: Path, update: Callable[..., None]) -> None:
+    """Step 2: crops, rotations and flips in RUN_DIR/augmented, split per mosaic."""
+    from mosaic_toolkit.augment import augment_dataset
+
+    opts = job["augment"]
+    summary = augment_dataset(
+        run_dir / "export", run_dir / "augmented", tesserae_per_crop=opts["tesserae_per_crop"],
+        max_side=opts["max_side"], split=tuple(opts["split"]), seed=opts["seed"])
+    update(train_images=summary.per_split.get("train", 0), val_images=summary.per_split.get("val", 0))
+
+
+def train_and_store(job: dict[str, Any], run_dir: Path, update: Callable[..., None]) -> dict[str, Any]:
+    """Steps 3 and 4: baseline Dice, fine-tuning, the new version and the verdict."""
+    import torch
+
+    from mosaic_toolkit.finetune import TrainConfig, Trainer
+    from mosaic_toolkit.models import ModelSpec, model_version, resolve_model
+
+    base = job["base"]
+    spec = ModelSpec(
+        base_checkpoint=Path(base["base_checkpoint"]), config=base["config"], base_name=base["base_name"],
+        finetune=Path(base["finetune"]) if base["finetune"] else None, generator=base["generator"],
+        image_size=base["image_size"])
+    update(stage="loading")
+    torch.manual_seed(job["train"]["seed"])
+    trainer = Trainer(run_dir / "augmented", spec, run_dir / "train", TrainConfig(**job["train"]),
+                      device=job["device"], progress=False)
+    update(stage="baseline")
+    baseline = trainer.validate()
+    update(stage="training", baseline_dice=baseline)
+    result = trainer.run()
+    if result.finetune is None:
+        raise MosaicError(f"run {job['run']}: no epoch was validated, nothing to keep")
+    update(stage="saving", val_dice=result.best_dice, best_epoch=result.best_epoch)
+    version = model_version(resolve_model(result.finetune, base=spec.base_checkpoint))
+    promote, reason = should_promote(job["promote"], result.best_dice, baseline)
+    store_version(Path(job["models_dir"]), version, result.finetune, {
+        "version": version, "created": now(), "run": job["run"], "project": job["project"],
+        "parent": job["base_version"], "val_dice": result.best_dice, "baseline_dice": baseline,
+        "best_epoch": result.best_epoch, "epochs": len(result.history)})
+    return {"version": version, "val_dice": result.best_dice, "baseline_dice": baseline,
+            "promote": promote, "reason": reason}
+
+
+def store_version(models_dir: Path, version: str, finetune: Path, metadata: dict[str, Any]) -> None:
+    """Write versions/<version>/ (fine-tune file + metadata) atomically. The name holds the
+    file's hash, so an existing folder of that name already holds the same weights."""
+    target = ModelStore(models_dir).versions_dir / version
+    if (target / FINETUNE).is_file():
+        return
+    with atomic_output_dir(target, overwrite=True) as tmp:
+        shutil.copyfile(finetune, tmp / FINETUNE)
+        write_json(tmp / METADATA, metadata)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mosaic_backend.trainer JOB.json`` (the API key comes in the environment)."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m mosaic_backend.trainer RUN_DIR/job.json", file=sys.stderr)
+        return 2
+    return run_job(Path(args[0]), os.environ.get(API_KEY_ENV, ""))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

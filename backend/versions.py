@@ -1,0 +1,303 @@
+"""Model versions on disk and the engines serving them.
+
+The models folder (``MOSAIC_BACKEND_MODELS``)::
+
+    current                        the name of the version to serve, one line; replaced
+                                   atomically (written aside, then renamed)
+    versions/<version>/finetune.pt a fine-tune file (prompt encoder + mask decoder)
+    versions/<version>/version.json  when and how it was made: run, project, validation Dice
+    runs/<run id>/                 training runs (see trainer.py)
+
+A version's name is the model version the toolkit gives its weights
+(``mosaic_toolkit.models.model_version``: ``<base>+ft-<sha256 prefix>``). The base model itself
+(the ``--model`` the server started with, or ``classical``) is always a version too; with no
+``current`` file it is the one served.
+
+``EngineManager`` loads the base engine at start-up, then serves the version named by
+``current`` (or pinned by ``MOSAIC_BACKEND_MODEL_VERSION``). When ``current`` changes (a
+training run of this or another server process finished, or ``POST /versions/current``), the
+new engine is loaded beside the old one, which keeps answering until the new one is ready; the
+swap is then a single reference assignment, so every request runs entirely on one version.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+from mosaic_toolkit import weights
+from mosaic_toolkit.classical import ClassicalEngine
+from mosaic_toolkit.dataset import atomic_file
+
+from .config import Settings
+from .errors import BackendError
+
+log = logging.getLogger(__name__)
+
+CLASSICAL_VERSION = "classical"
+POINTER = "current"
+FINETUNE = "finetune.pt"
+METADATA = "version.json"
+MAX_LOADED = 3  # engines kept in memory: the active one, the base, one more asked for by name
+
+Engine = Union[ClassicalEngine, "Sam2Engine"]  # noqa: F821 (imported lazily: torch)
+
+
+def valid_version_name(name: str) -> bool:
+    """A version name that is safe as a folder name (no separators, not hidden)."""
+    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".") \
+        and name == name.strip() and len(name) <= 200
+
+
+@dataclass
+class ModelStore:
+    """The models folder (module docstring)."""
+
+    root: Path
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.root / "versions"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    def current(self) -> str | None:
+        """The version named by ``current``, or None when there is no such file."""
+        try:
+            name = (self.root / POINTER).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        return name or None
+
+    def pointer_stamp(self) -> tuple[int, int] | None:
+        """(mtime, inode) of ``current``: changes whenever it is replaced."""
+        try:
+            st = (self.root / POINTER).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_ino
+
+    def set_current(self, name: str) -> None:
+        with atomic_file(self.root / POINTER) as tmp:
+            tmp.write_text(name + "\n", encoding="utf-8")
+
+    def finetune(self, name: str) -> Path:
+        """The fine-tune file of a stored version; 404 when there is none."""
+        path = self.versions_dir / name / FINETUNE
+        if not valid_version_name(name) or not path.is_file():
+            raise BackendError(f"model version {name!r}: unknown (GET /versions lists them)", 404)
+        return path
+
+    def metadata(self, name: str) -> dict[str, Any]:
+        try:
+            return json.loads((self.versions_dir / name / METADATA).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def names(self) -> list[str]:
+        """Stored versions, oldest first."""
+        if not self.versions_dir.is_dir():
+            return []
+        found = [p for p in self.versions_dir.iterdir()
+                 if valid_version_name(p.name) and (p / FINETUNE).is_file()]
+        return [p.name for p in sorted(found, key=lambda p: ((p / FINETUNE).stat().st_mtime_ns, p.name))]
+
+
+class EngineManager:
+    """The loaded engines and which one serves (module docstring)."""
+
+    def __init__(self, settings: Settings, store: ModelStore, base: Engine | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.base = base if base is not None else load_base_engine(settings)
+        self.base_version = engine_version(self.base)
+        self._loaded: OrderedDict[str, Engine] = OrderedDict({self.base_version: self.base})
+        self._lock = threading.RLock()
+        self._loading: dict[str, threading.Event] = {}
+        self.last_error: str | None = None
+        self._stamp = store.pointer_stamp()
+        wanted = settings.model_version or store.current() or self.base_version
+        self._active = self.base
+        try:
+            self._active = self.engine_for(wanted)
+        except BackendError as exc:  # keep serving the base model, and say why
+            self.last_error = f"cannot serve {wanted!r}: {exc}"
+            log.error("%s; serving the base model %s", self.last_error, self.base_version)
+
+    @property
+    def trainable(self) -> bool:
+        return not isinstance(self.base, ClassicalEngine)
+
+    @property
+    def active(self) -> Engine:
+        """The engine serving requests now (follows ``current`` unless a version is pinned)."""
+        if not self.settings.model_version:
+            self._follow_pointer()
+        return self._active
+
+    @property
+    def active_version(self) -> str:
+        return engine_version(self.active)
+
+    def versions(self) -> list[dict[str, Any]]:
+        """Every selectable version: the base model, then the stored ones (oldest first)."""
+        active = self.active_version
+        rows = [{"version": self.base_version, "base": True, "active": active == self.base_version}]
+        for name in self.store.names():
+            rows.append({"version": name, "base": False, "active": active == name,
+                         **self.store.metadata(name)})
+        return rows
+
+    def engine_for(self, version: str | None) -> Engine:
+        """The engine of ``version`` (the active one for None), loading it if needed."""
+        if version is None:
+            return self.active
+        with self._lock:
+            engine = self._loaded.get(version)
+            if engine is not None:
+                self._loaded.move_to_end(version)
+                return engine
+            event = self._loading.get(version)
+            owner = event is None
+            if owner:
+                event = self._loading[version] = threading.Event()
+        if not owner:  # another thread loads it: wait for that
+            event.wait()
+            with self._lock:
+                engine = self._loaded.get(version)
+            if engine is None:
+                raise BackendError(f"model version {version!r}: could not be loaded (see the log)", 503)
+            return engine
+        try:
+            engine = self._load(version)
+            with self._lock:
+                self._loaded[version] = engine
+                self._evict()
+            return engine
+        finally:
+            with self._lock:
+                self._loading.pop(version, None)
+            event.set()
+
+    def switch(self, version: str) -> Engine:
+        """Serve ``version`` from now on: load it, then point ``current`` at it, then swap.
+
+        A server pinned to a version (MOSAIC_BACKEND_MODEL_VERSION) only moves the pointer,
+        for the other servers sharing the models folder, and keeps serving its pinned version.
+        """
+        engine = self.engine_for(version)
+        self.store.set_current(version)
+        if self.settings.model_version:
+            log.info("model version %s is current now; this server stays pinned to %s",
+                     version, self.settings.model_version)
+            return self._active
+        with self._lock:
+            self._stamp = self.store.pointer_stamp()
+            self._active = engine
+            self.last_error = None
+        log.info("now serving model version %s", version)
+        return engine
+
+    # ---------------------------------------------------------------- internals
+    def _load(self, version: str) -> Engine:
+        if version == self.base_version:
+            return self.base
+        if not self.trainable:
+            raise BackendError(f"model version {version!r}: the classical engine has no other versions", 404)
+        path = self.store.finetune(version)
+        from mosaic_toolkit.engine import Sam2Engine
+
+        log.info("loading model version %s from %s", version, path)
+        engine = Sam2Engine.from_spec(
+            path, device=self.settings.device, cache_bytes=self.settings.embedding_cache_mb * 2**20,
+            base=self.base.spec.base_checkpoint, image_size=self.settings.image_size)
+        apply_generator_params(engine, self.settings)
+        engine.model_version = version  # the folder's name, whatever the base is called here
+        return engine
+
+    def _evict(self) -> None:
+        keep = {self.base_version, engine_version(self._active)}
+        for name in list(self._loaded):
+            if len(self._loaded) <= MAX_LOADED:
+                break
+            if name not in keep:
+                del self._loaded[name]
+
+    def _follow_pointer(self) -> None:
+        """Notice a replaced ``current`` file (a stat) and load its version in the background."""
+        stamp = self.store.pointer_stamp()
+        if stamp == self._stamp:
+            return
+        with self._lock:
+            if stamp == self._stamp:
+                return
+            self._stamp = stamp
+        wanted = self.store.current() or self.base_version
+        if wanted == engine_version(self._active):
+            return
+        threading.Thread(target=self._adopt, args=(wanted,), name=f"load {wanted}", daemon=True).start()
+
+    def _adopt(self, version: str) -> None:
+        try:
+            engine = self.engine_for(version)
+        except BackendError as exc:
+            self.last_error = f"cannot serve {version!r}: {exc}"
+            log.error("%s; still serving %s", self.last_error, engine_version(self._active))
+            return
+        if (self.store.current() or self.base_version) == version:
+            self._active = engine
+            self.last_error = None
+            log.info("now serving model version %s", version)
+
+
+# --------------------------------------------------------------------------------------------
+# Engines
+# --------------------------------------------------------------------------------------------
+def engine_version(engine: Engine) -> str:
+    return CLASSICAL_VERSION if isinstance(engine, ClassicalEngine) else engine.model_version
+
+
+def apply_generator_params(engine: Engine, settings: Settings) -> None:
+    """Apply MOSAIC_BACKEND_GENERATOR_PARAMS on top of the model's own parameters."""
+    if settings.generator_params and not isinstance(engine, ClassicalEngine):
+        engine.params = engine.params.replace(**settings.generator_params)
+
+
+def load_base_engine(settings: Settings) -> Engine:
+    """The engine named by the settings: SAM 2 (given or best installed model) or classical."""
+    engine = settings.engine
+    if engine == "auto":
+        engine = "sam2" if settings.model or weights.default_model() else "classical"
+    if engine == "classical":
+        if settings.model:
+            raise BackendError(f"{settings.model}: a model only applies to the sam2 engine, not classical")
+        log.info("engine: classical (no SAM 2 weights)")
+        return ClassicalEngine()
+    name = settings.model or weights.default_model()
+    if name is None:
+        raise BackendError("engine sam2: no SAM 2 weights are installed; run "
+                           "`mosaic-toolkit weights fetch sam2.1-large` or use the classical engine")
+    from mosaic_toolkit.engine import Sam2Engine
+
+    log.info("engine: SAM 2 %s", name)
+    sam = Sam2Engine.from_spec(name, device=settings.device, image_size=settings.image_size,
+                               cache_bytes=settings.embedding_cache_mb * 2**20)
+    apply_generator_params(sam, settings)
+    return sam
+
+
+def job_base_spec(engine: Engine) -> dict[str, Any]:
+    """The ModelSpec of a SAM 2 engine as JSON, for a training worker to start from."""
+    spec = engine.spec
+    return {
+        "base_checkpoint": os.fspath(spec.base_checkpoint), "config": spec.config,
+        "base_name": spec.base_name, "finetune": os.fspath(spec.finetune) if spec.finetune else None,
+        "generator": dict(spec.generator), "image_size": spec.image_size,
+    }
