@@ -41,6 +41,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from mosaic_toolkit.dataset import pil_to_rgb
+
 from .config import Settings
 from .errors import BackendError
 
@@ -156,8 +158,8 @@ def local_files_path(url: str) -> str:
 
 
 def decode_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:
-    """RGB uint8 pixels of an image file's bytes (the same conversions as
-    ``mosaic_toolkit.dataset.read_image``); 413 when it has more than ``max_pixels``."""
+    """RGB uint8 pixels of an image file's bytes (``mosaic_toolkit.dataset.pil_to_rgb``, as for
+    files); 413 when it has more than ``max_pixels``."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
@@ -165,13 +167,7 @@ def decode_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:
                 raise BackendError(
                     f"{name}: image is {width}x{height} = {width * height / 1e6:.1f} MP, more than "
                     f"the limit of {max_pixels / 1e6:.1f} MP (MOSAIC_BACKEND_MAX_IMAGE_PIXELS)", 413)
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I", "F"):
-                arr = np.asarray(im, dtype=np.float64)
-                peak = arr.max() if arr.size and arr.max() > 0 else 1.0
-                arr = (arr / peak * 255).astype(np.uint8)
-                return np.repeat(arr[..., None], 3, axis=2)
-            return np.asarray(im.convert("RGB"))
+            return pil_to_rgb(im)
     except Image.DecompressionBombError as exc:
         raise BackendError(f"{name}: image too large to decode ({exc})", 413) from exc
     except (OSError, ValueError, SyntaxError) as exc:
