@@ -40,6 +40,10 @@
      both rounds together decode at most ``points_per_side``² prompts, the stock grid's count;
   7. post-processes like the stock path.
 
+  Steps 2–6 are ``fast_instances(interior, params, decode)``, where ``decode`` (a ``Decoder``,
+  ``Sam2Engine.prompt_decoder``) is the only model call: toolkit/tune.py passes a decoder that
+  remembers decoded batches, so an Optuna trial re-filters and repaints without the model.
+
   The mask decoder costs the same per prompt on both paths, so the saving comes from decoding
   about one prompt per tessera instead of ``points_per_side``² per crop (over 1 + 4 + 16 crops,
   each encoded anew, with the thesis's crop_n_layers=2), and from upsampling only the kept
@@ -55,12 +59,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -75,6 +80,10 @@ DEFAULT_CACHE_BYTES = 512 * 2**20  # ~32 images at 1024² (16 MiB of features ea
 METHODS = ("fast", "stock")
 FAST_ROUNDS = 2  # prompt placement + decoding passes of the fast path
 FAST_MIN_NEW_FRACTION = 0.5  # fast path: skip a mask when less than this part is unpainted
+
+#: Decodes one batch of positive prompt points ``[x, y]`` (float32 Nx2, image pixels) into
+#: (low-resolution mask logits Nxhxw, predicted IoU N), both float32 on the CPU.
+Decoder = Callable[[np.ndarray], "tuple[torch.Tensor, torch.Tensor]"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,10 +158,16 @@ class GeneratorParams:
 # --------------------------------------------------------------------------------------------
 # Pure array functions
 # --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
 def _disk(radius: int) -> np.ndarray:
-    """Disk structuring element (radius 1 is the 4-neighbourhood cross)."""
+    """Disk structuring element (radius 1 is the 4-neighbourhood cross), read-only.
+
+    Cached: prompt placement asks for one per candidate peak, thousands per image.
+    """
     y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
-    return (x * x + y * y <= radius * radius).astype(np.uint8)
+    disk = (x * x + y * y <= radius * radius).astype(np.uint8)
+    disk.setflags(write=False)
+    return disk
 
 
 def _erode_ids(ids: np.ndarray, kernel: np.ndarray) -> np.ndarray:
@@ -565,60 +580,91 @@ class Sam2Engine:
                 ious.append(iou[:, 0].float().cpu())
         return torch.cat(logits), torch.cat(ious)
 
-    def _fast_round(
-        self, entry: _Encoded, points: np.ndarray, params: GeneratorParams, instances: np.ndarray
-    ) -> np.ndarray:
-        """Decode, filter and paint one round of fast-path prompts; returns the updated map."""
-        from sam2.utils.amg import batched_mask_to_box, calculate_stability_score
-        from torchvision.ops import batched_nms
+    def prompt_decoder(self, image: np.ndarray) -> Decoder:
+        """A ``Decoder`` of positive prompts on ``image``: each call decodes one batch.
 
-        h, w = entry.hw
-        if len(points) == 0:
-            return instances
-        kept_logits, kept_ious = [], []
-        for start in range(0, len(points), params.points_per_batch):
-            chunk = points[start : start + params.points_per_batch]
-            logits, ious = self._decode(entry, chunk, params.points_per_batch)
-            lh, lw = logits.shape[-2:]
-            # The prompt must lie inside its own mask (read at low resolution).
-            px = torch.from_numpy(np.clip((chunk[:, 0] + 0.5) * lw / w, 0, lw - 1).astype(np.int64))
-            py = torch.from_numpy(np.clip((chunk[:, 1] + 0.5) * lh / h, 0, lh - 1).astype(np.int64))
-            inside = logits[torch.arange(len(chunk)), py, px] > params.mask_threshold
-            stability = calculate_stability_score(logits, params.mask_threshold, params.stability_score_offset)
-            keep = (ious > params.pred_iou_thresh) & (stability >= params.stability_score_thresh) & inside
-            kept_logits.append(logits[keep])
-            kept_ious.append(ious[keep])
-        logits, ious = torch.cat(kept_logits), torch.cat(kept_ious)
-        if len(ious) == 0:
-            return instances
-        boxes = batched_mask_to_box(logits > params.mask_threshold).float()
-        kept = batched_nms(boxes, ious, torch.zeros_like(ious), params.box_nms_thresh)  # by IoU, descending
-        logits = logits[kept]
+        The image is encoded now (or taken from the embedding cache); the returned function
+        keeps its features, so it stays usable after the cache evicts them. This is how the
+        fast path decodes, and what a caller wrapping the decoder (``toolkit/tune.py`` memoises
+        it across trials) passes to ``fast_instances``.
+        """
+        with self._lock:
+            _, entry = self._encoded(as_rgb(image))
 
-        def full_res_masks() -> Iterator[np.ndarray]:
-            for start in range(0, len(logits), 16):
-                up = F.interpolate(logits[start : start + 16, None], (h, w), mode="bilinear", align_corners=False)
-                yield from (up[:, 0] > params.mask_threshold).numpy()
+        def decode(points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            with self._lock:
+                return self._decode(entry, points, max(1, len(points)))
 
-        return paint_instances(full_res_masks(), (h, w), FAST_MIN_NEW_FRACTION, instances)
+        return decode
 
     def _segment_fast(self, image: np.ndarray, params: GeneratorParams) -> np.ndarray:
-        _, entry = self._encoded(image)
-        interior = tile_interior(image)
-        instances = np.zeros(image.shape[:2], dtype=np.int32)
-        budget = params.points_per_side**2  # never more prompts than the stock grid
-        grid_side = max(1, params.points_per_side // 2)
-        min_radius = None
-        for _ in range(FAST_ROUNDS):
-            free = None if min_radius is None else instances == 0
-            points, radii = tessera_prompts(interior, budget, grid_side, free=free, min_radius=min_radius)
-            if len(points) == 0:
-                break
-            budget -= len(points)
-            # Later rounds look for whole tiles that were missed, not slivers beside found ones.
-            min_radius = 0.5 * float(np.median(radii))
-            before = int(instances.max(initial=0))
-            instances = self._fast_round(entry, points, params, instances)
-            if budget <= 0 or int(instances.max(initial=0)) == before:
-                break
+        return fast_instances(tile_interior(image), params, self.prompt_decoder(image))
+
+
+# --------------------------------------------------------------------------------------------
+# The fast path, given a decoder
+# --------------------------------------------------------------------------------------------
+def fast_instances(interior: np.ndarray, params: GeneratorParams, decode: Decoder) -> np.ndarray:
+    """Steps 2–6 of the fast path: the raw instance map (before ``postprocess``).
+
+    ``interior`` is ``tile_interior(image)``; ``decode`` decodes one batch of at most
+    ``params.points_per_batch`` prompts (``Sam2Engine.prompt_decoder``). The decoding is the
+    only model call, so a caller that keeps decoded batches can rerun this with other
+    thresholds without the model. The second round's prompts depend on what the first round
+    painted (so on the thresholds): decoded batches can be reused, not precomputed once.
+    """
+    instances = np.zeros(interior.shape, dtype=np.int32)
+    budget = params.points_per_side**2  # never more prompts than the stock grid
+    grid_side = max(1, params.points_per_side // 2)
+    min_radius = None
+    for _ in range(FAST_ROUNDS):
+        free = None if min_radius is None else instances == 0
+        points, radii = tessera_prompts(interior, budget, grid_side, free=free, min_radius=min_radius)
+        if len(points) == 0:
+            break
+        budget -= len(points)
+        # Later rounds look for whole tiles that were missed, not slivers beside found ones.
+        min_radius = 0.5 * float(np.median(radii))
+        before = int(instances.max(initial=0))
+        instances = _fast_round(points, params, decode, instances)
+        if budget <= 0 or int(instances.max(initial=0)) == before:
+            break
+    return instances
+
+
+def _fast_round(
+    points: np.ndarray, params: GeneratorParams, decode: Decoder, instances: np.ndarray
+) -> np.ndarray:
+    """Decode, filter and paint one round of fast-path prompts; returns the updated map."""
+    from sam2.utils.amg import batched_mask_to_box, calculate_stability_score
+    from torchvision.ops import batched_nms
+
+    h, w = instances.shape
+    if len(points) == 0:
         return instances
+    kept_logits, kept_ious = [], []
+    for start in range(0, len(points), params.points_per_batch):
+        chunk = points[start : start + params.points_per_batch]
+        logits, ious = decode(chunk)
+        lh, lw = logits.shape[-2:]
+        # The prompt must lie inside its own mask (read at low resolution).
+        px = torch.from_numpy(np.clip((chunk[:, 0] + 0.5) * lw / w, 0, lw - 1).astype(np.int64))
+        py = torch.from_numpy(np.clip((chunk[:, 1] + 0.5) * lh / h, 0, lh - 1).astype(np.int64))
+        inside = logits[torch.arange(len(chunk)), py, px] > params.mask_threshold
+        stability = calculate_stability_score(logits, params.mask_threshold, params.stability_score_offset)
+        keep = (ious > params.pred_iou_thresh) & (stability >= params.stability_score_thresh) & inside
+        kept_logits.append(logits[keep])
+        kept_ious.append(ious[keep])
+    logits, ious = torch.cat(kept_logits), torch.cat(kept_ious)
+    if len(ious) == 0:
+        return instances
+    boxes = batched_mask_to_box(logits > params.mask_threshold).float()
+    kept = batched_nms(boxes, ious, torch.zeros_like(ious), params.box_nms_thresh)  # by IoU, descending
+    logits = logits[kept]
+
+    def full_res_masks() -> Iterator[np.ndarray]:
+        for start in range(0, len(logits), 16):
+            up = F.interpolate(logits[start : start + 16, None], (h, w), mode="bilinear", align_corners=False)
+            yield from (up[:, 0] > params.mask_threshold).numpy()
+
+    return paint_instances(full_res_masks(), (h, w), FAST_MIN_NEW_FRACTION, instances)

@@ -20,6 +20,7 @@ COMMANDS = {
     "weights": ("weights", "List, download and locate SAM 2 checkpoints."),
     "segment": ("segment", "Segment every tessera of images (SAM 2 or classical engine)."),
     "train": ("train", "Fine-tune SAM 2's prompt encoder and mask decoder on a dataset."),
+    "tune": ("tune", "Search the mask generator's thresholds with Optuna."),
     "stats": ("stats", "Measure every tessera and write a mosaic report."),
 }
 
