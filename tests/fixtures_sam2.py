@@ -89,3 +89,15 @@ def grid_mosaic(rows: int, cols: int, tile: int = 28, grout: int = 4, seed: int 
 @pytest.fixture
 def tessera_grid_image():
     return grid_mosaic(6, 8)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: SAM 2's small decoder products run faster that way on a
+    shared 2-core machine (use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -32,12 +32,7 @@ OPEN = {"points_per_side": 8, "points_per_batch": 16, "pred_iou_thresh": 0.0,
         "stability_score_thresh": 0.0, "stability_score_offset": 0.05, "mask_threshold": 0.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -44,14 +44,7 @@ VAL_PARAMS = {"points_per_side": 4, "points_per_batch": 16}
 CONFIG = dict(epochs=3, batch_size=2, lr=1e-3, max_prompts=0, image_size=IMAGE_SIZE, val_params=VAL_PARAMS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the decoder's many small matrix products run several times faster
-    than with two threads when other processes compete for the cores (and no slower alone)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -40,13 +40,7 @@ FEW_PROMPTS = {"points_per_side": 8, "points_per_batch": 16}  # at most 64 promp
 IMAGE_SIZE = 128  # tiny's features at 128² are 8x8: encoder and decoder are cheap on two cores
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: faster for the decoder's small products on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
