@@ -1,7 +1,7 @@
 """The backend's one error type: a MosaicError that also says which HTTP status it maps to."""
 from __future__ import annotations
 
-from mosaic_toolkit.errors import MosaicError
+from mosaic_toolkit.core.errors import MosaicError
 
 
 class BackendError(MosaicError):

@@ -41,7 +41,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from mosaic_toolkit.dataset import pil_to_rgb
+from mosaic_toolkit.core.dataset import pil_to_rgb
 
 from .config import Settings
 from .errors import BackendError
@@ -158,7 +158,7 @@ def local_files_path(url: str) -> str:
 
 
 def decode_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:
-    """RGB uint8 pixels of an image file's bytes (``mosaic_toolkit.dataset.pil_to_rgb``, as for
+    """RGB uint8 pixels of an image file's bytes (``mosaic_toolkit.core.dataset.pil_to_rgb``, as for
     files); 413 when it has more than ``max_pixels``."""
     try:
         with Image.open(io.BytesIO(data)) as im:

@@ -17,7 +17,7 @@ Clicks (``Predictor.click``):
   tessera), the tessera covering most of the box.
 
 Pre-labels (``Predictor.prelabel``) segment the whole image through
-``mosaic_toolkit.tiling.segment_tiled`` (SAM 2: tiles of about 100 tesserae, the fast path;
+``mosaic_toolkit.core.tiling.segment_tiled`` (SAM 2: tiles of about 100 tesserae, the fast path;
 classical: 1024-pixel tiles), stopping with a 504 error when the request's deadline passes
 between two tiles. With SAM 2 every tessera also gets a score (MOSAIC_BACKEND_PRELABEL_SCORES):
 the model's predicted IoU for a click on the tessera's point (``decode_points`` on the cached
@@ -34,16 +34,16 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from mosaic_toolkit.classical import ClassicalEngine
-from mosaic_toolkit.dataset import tessera_points
+from mosaic_toolkit.core.dataset import tessera_points
 from mosaic_toolkit.segment import CLASSICAL_TILE
-from mosaic_toolkit.tiling import MAX_TILE, plan_tiles, resolve_tiling, segment_tiled
+from mosaic_toolkit.core.tiling import MAX_TILE, plan_tiles, resolve_tiling, segment_tiled
 
 from .errors import BackendError
 from .images import ByteLRU
 from .regions import Prompt
 
 if TYPE_CHECKING:
-    from mosaic_toolkit.engine import Sam2Engine
+    from mosaic_toolkit.sam.engine import Sam2Engine
 
 Engine = Union[ClassicalEngine, "Sam2Engine"]
 

@@ -2,7 +2,7 @@
 
 Coordinates in Label Studio results are percentages of the image (``x`` of 100 is the right
 border). A pixel ``(column c, row r)`` covers ``[c, c + 1) x [r, r + 1)`` in continuous
-coordinates, the convention of the exporter (``mosaic_toolkit.export.rasterise_region``), so
+coordinates, the convention of the exporter (``mosaic_toolkit.data.export.rasterise_region``), so
 polygons written here rasterise back to the same pixels there.
 
 Brush masks are encoded with ``label_studio_sdk.converter.brush.mask2rle`` (never by hand).

@@ -21,7 +21,7 @@ from typing import Any, Union
 import msgspec
 import numpy as np
 
-from mosaic_toolkit.errors import MosaicError
+from mosaic_toolkit.core.errors import MosaicError
 
 from . import __version__
 from .config import Settings
@@ -31,7 +31,7 @@ from .labelconfig import LabelConfig, parse_label_config
 from .metrics import Metrics
 from .predict import Predictor
 from .regions import brush_region, instance_regions, mean_score, parse_context, polygon_region
-from .trainer import ANNOTATION_ACTIONS, TrainingManager
+from .jobs import ANNOTATION_ACTIONS, TrainingManager
 from .versions import EngineManager, ModelStore, engine_version
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ The models folder (``MOSAIC_BACKEND_MODELS``)::
     runs/<run id>/                 training runs (see trainer.py)
 
 A version's name is the model version the toolkit gives its weights
-(``mosaic_toolkit.models.model_version``: ``<base>+ft-<sha256 prefix>``). The base model itself
+(``mosaic_toolkit.sam.models.model_version``: ``<base>+ft-<sha256 prefix>``). The base model itself
 (the ``--model`` the server started with, or ``classical``) is always a version too; with no
 ``current`` file it is the one served.
 
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from mosaic_toolkit import weights
+from mosaic_toolkit.sam import weights
 from mosaic_toolkit.classical import ClassicalEngine
-from mosaic_toolkit.dataset import atomic_file
+from mosaic_toolkit.core.dataset import atomic_file
 
 from .config import Settings
 from .errors import BackendError
@@ -212,7 +212,7 @@ class EngineManager:
         if not self.trainable:
             raise BackendError(f"model version {version!r}: the classical engine has no other versions", 404)
         path = self.store.finetune(version)
-        from mosaic_toolkit.engine import Sam2Engine
+        from mosaic_toolkit.sam.engine import Sam2Engine
 
         log.info("loading model version %s from %s", version, path)
         engine = Sam2Engine.from_spec(
@@ -284,7 +284,7 @@ def load_base_engine(settings: Settings) -> Engine:
     if name is None:
         raise BackendError("engine sam2: no SAM 2 weights are installed; run "
                            "`mosaic-toolkit weights fetch sam2.1-large` or use the classical engine")
-    from mosaic_toolkit.engine import Sam2Engine
+    from mosaic_toolkit.sam.engine import Sam2Engine
 
     log.info("engine: SAM 2 %s", name)
     sam = Sam2Engine.from_spec(name, device=settings.device, image_size=settings.image_size,

@@ -45,7 +45,7 @@ from PIL import Image
 from mosaic_backend.labelconfig import parse_label_config
 from mosaic_backend.metrics import percentile
 from mosaic_backend.regions import instance_regions
-from mosaic_toolkit.synth import synth_mosaic
+from mosaic_toolkit.data.synth import synth_mosaic
 
 TOKEN = "bench-token-0123456789abcdef0123456789abcd"
 LABEL_CONFIG = (Path(__file__).resolve().parents[1] / "label_config.xml").read_text()
@@ -81,8 +81,8 @@ def random_tiny_checkpoint(folder: Path, seed: int) -> Path:
     """SAM 2.1 tiny with random weights in the official checkpoint format."""
     import torch
 
-    from mosaic_toolkit.models import build_sam2_model
-    from mosaic_toolkit.weights import MODELS
+    from mosaic_toolkit.sam.models import build_sam2_model
+    from mosaic_toolkit.sam.weights import MODELS
 
     info = MODELS["sam2.1-tiny"]
     torch.manual_seed(seed)

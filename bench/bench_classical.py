@@ -20,9 +20,9 @@ from pathlib import Path
 import cv2
 
 from mosaic_toolkit.classical import ClassicalEngine
-from mosaic_toolkit.dataset import Dataset
-from mosaic_toolkit.metrics import mean_metrics, pixel_metrics, tile_metrics
-from mosaic_toolkit.synth import synth_dataset
+from mosaic_toolkit.core.dataset import Dataset
+from mosaic_toolkit.evaluation.metrics import mean_metrics, pixel_metrics, tile_metrics
+from mosaic_toolkit.data.synth import synth_dataset
 
 
 def score_dataset(root: Path, engine: ClassicalEngine) -> list[dict]:

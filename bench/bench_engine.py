@@ -25,12 +25,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from mosaic_toolkit.dataset import tessera_points
-from mosaic_toolkit.engine import GeneratorParams, Sam2Engine, tessera_prompts, tile_interior
-from mosaic_toolkit.metrics import pixel_metrics, tile_metrics
-from mosaic_toolkit.models import build_sam2_model
-from mosaic_toolkit.synth import synth_mosaic
-from mosaic_toolkit.weights import MODELS
+from mosaic_toolkit.core.dataset import tessera_points
+from mosaic_toolkit.sam.engine import GeneratorParams, Sam2Engine, tessera_prompts, tile_interior
+from mosaic_toolkit.evaluation.metrics import pixel_metrics, tile_metrics
+from mosaic_toolkit.sam.models import build_sam2_model
+from mosaic_toolkit.data.synth import synth_mosaic
+from mosaic_toolkit.sam.weights import MODELS
 
 RANDOM_MODEL = "sam2.1-tiny"
 

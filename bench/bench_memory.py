@@ -29,8 +29,8 @@ import numpy as np
 
 from mosaic_toolkit.classical import ClassicalEngine
 from mosaic_toolkit.segment import CLASSICAL_TILE
-from mosaic_toolkit.synth import synth_mosaic
-from mosaic_toolkit.tiling import plan_tiles, resolve_tiling, segment_tiled
+from mosaic_toolkit.data.synth import synth_mosaic
+from mosaic_toolkit.core.tiling import plan_tiles, resolve_tiling, segment_tiled
 
 
 def generate(path: str, size: int, piece: int, tessera_size: float, seed: int) -> None:

@@ -15,8 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from mosaic_toolkit.dataset import label_components
-from mosaic_toolkit.metrics import pixel_metrics, tile_metrics
+from mosaic_toolkit.core.dataset import label_components
+from mosaic_toolkit.evaluation.metrics import pixel_metrics, tile_metrics
 
 ROWS, COLS, TILE, GROUT = 50, 80, 28, 4
 

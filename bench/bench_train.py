@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from mosaic_toolkit.dataset import write_manifest
-from mosaic_toolkit.finetune import TrainConfig, Trainer
-from mosaic_toolkit.models import build_sam2_model
-from mosaic_toolkit.synth import synth_dataset
-from mosaic_toolkit.weights import MODELS
+from mosaic_toolkit.core.dataset import write_manifest
+from mosaic_toolkit.training.trainer import TrainConfig, Trainer
+from mosaic_toolkit.sam.models import build_sam2_model
+from mosaic_toolkit.data.synth import synth_dataset
+from mosaic_toolkit.sam.weights import MODELS
 
 
 def random_checkpoint(arch: str, folder: Path, seed: int) -> Path:

@@ -28,11 +28,11 @@ import time
 import numpy as np
 import torch
 
-from mosaic_toolkit.engine import GeneratorParams, Sam2Engine, tessera_prompts, tile_interior
-from mosaic_toolkit.models import build_sam2_model
-from mosaic_toolkit.synth import synth_mosaic
-from mosaic_toolkit.tiling import resolve_tiling
-from mosaic_toolkit.tune import (
+from mosaic_toolkit.sam.engine import GeneratorParams, Sam2Engine, tessera_prompts, tile_interior
+from mosaic_toolkit.sam.models import build_sam2_model
+from mosaic_toolkit.data.synth import synth_mosaic
+from mosaic_toolkit.core.tiling import resolve_tiling
+from mosaic_toolkit.training.tune import (
     FLOAT_RANGES,
     SEARCHED,
     CachedSegmenter,
@@ -41,7 +41,7 @@ from mosaic_toolkit.tune import (
     search_space,
     segment_for_tuning,
 )
-from mosaic_toolkit.weights import MODELS
+from mosaic_toolkit.sam.weights import MODELS
 
 RANDOM_MODEL = "sam2.1-tiny"
 

@@ -33,8 +33,8 @@ def tiny_sam2_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sam2_checkpoint(tiny_sam2_home: Path) -> Path:
     import torch
 
-    from mosaic_toolkit.models import build_sam2_model
-    from mosaic_toolkit.weights import MODELS
+    from mosaic_toolkit.sam.models import build_sam2_model
+    from mosaic_toolkit.sam.weights import MODELS
 
     info = MODELS[TINY_NAME]
     torch.manual_seed(0)
@@ -52,8 +52,8 @@ def sam2_home(tiny_sam2_home: Path, tiny_sam2_checkpoint: Path, monkeypatch: pyt
 
 @pytest.fixture(scope="session")
 def tiny_sam2_spec(tiny_sam2_checkpoint: Path):
-    from mosaic_toolkit.models import ModelSpec
-    from mosaic_toolkit.weights import MODELS
+    from mosaic_toolkit.sam.models import ModelSpec
+    from mosaic_toolkit.sam.weights import MODELS
 
     return ModelSpec(
         base_checkpoint=tiny_sam2_checkpoint,
@@ -66,7 +66,7 @@ def tiny_sam2_spec(tiny_sam2_checkpoint: Path):
 
 @pytest.fixture(scope="session")
 def sam2_engine(tiny_sam2_spec):
-    from mosaic_toolkit.engine import Sam2Engine
+    from mosaic_toolkit.sam.engine import Sam2Engine
 
     return Sam2Engine.from_spec(tiny_sam2_spec, device="cpu")
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mosaic_toolkit.augment import (
+from mosaic_toolkit.data.augment import (
     TRANSFORMS,
     assign_splits,
     augment_dataset,
@@ -18,7 +18,7 @@ from mosaic_toolkit.augment import (
     resize_to_max_side,
 )
 from mosaic_toolkit.cli import main
-from mosaic_toolkit.dataset import (
+from mosaic_toolkit.core.dataset import (
     Dataset,
     Sample,
     label_components,
@@ -28,7 +28,7 @@ from mosaic_toolkit.dataset import (
     write_manifest,
     write_sample,
 )
-from mosaic_toolkit.errors import MosaicError
+from mosaic_toolkit.core.errors import MosaicError
 
 RED = (220, 30, 30)
 

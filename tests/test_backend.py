@@ -39,12 +39,12 @@ from mosaic_backend.metrics import percentile
 from mosaic_backend.predict import CLICK_WINDOW, click_window
 from mosaic_backend.regions import Prompt
 from mosaic_backend.service import Backend
-from mosaic_backend.trainer import should_promote, store_version
+from mosaic_backend.jobs import should_promote, store_version
 from mosaic_backend.versions import EngineManager, ModelStore
 from mosaic_toolkit.classical import ClassicalEngine
-from mosaic_toolkit.export import rasterise_region
+from mosaic_toolkit.data.export import rasterise_region
 from mosaic_toolkit.segment import segment_image
-from mosaic_toolkit.synth import synth_mosaic
+from mosaic_toolkit.data.synth import synth_mosaic
 
 LABEL_CONFIG = (Path(__file__).resolve().parents[1] / "label_config.xml").read_text()
 BRUSH_ONLY = """<View><Image name="img" value="$picture"/>
@@ -596,7 +596,7 @@ def test_versions_switch_atomically_and_stay_selectable(sam, tmp_path) -> None:
     the same models folder follows the pointer."""
     import torch
 
-    from mosaic_toolkit.models import save_finetune
+    from mosaic_toolkit.sam.models import save_finetune
 
     backend: Backend = sam.app.state.backend
     engine = backend.engines.base
@@ -607,7 +607,7 @@ def test_versions_switch_atomically_and_stay_selectable(sam, tmp_path) -> None:
         save_finetune(tmp_path / "ft.pt", model, base={"name": "sam2.1-tiny", "config": engine.spec.config,
                                                         "image_size": 256}, generator=None, training=None)
         model.sam_mask_decoder.iou_prediction_head.layers[-1].bias.copy_(original)
-    from mosaic_toolkit.models import model_version, resolve_model
+    from mosaic_toolkit.sam.models import model_version, resolve_model
 
     name = model_version(resolve_model(tmp_path / "ft.pt", base=engine.spec.base_checkpoint))
     store_version(backend.store.root, name, tmp_path / "ft.pt", {"version": name, "val_dice": 0.5})
@@ -686,7 +686,7 @@ def test_every_n_annotations_starts_a_run(sam) -> None:
     """With MOSAIC_BACKEND_TRAIN_EVERY=2 the second new annotation of a project starts a run."""
     import dataclasses
 
-    from mosaic_backend.trainer import TrainingManager
+    from mosaic_backend.jobs import TrainingManager
 
     backend: Backend = sam.app.state.backend
     manager = TrainingManager(dataclasses.replace(backend.settings, train_every=2), backend.store,

@@ -37,10 +37,10 @@ from PIL import Image
 from labelstudio_server import LabelStudioServer, free_port
 from mosaic_backend.app import create_app
 from mosaic_backend.config import Settings
-from mosaic_toolkit.export import rasterise_region
-from mosaic_toolkit.metrics import tile_metrics
+from mosaic_toolkit.data.export import rasterise_region
+from mosaic_toolkit.evaluation.metrics import tile_metrics
 from mosaic_toolkit.segment import segment_image
-from mosaic_toolkit.synth import synth_mosaic
+from mosaic_toolkit.data.synth import synth_mosaic
 
 pytestmark = pytest.mark.labelstudio
 

@@ -45,11 +45,11 @@ from browser_helpers import (ACCEPT_SUGGESTIONS, ARTIFACTS, SUBMIT, browser_miss
 from labelstudio_server import LabelStudioServer
 from mosaic_backend.config import Settings
 from mosaic_toolkit.classical import ClassicalEngine
-from mosaic_toolkit.dataset import tessera_points
-from mosaic_toolkit.export import rasterise_region
+from mosaic_toolkit.core.dataset import tessera_points
+from mosaic_toolkit.data.export import rasterise_region
 from mosaic_toolkit.segment import CLASSICAL_TILE
-from mosaic_toolkit.synth import synth_mosaic
-from mosaic_toolkit.tiling import segment_tiled
+from mosaic_toolkit.data.synth import synth_mosaic
+from mosaic_toolkit.core.tiling import segment_tiled
 from test_backend_labelstudio import BackendServer
 
 MISSING = browser_missing()

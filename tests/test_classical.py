@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from mosaic_toolkit.classical import ClassicalEngine, ClassicalParams, estimate_tessera_size
-from mosaic_toolkit.dataset import label_components
-from mosaic_toolkit.errors import MosaicError
-from mosaic_toolkit.metrics import pixel_metrics, tile_matches, tile_metrics
-from mosaic_toolkit.synth import synth_mosaic
+from mosaic_toolkit.core.dataset import label_components
+from mosaic_toolkit.core.errors import MosaicError
+from mosaic_toolkit.evaluation.metrics import pixel_metrics, tile_matches, tile_metrics
+from mosaic_toolkit.data.synth import synth_mosaic
 
 GROUT_RGB = (150, 148, 138)
 PALETTE = np.array(

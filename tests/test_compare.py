@@ -19,12 +19,12 @@ from PIL import Image
 
 from fixtures_sam2 import TINY_NAME
 from mosaic_toolkit.cli import main
-from mosaic_toolkit.compare import compare_models, parse_models
-from mosaic_toolkit.dataset import Dataset, mask_foreground, read_mask, write_manifest
-from mosaic_toolkit.errors import MosaicError
-from mosaic_toolkit.metrics import comparison_image
-from mosaic_toolkit.models import load_model, save_finetune
-from mosaic_toolkit.synth import synth_dataset
+from mosaic_toolkit.evaluation.compare import compare_models, parse_models
+from mosaic_toolkit.core.dataset import Dataset, mask_foreground, read_mask, write_manifest
+from mosaic_toolkit.core.errors import MosaicError
+from mosaic_toolkit.evaluation.metrics import comparison_image
+from mosaic_toolkit.sam.models import load_model, save_finetune
+from mosaic_toolkit.data.synth import synth_dataset
 
 IMAGE_SIZE = 128
 # Thresholds open wide: random-weight masks pass, so the SAM 2 row is not empty.

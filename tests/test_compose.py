@@ -5,7 +5,7 @@ from pathlib import Path
 import yaml
 
 from mosaic_backend.config import Settings
-from mosaic_toolkit import weights
+from mosaic_toolkit.sam import weights
 
 ROOT = Path(__file__).resolve().parents[1]
 

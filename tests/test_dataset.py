@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from mosaic_toolkit import dataset as ds
-from mosaic_toolkit.errors import MosaicError
+from mosaic_toolkit.core import dataset as ds
+from mosaic_toolkit.core.errors import MosaicError
 
 
 def test_mask_and_instances_round_trip():

@@ -13,8 +13,8 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
-from mosaic_toolkit.dataset import FOUR_CONNECTED
-from mosaic_toolkit.engine import (
+from mosaic_toolkit.core.dataset import FOUR_CONNECTED
+from mosaic_toolkit.sam.engine import (
     GeneratorParams,
     Sam2Engine,
     paint_instances,
@@ -22,7 +22,7 @@ from mosaic_toolkit.engine import (
     tessera_prompts,
     tile_interior,
 )
-from mosaic_toolkit.errors import MosaicError
+from mosaic_toolkit.core.errors import MosaicError
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -12,16 +12,16 @@ from click.testing import CliRunner
 from PIL import Image
 
 from mosaic_toolkit.cli import main
-from mosaic_toolkit.dataset import (
+from mosaic_toolkit.core.dataset import (
     instances_to_mask,
     write_instances,
     write_manifest,
     write_mask,
     write_sample,
 )
-from mosaic_toolkit.errors import MosaicError
-from mosaic_toolkit.evaluate import csv_columns, evaluate, markdown_table
-from mosaic_toolkit.metrics import BLACK, BLUE, GREEN, RED, WHITE
+from mosaic_toolkit.core.errors import MosaicError
+from mosaic_toolkit.evaluation.evaluate import csv_columns, evaluate, markdown_table
+from mosaic_toolkit.evaluation.metrics import BLACK, BLUE, GREEN, RED, WHITE
 
 # Sample "a" (test split), 4 x 6: tile 1 at rows 0-1, cols 0-1; tile 2 at rows 0-1, cols 4-5.
 GT_A = np.array([

@@ -17,9 +17,9 @@ from pycocotools import mask as coco_mask
 from scipy import ndimage as ndi
 
 from mosaic_toolkit.cli import main
-from mosaic_toolkit.dataset import Dataset, relabel_sequential, split_disconnected
-from mosaic_toolkit.errors import MosaicError
-from mosaic_toolkit.export import (
+from mosaic_toolkit.core.dataset import Dataset, relabel_sequential, split_disconnected
+from mosaic_toolkit.core.errors import MosaicError
+from mosaic_toolkit.data.export import (
     choose_annotation,
     export,
     folder_resolver,

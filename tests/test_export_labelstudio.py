@@ -27,8 +27,8 @@ from PIL import Image
 
 from labelstudio_server import LabelStudioServer
 from mosaic_toolkit.cli import main
-from mosaic_toolkit.dataset import Dataset, relabel_sequential
-from mosaic_toolkit.synth import synth_mosaic
+from mosaic_toolkit.core.dataset import Dataset, relabel_sequential
+from mosaic_toolkit.data.synth import synth_mosaic
 
 pytestmark = pytest.mark.labelstudio
 

@@ -22,10 +22,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from mosaic_toolkit.cli.train import command
-from mosaic_toolkit.dataset import Dataset, write_manifest
-from mosaic_toolkit.engine import Sam2Engine
-from mosaic_toolkit.errors import MosaicError
-from mosaic_toolkit.finetune import (
+from mosaic_toolkit.core.dataset import Dataset, write_manifest
+from mosaic_toolkit.sam.engine import Sam2Engine
+from mosaic_toolkit.core.errors import MosaicError
+from mosaic_toolkit.training.trainer import (
     EmbeddingCache,
     FeatureEncoder,
     TrainConfig,
@@ -35,8 +35,8 @@ from mosaic_toolkit.finetune import (
     sample_prompts,
     train,
 )
-from mosaic_toolkit.models import FINETUNE_PREFIXES, load_finetune
-from mosaic_toolkit.synth import synth_dataset
+from mosaic_toolkit.sam.models import FINETUNE_PREFIXES, load_finetune
+from mosaic_toolkit.data.synth import synth_dataset
 
 IMAGE_SIZE = 128  # tiny's features at 128² are 8x8: the decoder is cheap on two CPU cores
 VAL_PARAMS = {"points_per_side": 4, "points_per_batch": 16}

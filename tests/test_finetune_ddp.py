@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mosaic_toolkit.dataset import write_manifest
-from mosaic_toolkit.engine import Sam2Engine
-from mosaic_toolkit.finetune import train
-from mosaic_toolkit.models import load_finetune
-from mosaic_toolkit.synth import synth_dataset
+from mosaic_toolkit.core.dataset import write_manifest
+from mosaic_toolkit.sam.engine import Sam2Engine
+from mosaic_toolkit.training.trainer import train
+from mosaic_toolkit.sam.models import load_finetune
+from mosaic_toolkit.data.synth import synth_dataset
 
 IMAGE_SIZE = 128
 VAL_PARAMS = {"points_per_side": 4, "points_per_batch": 16}

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mosaic_toolkit.dataset import label_components
-from mosaic_toolkit.metrics import (
+from mosaic_toolkit.core.dataset import label_components
+from mosaic_toolkit.evaluation.metrics import (
     BLACK,
     BLUE,
     GREEN,

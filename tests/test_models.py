@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mosaic_toolkit.engine import Sam2Engine
-from mosaic_toolkit.errors import MosaicError
-from mosaic_toolkit.models import (
+from mosaic_toolkit.sam.engine import Sam2Engine
+from mosaic_toolkit.core.errors import MosaicError
+from mosaic_toolkit.sam.models import (
     FINETUNE_FORMAT,
     FINETUNE_PREFIXES,
     ModelSpec,
@@ -21,7 +21,7 @@ from mosaic_toolkit.models import (
     save_finetune,
     update_finetune_metadata,
 )
-from mosaic_toolkit.weights import MODELS
+from mosaic_toolkit.sam.weights import MODELS
 
 TINY = "sam2.1-tiny"
 

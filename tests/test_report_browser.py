@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mosaic_toolkit.report import stats_report
-from mosaic_toolkit.synth import synth_dataset
+from mosaic_toolkit.stats.report import stats_report
+from mosaic_toolkit.data.synth import synth_dataset
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent / "artifacts"

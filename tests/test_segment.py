@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from fixtures_sam2 import grid_mosaic
 from mosaic_toolkit.classical import ClassicalEngine
 from mosaic_toolkit.cli import main
-from mosaic_toolkit.dataset import (
+from mosaic_toolkit.core.dataset import (
     instances_to_mask,
     read_image,
     read_instances,
@@ -19,11 +19,11 @@ from mosaic_toolkit.dataset import (
     relabel_sequential,
     write_image,
 )
-from mosaic_toolkit.errors import MosaicError
-from mosaic_toolkit.metrics import pixel_metrics
+from mosaic_toolkit.core.errors import MosaicError
+from mosaic_toolkit.evaluation.metrics import pixel_metrics
 from mosaic_toolkit.segment import collect_images, load_engine, overlay, segment_image
-from mosaic_toolkit.synth import synth_dataset
-from mosaic_toolkit.weights import MODELS
+from mosaic_toolkit.data.synth import synth_dataset
+from mosaic_toolkit.sam.weights import MODELS
 
 
 @pytest.fixture
@@ -168,7 +168,7 @@ def test_sam2_requested_without_weights_is_a_clear_error(dataset: Path, tmp_path
 def test_segment_with_sam2_model_end_to_end(sam2_home: Path, sam2_engine, tmp_path: Path):
     """A fine-tune of the random-weight tiny fixture: its metadata runs it at 256² input and
     opens the generator's filters (random weights give low scores) so masks get through."""
-    from mosaic_toolkit.models import save_finetune
+    from mosaic_toolkit.sam.models import save_finetune
 
     image, _ = grid_mosaic(3, 4)
     write_image(tmp_path / "images" / "grid.png", image)

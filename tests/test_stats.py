@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from mosaic_toolkit.cli.stats import command
-from mosaic_toolkit.dataset import instances_to_mask, read_instances, write_instances, write_mask
-from mosaic_toolkit.errors import MosaicError
-from mosaic_toolkit.report import find_mosaics, stats_report
-from mosaic_toolkit.stats import (
+from mosaic_toolkit.core.dataset import instances_to_mask, read_instances, write_instances, write_mask
+from mosaic_toolkit.core.errors import MosaicError
+from mosaic_toolkit.stats.report import find_mosaics, stats_report
+from mosaic_toolkit.stats.measures import (
     Units,
     coherence,
     joints,
@@ -26,7 +26,7 @@ from mosaic_toolkit.stats import (
     summarise,
     tessera_table,
 )
-from mosaic_toolkit.synth import synth_dataset
+from mosaic_toolkit.data.synth import synth_dataset
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,14 +9,14 @@ import pytest
 from click.testing import CliRunner
 
 from mosaic_toolkit.cli import main
-from mosaic_toolkit.dataset import (
+from mosaic_toolkit.core.dataset import (
     Dataset,
     instances_to_mask,
     label_components,
     tessera_points,
 )
-from mosaic_toolkit.errors import MosaicError
-from mosaic_toolkit.synth import STYLES, draw_params, render_mosaic, synth_dataset, synth_mosaic
+from mosaic_toolkit.core.errors import MosaicError
+from mosaic_toolkit.data.synth import STYLES, draw_params, render_mosaic, synth_dataset, synth_mosaic
 
 
 def assert_valid_instances(instances: np.ndarray) -> int:

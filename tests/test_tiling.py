@@ -11,11 +11,11 @@ import pytest
 from scipy import ndimage as ndi
 
 from mosaic_toolkit.classical import ClassicalEngine
-from mosaic_toolkit.dataset import FOUR_CONNECTED, relabel_sequential
-from mosaic_toolkit.errors import MosaicError
-from mosaic_toolkit.metrics import pixel_metrics, tile_metrics
-from mosaic_toolkit.synth import synth_mosaic
-from mosaic_toolkit.tiling import (
+from mosaic_toolkit.core.dataset import FOUR_CONNECTED, relabel_sequential
+from mosaic_toolkit.core.errors import MosaicError
+from mosaic_toolkit.evaluation.metrics import pixel_metrics, tile_metrics
+from mosaic_toolkit.data.synth import synth_mosaic
+from mosaic_toolkit.core.tiling import (
     choose_overlap,
     choose_tile_size,
     plan_tiles,

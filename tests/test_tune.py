@@ -28,12 +28,12 @@ from PIL import Image
 
 from fixtures_sam2 import TINY_NAME
 from mosaic_toolkit.cli import main
-from mosaic_toolkit.dataset import write_manifest
-from mosaic_toolkit.engine import GeneratorParams, Sam2Engine, tessera_prompts, tile_interior
-from mosaic_toolkit.errors import MosaicError
-from mosaic_toolkit.models import FINETUNE_PREFIXES, load_finetune, load_model, save_finetune
-from mosaic_toolkit.synth import synth_dataset
-from mosaic_toolkit.tune import SEARCHED, CachedSegmenter, load_images, score_images, tune
+from mosaic_toolkit.core.dataset import write_manifest
+from mosaic_toolkit.sam.engine import GeneratorParams, Sam2Engine, tessera_prompts, tile_interior
+from mosaic_toolkit.core.errors import MosaicError
+from mosaic_toolkit.sam.models import FINETUNE_PREFIXES, load_finetune, load_model, save_finetune
+from mosaic_toolkit.data.synth import synth_dataset
+from mosaic_toolkit.training.tune import SEARCHED, CachedSegmenter, load_images, score_images, tune
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 FEW_PROMPTS = {"points_per_side": 8, "points_per_batch": 16}  # at most 64 prompts per image

@@ -16,9 +16,9 @@ import platformdirs
 import pytest
 from click.testing import CliRunner
 
-from mosaic_toolkit import weights
+from mosaic_toolkit.sam import weights
 from mosaic_toolkit.cli import main
-from mosaic_toolkit.errors import MosaicError
+from mosaic_toolkit.core.errors import MosaicError
 
 FILENAME = "fake_hiera_tiny.pt"
 
@@ -167,7 +167,7 @@ def test_checksum_mismatch_raises_and_leaves_nothing(server, data, cache):
 
 def test_no_published_checksum_checks_size_only(server, data, cache, caplog):
     reg = registry_for(fake_model(server.url(), data, sha256=None))
-    with caplog.at_level(logging.WARNING, logger="mosaic_toolkit.weights"):
+    with caplog.at_level(logging.WARNING, logger="mosaic_toolkit.sam.weights"):
         path = weights.fetch("fake-tiny", progress=False, registry=reg)
     assert path.read_bytes() == data
     assert "fake-tiny: no published checksum; size checked only" in caplog.text

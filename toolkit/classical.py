@@ -47,8 +47,8 @@ from skimage.feature import peak_local_max
 from skimage.filters import threshold_otsu
 from skimage.segmentation import watershed
 
-from .dataset import FOUR_CONNECTED, relabel_sequential
-from .errors import MosaicError
+from .core.dataset import FOUR_CONNECTED, relabel_sequential
+from .core.errors import MosaicError
 
 
 @dataclass

@@ -20,9 +20,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from . import weights
+from .sam import weights
 from .classical import ClassicalEngine
-from .dataset import (
+from .core.dataset import (
     IMAGE_EXTENSIONS,
     atomic_output_dir,
     image_size,
@@ -33,11 +33,11 @@ from .dataset import (
     write_json,
     write_mask,
 )
-from .errors import MosaicError
-from .tiling import MAX_TILE, segment_tiled
+from .core.errors import MosaicError
+from .core.tiling import MAX_TILE, segment_tiled
 
 if TYPE_CHECKING:
-    from .engine import Sam2Engine
+    from .sam.engine import Sam2Engine
 
 Engine = Union[ClassicalEngine, "Sam2Engine"]
 
@@ -76,7 +76,7 @@ def load_engine(
     name = model or weights.default_model()
     if name is None:
         raise MosaicError(f"SAM 2 engine: no SAM 2 weights are installed; {FETCH_HINT}")
-    from .engine import Sam2Engine  # imports torch: only when SAM 2 is used
+    from .sam.engine import Sam2Engine  # imports torch: only when SAM 2 is used
 
     # No embedding cache: batch segmentation never sees a tile twice.
     sam = Sam2Engine.from_spec(name, device=device, cache_bytes=0)

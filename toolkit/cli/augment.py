@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from ..augment import DEFAULT_SPLIT, TRANSFORMS, augment_dataset, parse_split, parse_transforms
-from ..dataset import SPLITS
+from ..data.augment import DEFAULT_SPLIT, TRANSFORMS, augment_dataset, parse_split, parse_transforms
+from ..core.dataset import SPLITS
 from .options import handle_errors, overwrite_option, seed_option
 
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import click
 
-from ..dataset import SPLITS
-from ..errors import MosaicError
-from ..evaluate import evaluate, markdown_table
+from ..core.dataset import SPLITS
+from ..core.errors import MosaicError
+from ..evaluation.evaluate import evaluate, markdown_table
 from .options import handle_errors, overwrite_option
 
 _FOLDER = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -16,7 +16,7 @@ _FOLDER = click.Path(exists=True, file_okay=False, path_type=Path)
 def _parse_models(ctx: click.Context, param: click.Parameter, value: str | None):
     if value is None:
         return None
-    from ..compare import parse_models
+    from ..evaluation.compare import parse_models
 
     try:
         return parse_models(value)
@@ -93,7 +93,7 @@ def command(
         for flag, used in (("--baseline", baseline is not None), ("--per-image", per_image)):
             if used:
                 raise click.UsageError(f"{flag} applies to --pred; --models compares the first two models itself")
-        from ..compare import compare_models
+        from ..evaluation.compare import compare_models
 
         summary = compare_models(models, gt, out, split=split or "test", device=device, overwrite=overwrite)
         click.echo(markdown_table({m["label"]: m["mean"] for m in summary["models"]}))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..export import export
+from ..data.export import export
 from .options import handle_errors, overwrite_option
 
 

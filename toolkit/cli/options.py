@@ -5,7 +5,7 @@ import functools
 
 import click
 
-from ..errors import MosaicError
+from ..core.errors import MosaicError
 
 
 def overwrite_option(f):

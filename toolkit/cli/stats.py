@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..report import stats_report
+from ..stats.report import stats_report
 from .options import handle_errors, overwrite_option
 
 _FOLDER = click.Path(exists=True, file_okay=False, path_type=Path)

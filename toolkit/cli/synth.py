@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..synth import IMAGE_FORMATS, STYLES, synth_dataset
+from ..data.synth import IMAGE_FORMATS, STYLES, synth_dataset
 from .options import handle_errors, overwrite_option, seed_option
 
 

@@ -116,7 +116,7 @@ def command(
     """
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
-    from ..finetune import is_main_process, recorded_config, train  # imports torch: only now
+    from ..training.trainer import is_main_process, recorded_config, train  # imports torch: only now
 
     hyper = dict(
         epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..dataset import SPLITS
+from ..core.dataset import SPLITS
 from .options import handle_errors, seed_option
 
 
@@ -88,7 +88,7 @@ def command(
     """
     import optuna
 
-    from ..tune import SEARCHED, tune
+    from ..training.tune import SEARCHED, tune
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar reports trials
     result = tune(

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .. import weights
+from ..sam import weights
 from .options import handle_errors
 
 

@@ -13,7 +13,7 @@ REPORT/compare.html, compare.json  with --compare: groups side by side, overlaid
 ```
 
 With several inputs, each gets its own folder: ``REPORT/<input name>/<stem>/``.
-Measures and their definitions are in :mod:`mosaic_toolkit.stats`.
+Measures and their definitions are in :mod:`mosaic_toolkit.stats.measures`.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from matplotlib.ticker import MaxNLocator
 from skimage.color import lab2rgb
 from tqdm import tqdm
 
-from .dataset import (
+from ..core.dataset import (
     IMAGE_EXTENSIONS,
     MANIFEST,
     Dataset,
@@ -47,8 +47,8 @@ from .dataset import (
     read_mask,
     write_json,
 )
-from .errors import MosaicError
-from .stats import MosaicStats, Units, group_summary, measure_mosaic, summarise, tessera_table
+from ..core.errors import MosaicError
+from .measures import MosaicStats, Units, group_summary, measure_mosaic, summarise, tessera_table
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
-from .dataset import (
+from ..core.dataset import (
     MAX_INSTANCES,
     Sample,
     atomic_output_dir,
@@ -39,7 +39,7 @@ from .dataset import (
     write_manifest,
     write_sample,
 )
-from .errors import MosaicError
+from ..core.errors import MosaicError
 
 STYLES = ("opus", "irregular")
 IMAGE_FORMATS = ("png", "jpg")

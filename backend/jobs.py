@@ -2,15 +2,15 @@
 
 ``TrainingManager`` (in the server) starts one run at a time, on ``START_TRAINING`` or every
 ``MOSAIC_BACKEND_TRAIN_EVERY`` new annotations. The run is a child process
-(``python -m mosaic_backend.trainer RUN_DIR/job.json``), so the server keeps answering clicks
+(``python -m mosaic_backend.jobs RUN_DIR/job.json``), so the server keeps answering clicks
 and pre-labels with the current model while it trains. The worker:
 
 1. pulls the project's tasks and annotations through label-studio-sdk and exports them as a
-   dataset (``mosaic_toolkit.export``; images are downloaded from Label Studio);
-2. augments it (crops, rotations, flips; ``mosaic_toolkit.augment``), split per mosaic into
+   dataset (``mosaic_toolkit.data.export``; images are downloaded from Label Studio);
+2. augments it (crops, rotations, flips; ``mosaic_toolkit.data.augment``), split per mosaic into
    train and val (at least two annotated images are needed: one is held out);
 3. measures the current model's validation Dice, then fine-tunes it
-   (``mosaic_toolkit.finetune.Trainer``, the small settings ``MOSAIC_BACKEND_TRAIN_*``), which
+   (``mosaic_toolkit.training.trainer.Trainer``, the small settings ``MOSAIC_BACKEND_TRAIN_*``), which
    keeps the epoch with the best validation Dice on the same images with the same parameters;
 4. stores the result as a new version (``versions/<version>/``, kept whether or not it is
    switched to) and says whether it beats the current model (``MOSAIC_BACKEND_TRAIN_PROMOTE``).
@@ -45,8 +45,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from mosaic_toolkit.dataset import atomic_output_dir, write_json
-from mosaic_toolkit.errors import MosaicError
+from mosaic_toolkit.core.dataset import atomic_output_dir, write_json
+from mosaic_toolkit.core.errors import MosaicError
 
 from .config import Settings
 from .errors import BackendError
@@ -143,7 +143,7 @@ class TrainingManager:
                     "epochs": self.settings.train_epochs})
                 with open(run_dir / LOG, "w", encoding="utf-8") as logfile:
                     process = subprocess.Popen(
-                        [sys.executable, "-m", "mosaic_backend.trainer", str(run_dir / JOB)],
+                        [sys.executable, "-m", "mosaic_backend.jobs", str(run_dir / JOB)],
                         stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                         env={**os.environ, API_KEY_ENV: key}, start_new_session=True)
             except BaseException:
@@ -339,7 +339,7 @@ def run_job(job_path: Path, api_key: str) -> int:
 def export_project(job: dict[str, Any], api_key: str, run_dir: Path,
                    update: Callable[..., None]) -> dict[str, Any]:
     """Step 1: the project's annotations as a dataset in RUN_DIR/export."""
-    from mosaic_toolkit.export import export_dataset, fetch_tasks, label_studio_resolver
+    from mosaic_toolkit.data.export import export_dataset, fetch_tasks, label_studio_resolver
 
     url, project = job["label_studio_url"], job["project"]
     tasks = fetch_tasks(url, api_key, project)
@@ -357,7 +357,7 @@ def export_project(job: dict[str, Any], api_key: str, run_dir: Path,
 
 def augment(job: dict[str, Any], run_dir: Path, update: Callable[..., None]) -> None:
     """Step 2: crops, rotations and flips in RUN_DIR/augmented, split per mosaic."""
-    from mosaic_toolkit.augment import augment_dataset
+    from mosaic_toolkit.data.augment import augment_dataset
 
     opts = job["augment"]
     summary = augment_dataset(
@@ -370,8 +370,8 @@ def train_and_store(job: dict[str, Any], run_dir: Path, update: Callable[..., No
     """Steps 3 and 4: baseline Dice, fine-tuning, the new version and the verdict."""
     import torch
 
-    from mosaic_toolkit.finetune import TrainConfig, Trainer
-    from mosaic_toolkit.models import ModelSpec, model_version, resolve_model
+    from mosaic_toolkit.training.trainer import TrainConfig, Trainer
+    from mosaic_toolkit.sam.models import ModelSpec, model_version, resolve_model
 
     base = job["base"]
     spec = ModelSpec(
@@ -411,10 +411,10 @@ def store_version(models_dir: Path, version: str, finetune: Path, metadata: dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mosaic_backend.trainer JOB.json`` (the API key comes in the environment)."""
+    """``python -m mosaic_backend.jobs JOB.json`` (the API key comes in the environment)."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m mosaic_backend.trainer RUN_DIR/job.json", file=sys.stderr)
+        print("usage: python -m mosaic_backend.jobs RUN_DIR/job.json", file=sys.stderr)
         return 2
     return run_job(Path(args[0]), os.environ.get(API_KEY_ENV, ""))
 

@@ -130,7 +130,7 @@ def resolve_tiling(
     def size() -> float:
         nonlocal tessera_size
         if tessera_size is None:
-            from .classical import estimate_tessera_size
+            from ..classical import estimate_tessera_size
 
             tessera_size = estimate_tessera_size(image)
         return tessera_size

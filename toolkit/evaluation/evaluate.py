@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 from tqdm import tqdm
 
-from .dataset import (
+from ..core.dataset import (
     Dataset,
     Sample,
     atomic_output_dir,
@@ -31,7 +31,7 @@ from .dataset import (
     write_image,
     write_json,
 )
-from .errors import MosaicError
+from ..core.errors import MosaicError
 from .metrics import (
     PIXEL_KEYS,
     TILE_KEYS,

@@ -69,11 +69,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .dataset import Dataset, Sample, atomic_file, mask_foreground
-from .engine import GeneratorParams, Sam2Engine
-from .errors import MosaicError
-from .metrics import pixel_metrics
-from .models import (
+from ..core.dataset import Dataset, Sample, atomic_file, mask_foreground
+from ..sam.engine import GeneratorParams, Sam2Engine
+from ..core.errors import MosaicError
+from ..evaluation.metrics import pixel_metrics
+from ..sam.models import (
     FINETUNE_PREFIXES,
     ModelSpec,
     file_sha256,

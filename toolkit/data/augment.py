@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .dataset import (
+from ..core.dataset import (
     SPLITS,
     Dataset,
     Sample,
@@ -43,7 +43,7 @@ from .dataset import (
     write_manifest,
     write_sample,
 )
-from .errors import MosaicError
+from ..core.errors import MosaicError
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from typing import Mapping
 import platformdirs
 from tqdm import tqdm
 
-from . import __version__
-from .dataset import atomic_file
-from .errors import MosaicError
+from .. import __version__
+from ..core.dataset import atomic_file
+from ..core.errors import MosaicError
 
 log = logging.getLogger(__name__)
 

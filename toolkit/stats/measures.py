@@ -62,7 +62,7 @@ from scipy import ndimage as ndi
 from scipy.cluster.vq import kmeans2
 from skimage.color import lab2rgb, rgb2lab
 
-from .errors import MosaicError
+from ..core.errors import MosaicError
 
 # Gaps longer than this many median gaps are holes, not grout lines.
 _GAP_OUTLIER_FACTOR = 3.0

@@ -27,8 +27,8 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from .dataset import atomic_file
-from .errors import MosaicError
+from ..core.dataset import atomic_file
+from ..core.errors import MosaicError
 
 FINETUNE_FORMAT = "mosaic-sam-finetune"
 FINETUNE_VERSION = 1

@@ -50,8 +50,8 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from .dataset import Dataset, atomic_output_dir, mask_foreground, write_json
-from .engine import (
+from ..core.dataset import Dataset, atomic_output_dir, mask_foreground, write_json
+from ..sam.engine import (
     Decoder,
     GeneratorParams,
     Sam2Engine,
@@ -60,9 +60,9 @@ from .engine import (
     postprocess,
     tile_interior,
 )
-from .errors import MosaicError
-from .metrics import pixel_metrics, tile_metrics
-from .models import (
+from ..core.errors import MosaicError
+from ..evaluation.metrics import pixel_metrics, tile_metrics
+from ..sam.models import (
     ModelSpec,
     file_sha256,
     load_finetune,
@@ -70,7 +70,7 @@ from .models import (
     save_finetune,
     update_finetune_metadata,
 )
-from .tiling import resolve_tiling, segment_tiled
+from ..core.tiling import resolve_tiling, segment_tiled
 
 #: Searched float parameters and their ranges (the thesis's public code).
 FLOAT_RANGES: dict[str, tuple[float, float]] = {

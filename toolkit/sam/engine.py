@@ -72,8 +72,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dataset import relabel_sequential, split_disconnected
-from .errors import MosaicError
+from ..core.dataset import relabel_sequential, split_disconnected
+from ..core.errors import MosaicError
 from .models import ModelSpec, load_model, model_version, pick_device, resolve_model
 
 DEFAULT_CACHE_BYTES = 512 * 2**20  # ~32 images at 1024² (16 MiB of features each)

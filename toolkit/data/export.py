@@ -36,7 +36,7 @@ from scipy import ndimage as ndi
 from skimage.draw import polygon as polygon_pixels
 from tqdm import tqdm
 
-from .dataset import (
+from ..core.dataset import (
     IMAGE_EXTENSIONS,
     Sample,
     atomic_file,
@@ -47,7 +47,7 @@ from .dataset import (
     write_manifest,
     write_sample,
 )
-from .errors import MosaicError
+from ..core.errors import MosaicError
 
 # Result type -> region kind. Everything else (keypoints, rectangles, choices...) is ignored.
 TESSERA_TYPES = {

@@ -23,11 +23,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .dataset import Dataset, atomic_output_dir, mask_foreground, read_mask, write_image, write_json
-from .errors import MosaicError
+from ..core.dataset import Dataset, atomic_output_dir, mask_foreground, read_mask, write_image, write_json
+from ..core.errors import MosaicError
 from .evaluate import COMPARISON_DIR, csv_columns, evaluate, markdown_table
 from .metrics import PIXEL_KEYS, TILE_KEYS, comparison_image
-from .segment import engine_info, load_engine, segment_paths
+from ..segment import engine_info, load_engine, segment_paths
 
 CLASSICAL = "classical"
 LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # labels name folders
@@ -77,7 +77,7 @@ def parse_models(text: str) -> list[tuple[str, str]]:
 
 def _check_models(models: list[tuple[str, str]]) -> None:
     """Resolve every SAM 2 model now, so a typo fails before hours of segmentation."""
-    from .models import resolve_model
+    from ..sam.models import resolve_model
 
     if not models:
         raise MosaicError("models: give at least one model")

@@ -1,0 +1,1 @@
+"""Core: the dataset contract, image and file I/O, errors, tiling."""

@@ -1,0 +1,1 @@
+"""Datasets in: synthetic mosaics, Label Studio export, augmentation."""

@@ -1,0 +1,1 @@
+"""Metrics, evaluation of predictions and comparison of models."""

@@ -1,0 +1,1 @@
+"""Per-tessera measures and the mosaic report."""

@@ -1,0 +1,1 @@
+"""Fine-tuning SAM 2 and tuning the mask generator."""
