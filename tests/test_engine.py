@@ -264,7 +264,7 @@ def test_batched_decoder_matches_predictor(sam2_engine, tessera_grid_image):
     image, _ = tessera_grid_image
     points = np.array([[15, 15], [100, 47], [200, 150], [250, 10]], np.float32)
     logits, ious = sam2_engine.decode_points(image, points, batch=3)
-    predictor = sam2_engine._predictor
+    predictor = sam2_engine._sam.predictor
     for i, point in enumerate(points):
         sam2_engine.predict_points(image, [point], [1])  # loads the cached features
         _, iou, low = predictor.predict(point[None], np.array([1]), multimask_output=False)

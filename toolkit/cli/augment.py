@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..data.augment import DEFAULT_SPLIT, TRANSFORMS, augment_dataset, parse_split, parse_transforms
+from ..data.augment import DEFAULT_SPLIT, TRANSFORMS, augment_dataset, parse_split, parse_transform_names
 from ..core.dataset import SPLITS
 from .options import handle_errors, overwrite_option, seed_option
 
@@ -69,7 +69,7 @@ def command(
         tesserae_per_crop=tesserae_per_crop,
         min_visible=min_visible,
         max_side=max_side,
-        transforms=parse_transforms(transforms_text),
+        transforms=parse_transform_names(transforms_text),
         split=parse_split(split_text),
         keep_splits=keep_splits,
         seed=seed,

@@ -90,7 +90,7 @@ def parse_split(text: str) -> tuple[float, float, float]:
     return validate_split(values)
 
 
-def validate_transforms(names: Sequence[str]) -> tuple[str, ...]:
+def validate_transform_names(names: Sequence[str]) -> tuple[str, ...]:
     """Known, non-empty transform names, deduplicated, in the canonical order of TRANSFORMS."""
     chosen = set(names)
     unknown = sorted(chosen - TRANSFORMS.keys())
@@ -103,9 +103,9 @@ def validate_transforms(names: Sequence[str]) -> tuple[str, ...]:
     return tuple(name for name in TRANSFORMS if name in chosen)
 
 
-def parse_transforms(text: str) -> tuple[str, ...]:
+def parse_transform_names(text: str) -> tuple[str, ...]:
     """Parse ``"identity,rot90"`` into validated transform names."""
-    return validate_transforms([part.strip() for part in text.split(",") if part.strip()])
+    return validate_transform_names([part.strip() for part in text.split(",") if part.strip()])
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +258,7 @@ def augment_dataset(
     its parent's split (all parents must have one); otherwise splits are drawn per mosaic.
     """
     fractions = validate_split(split)
-    transforms = validate_transforms(transforms)
+    transforms = validate_transform_names(transforms)
     if tesserae_per_crop <= 0:
         raise MosaicError(f"--tesserae-per-crop must be positive, got {tesserae_per_crop}")
     if not 0.0 <= min_visible <= 1.0:

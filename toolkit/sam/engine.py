@@ -74,6 +74,7 @@ import torch.nn.functional as F
 
 from ..core.dataset import relabel_sequential, split_disconnected
 from ..core.errors import MosaicError
+from .adapter import PromptDecoder, Sam2Adapter, autocast, stock_generator
 from .models import ModelSpec, load_model, model_version, pick_device, resolve_model
 
 DEFAULT_CACHE_BYTES = 512 * 2**20  # ~32 images at 1024² (16 MiB of features each)
@@ -344,19 +345,14 @@ class Sam2Engine:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         spec: ModelSpec | None = None,
     ) -> None:
-        from sam2.sam2_image_predictor import SAM2ImagePredictor
-
         self.model = model
         self.model_version = version
         self.params = params or GeneratorParams()
         self.spec = spec
         self.cache_bytes = int(cache_bytes)
         self.device = model.device
-        self._predictor = SAM2ImagePredictor(model)
-        # The predictor hard-codes the feature sizes of a 1024 input; derive them from the model.
-        side = model.image_size // model.backbone_stride
-        self._feat_sizes = [(4 * side, 4 * side), (2 * side, 2 * side), (side, side)]
-        self._predictor._bb_feat_sizes = self._feat_sizes
+        self._sam = Sam2Adapter(model)
+        self._decoder = PromptDecoder(model)
         self._cache: OrderedDict[str, _Encoded] = OrderedDict()
         self._cache_used = 0
         self._lock = threading.RLock()
@@ -390,14 +386,8 @@ class Sam2Engine:
         )
 
     # ---------------------------------------------------------------- embedding cache
-    @contextlib.contextmanager
-    def _autocast(self) -> Iterator[None]:
-        """bfloat16 autocast on CUDA (as SAM 2 recommends); full precision elsewhere."""
-        if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                yield
-        else:
-            yield
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device)
 
     @staticmethod
     def image_key(image: np.ndarray) -> str:
@@ -429,8 +419,7 @@ class Sam2Engine:
                 self._cache.move_to_end(key)
                 return key, entry
             with torch.inference_mode(), self._autocast():
-                self._predictor.set_image(image)
-            features = self._predictor._features
+                features = self._sam.encode(image)
             tensors = [features["image_embed"], *features["high_res_feats"]]
             nbytes = sum(t.numel() * t.element_size() for t in tensors)
             entry = _Encoded(features, (image.shape[0], image.shape[1]), nbytes)
@@ -444,15 +433,6 @@ class Sam2Engine:
     def encode(self, image: np.ndarray) -> str:
         """Encode ``image`` (unless cached) and return its cache key."""
         return self._encoded(as_rgb(image))[0]
-
-    def _use(self, entry: _Encoded) -> None:
-        """Load cached features into the predictor (what set_image leaves behind)."""
-        p = self._predictor
-        p.reset_predictor()
-        p._features = entry.features
-        p._orig_hw = [entry.hw]
-        p._is_image_set = True
-        p._is_batch = False
 
     # ---------------------------------------------------------------- clicks
     def predict_points(
@@ -483,9 +463,9 @@ class Sam2Engine:
         multimask = len(coords) == 1 and box_arr is None
         with self._lock:
             _, entry = self._encoded(image)
-            self._use(entry)
+            predictor = self._sam.use(entry.features, entry.hw)
             with torch.inference_mode(), self._autocast():
-                masks, scores, _ = self._predictor.predict(
+                masks, scores, _ = predictor.predict(
                     point_coords=coords if len(coords) else None,
                     point_labels=labs if len(coords) else None,
                     box=box_arr,
@@ -513,9 +493,7 @@ class Sam2Engine:
         return postprocess(raw, params.opening, params.min_area, params.erosion)
 
     def _segment_stock(self, image: np.ndarray, params: GeneratorParams) -> np.ndarray:
-        from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
-
-        generator = SAM2AutomaticMaskGenerator(
+        generator = stock_generator(
             self.model,
             points_per_side=params.points_per_side,
             points_per_batch=params.points_per_batch,
@@ -529,7 +507,6 @@ class Sam2Engine:
             crop_n_points_downscale_factor=params.crop_n_points_downscale_factor,
             output_mode="binary_mask",
         )
-        generator.predictor._bb_feat_sizes = self._feat_sizes
         with torch.inference_mode(), self._autocast():
             records = generator.generate(image)
         records.sort(key=lambda r: -r["predicted_iou"])
@@ -553,31 +530,19 @@ class Sam2Engine:
             return self._decode(entry, points, batch)
 
     def _decode(self, entry: _Encoded, points: np.ndarray, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        model = self.model
         feats = entry.features
-        side = self._feat_sizes[0]
+        side = self._sam.feat_sizes[0]
         if len(points) == 0:
             return torch.zeros((0, *side)), torch.zeros(0)
         coords = torch.as_tensor(points, dtype=torch.float32, device=self.device)
-        coords = self._predictor._transforms.transform_coords(coords, normalize=True, orig_hw=entry.hw)
+        coords = self._sam.model_coords(coords, entry.hw)
         logits, ious = [], []
         with torch.inference_mode(), self._autocast():
-            image_pe = model.sam_prompt_encoder.get_dense_pe()
             for start in range(0, len(coords), batch):
-                chunk = coords[start : start + batch, None, :]
-                labels = torch.ones(chunk.shape[:2], dtype=torch.int, device=self.device)
-                sparse, dense = model.sam_prompt_encoder(points=(chunk, labels), boxes=None, masks=None)
-                low_res, iou, _, _ = model.sam_mask_decoder(
-                    image_embeddings=feats["image_embed"],
-                    image_pe=image_pe,
-                    sparse_prompt_embeddings=sparse,
-                    dense_prompt_embeddings=dense,
-                    multimask_output=False,
-                    repeat_image=True,
-                    high_res_features=feats["high_res_feats"],
-                )
-                logits.append(low_res[:, 0].float().cpu())
-                ious.append(iou[:, 0].float().cpu())
+                chunk = coords[start : start + batch]
+                [(low_res, iou)] = self._decoder([(feats["image_embed"], feats["high_res_feats"], chunk)])
+                logits.append(low_res.float().cpu())
+                ious.append(iou.float().cpu())
         return torch.cat(logits), torch.cat(ious)
 
     def prompt_decoder(self, image: np.ndarray) -> Decoder:

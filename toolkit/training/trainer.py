@@ -70,6 +70,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..core.dataset import Dataset, Sample, atomic_file, mask_foreground
+from ..sam.adapter import PromptDecoder, Sam2Adapter, autocast
 from ..sam.engine import GeneratorParams, Sam2Engine
 from ..core.errors import MosaicError
 from ..evaluation.metrics import pixel_metrics
@@ -214,39 +215,20 @@ def steps_per_epoch(n_images: int, batch_size: int, world_size: int) -> int:
 # --------------------------------------------------------------------------------------------
 # Model pieces
 # --------------------------------------------------------------------------------------------
-class PromptDecoder(nn.Module):
-    """The trainable part of SAM 2 (prompt encoder + mask decoder) as one module for DDP.
+def decode_items(
+    decoder: nn.Module, sam: Sam2Adapter, items: Sequence[Mapping[str, Any]],
+    feats: Sequence[Sequence[torch.Tensor]], device: torch.device,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Decode each item's prompt points on its features: (low-res logits K x h x w, IoU K) each.
 
-    ``forward`` decodes one positive point per prompt for several images (the same calls as
-    ``Sam2Engine._decode``, with gradients), so one DDP forward covers a whole batch.
+    Points are mapped to model-input coordinates by the adapter, as the engine maps clicks, so
+    training decodes exactly what serving decodes.
     """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.prompt_encoder = model.sam_prompt_encoder
-        self.mask_decoder = model.sam_mask_decoder
-
-    def forward(
-        self, batch: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor], torch.Tensor]]
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``batch``: (image_embed 1xCxhxw, [high-res features], points Kx2 in model-input
-        pixels) per image; returns (low-res logits K x 4h x 4w, predicted IoU K) per image."""
-        image_pe = self.prompt_encoder.get_dense_pe()
-        out = []
-        for embed, high_res, coords in batch:
-            labels = torch.ones((len(coords), 1), dtype=torch.int, device=coords.device)
-            sparse, dense = self.prompt_encoder(points=(coords[:, None, :], labels), boxes=None, masks=None)
-            low_res, iou, _, _ = self.mask_decoder(
-                image_embeddings=embed,
-                image_pe=image_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-                repeat_image=True,
-                high_res_features=list(high_res),
-            )
-            out.append((low_res[:, 0], iou[:, 0]))
-        return out
+    batch = []
+    for item, f in zip(items, feats):
+        coords = sam.model_coords(item["points"].to(device, torch.float32), tuple(item["hw"]))
+        batch.append((f[0], f[1:], coords))
+    return decoder(batch)
 
 
 def freeze_all_but_decoder(model: nn.Module) -> list[nn.Parameter]:
@@ -261,31 +243,19 @@ def freeze_all_but_decoder(model: nn.Module) -> list[nn.Parameter]:
 
 
 class FeatureEncoder:
-    """Runs the frozen image encoder the way ``SAM2ImagePredictor.set_image_batch`` does.
+    """Runs the frozen image encoder (``Sam2Adapter.encode_batch``) without gradients.
 
     Features are ``[image_embed 1xCxhxw, high_res_0, high_res_1]`` per image, as the predictor
     keeps them after ``set_image`` (no-memory embedding added).
     """
 
     def __init__(self, model: nn.Module) -> None:
-        from sam2.sam2_image_predictor import SAM2ImagePredictor
-
         self.model = model
-        self.predictor = SAM2ImagePredictor(model)
-        # The predictor hard-codes the feature sizes of a 1024 input (as in Sam2Engine).
-        side = model.image_size // model.backbone_stride
-        self.predictor._bb_feat_sizes = [(4 * side, 4 * side), (2 * side, 2 * side), (side, side)]
+        self.sam = Sam2Adapter(model)
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[list[torch.Tensor]]:
-        on_cuda = self.model.device.type == "cuda"
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
-        with torch.no_grad(), autocast:
-            # Writable copies where needed: torchvision warns about read-only arrays.
-            self.predictor.set_image_batch([np.require(im, requirements=["C", "W"]) for im in images])
-        feats = self.predictor._features
-        tensors = [feats["image_embed"], *feats["high_res_feats"]]
-        self.predictor.reset_predictor()
-        return [[t[i : i + 1] for t in tensors] for i in range(len(images))]
+        with torch.no_grad(), autocast(self.model.device):
+            return self.sam.encode_batch(images)
 
 
 # --------------------------------------------------------------------------------------------
@@ -713,9 +683,7 @@ class Trainer:
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device)
 
     def train_step(self, items: list[dict[str, Any]], use_cache: bool) -> dict[str, float]:
         """One optimizer step on a batch of images; returns its mean loss terms."""
@@ -723,15 +691,9 @@ class Trainer:
             feats = [[t.to(self.device, torch.float32) for t in item["features"]] for item in items]
         else:
             feats = self.encoder([item["image"] for item in items])
-        size = self.model.image_size
-        batch = []
-        for item, f in zip(items, feats):
-            h, w = item["hw"]
-            scale = torch.tensor([size / w, size / h])
-            batch.append((f[0], f[1:], (item["points"] * scale).to(self.device)))
         self.decoder.train()
         with self._autocast():
-            outputs = self.ddp(batch)
+            outputs = decode_items(self.ddp, self.encoder.sam, items, feats, self.device)
         dice_terms, score_terms = [], []
         for item, (logits, iou) in zip(items, outputs):
             instances = item["instances"].to(self.device)
