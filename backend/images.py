@@ -30,17 +30,16 @@ import json
 import logging
 import posixpath
 import threading
-import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any
 from urllib.parse import parse_qs, urljoin, urlsplit
 
 import httpx
 import numpy as np
 from PIL import Image
 
+from mosaic_toolkit.core.cache import ByteLRU
 from mosaic_toolkit.core.dataset import pil_to_rgb
 
 from .config import Settings
@@ -52,60 +51,6 @@ CLOUD_SCHEMES = ("s3:", "gs:", "azure-blob:")
 MAX_REDIRECTS = 3
 IMAGE_TTL_S = 600.0  # a cached image is fetched again after this long (the file may change)
 _CHUNK = 1 << 20
-
-V = TypeVar("V")
-
-
-class ByteLRU(Generic[V]):
-    """A thread-safe LRU map bounded by the bytes of its values, with an optional time to live."""
-
-    def __init__(self, max_bytes: int, size_of: Callable[[V], int], ttl: float | None = None) -> None:
-        self.max_bytes = int(max_bytes)
-        self.ttl = ttl
-        self._size_of = size_of
-        self._items: OrderedDict[str, tuple[V, int, float]] = OrderedDict()
-        self._used = 0
-        self._lock = threading.Lock()
-
-    @property
-    def used_bytes(self) -> int:
-        return self._used
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._used = 0
-
-    def get(self, key: str) -> V | None:
-        with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                return None
-            if self.ttl is not None and time.monotonic() - item[2] > self.ttl:
-                self._drop(key)
-                return None
-            self._items.move_to_end(key)
-            return item[0]
-
-    def put(self, key: str, value: V) -> None:
-        size = self._size_of(value)
-        with self._lock:
-            if key in self._items:
-                self._drop(key)
-            if size > self.max_bytes:
-                return  # larger than the whole cache: not kept
-            self._items[key] = (value, size, time.monotonic())
-            self._used += size
-            while self._used > self.max_bytes:
-                self._drop(next(iter(self._items)))
-
-    def _drop(self, key: str) -> None:
-        _, size, _ = self._items.pop(key)
-        self._used -= size
-
 
 @dataclass
 class LabelStudioLink:

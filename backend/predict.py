@@ -34,12 +34,12 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from mosaic_toolkit.classical import ClassicalEngine
+from mosaic_toolkit.core.cache import ByteLRU
 from mosaic_toolkit.core.dataset import tessera_points
 from mosaic_toolkit.segment import CLASSICAL_TILE
 from mosaic_toolkit.core.tiling import MAX_TILE, plan_tiles, resolve_tiling, segment_tiled
 
 from .errors import BackendError
-from .images import ByteLRU
 from .regions import Prompt
 
 if TYPE_CHECKING:

@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from mosaic_toolkit.core.dataset import tessera_points
-from mosaic_toolkit.sam.engine import GeneratorParams, Sam2Engine, tessera_prompts, tile_interior
+from mosaic_toolkit.sam.engine import Sam2Engine
+from mosaic_toolkit.sam.fast import tessera_prompts, tile_interior
+from mosaic_toolkit.sam.params import GeneratorParams
 from mosaic_toolkit.evaluation.metrics import pixel_metrics, tile_metrics
 from mosaic_toolkit.sam.models import build_sam2_model
 from mosaic_toolkit.data.synth import synth_mosaic

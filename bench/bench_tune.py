@@ -28,7 +28,9 @@ import time
 import numpy as np
 import torch
 
-from mosaic_toolkit.sam.engine import GeneratorParams, Sam2Engine, tessera_prompts, tile_interior
+from mosaic_toolkit.sam.engine import Sam2Engine
+from mosaic_toolkit.sam.fast import tessera_prompts, tile_interior
+from mosaic_toolkit.sam.params import GeneratorParams
 from mosaic_toolkit.sam.models import build_sam2_model
 from mosaic_toolkit.data.synth import synth_mosaic
 from mosaic_toolkit.core.tiling import resolve_tiling

@@ -47,7 +47,7 @@ def test_train_serve_parity(sam2_engine, tessera_grid_image):
         [(logits, ious)] = decode_items(decoder, encoder.sam, [item], [feats], engine.device)
     # The training encoder (set_image_batch) and the engine's (set_image) give the same features...
     key = engine.encode(image)
-    cached = engine._cache[key].features
+    cached = engine._cache.get(key).features
     for a, b in zip([cached["image_embed"], *cached["high_res_feats"]], feats):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # ...and the same features decode to identical logits through the training decoder.

@@ -14,14 +14,10 @@ import torch
 from scipy import ndimage as ndi
 
 from mosaic_toolkit.core.dataset import FOUR_CONNECTED
-from mosaic_toolkit.sam.engine import (
-    GeneratorParams,
-    Sam2Engine,
-    paint_instances,
-    postprocess,
-    tessera_prompts,
-    tile_interior,
-)
+from mosaic_toolkit.core.instances import paint_instances, postprocess
+from mosaic_toolkit.sam.engine import Sam2Engine
+from mosaic_toolkit.sam.fast import tessera_prompts, tile_interior
+from mosaic_toolkit.sam.params import GeneratorParams
 from mosaic_toolkit.core.errors import MosaicError
 
 

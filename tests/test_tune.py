@@ -29,7 +29,9 @@ from PIL import Image
 from fixtures_sam2 import TINY_NAME
 from mosaic_toolkit.cli import main
 from mosaic_toolkit.core.dataset import write_manifest
-from mosaic_toolkit.sam.engine import GeneratorParams, Sam2Engine, tessera_prompts, tile_interior
+from mosaic_toolkit.sam.engine import Sam2Engine
+from mosaic_toolkit.sam.fast import tessera_prompts, tile_interior
+from mosaic_toolkit.sam.params import GeneratorParams
 from mosaic_toolkit.core.errors import MosaicError
 from mosaic_toolkit.sam.models import FINETUNE_PREFIXES, load_finetune, load_model, save_finetune
 from mosaic_toolkit.data.synth import synth_dataset

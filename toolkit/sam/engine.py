@@ -59,253 +59,30 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import threading
-from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Sequence
 
-import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..core.dataset import relabel_sequential, split_disconnected
+from ..core.cache import ByteLRU
 from ..core.errors import MosaicError
 from .adapter import PromptDecoder, Sam2Adapter, autocast, stock_generator
+from ..core.instances import paint_instances, postprocess
+from .fast import Decoder, FastState, tile_interior
+from .params import METHODS, GeneratorParams
 from .models import ModelSpec, load_model, model_version, pick_device, resolve_model
 
 DEFAULT_CACHE_BYTES = 512 * 2**20  # ~32 images at 1024² (16 MiB of features each)
-METHODS = ("fast", "stock")
-FAST_ROUNDS = 2  # prompt placement + decoding passes of the fast path
-FAST_MIN_NEW_FRACTION = 0.5  # fast path: skip a mask when less than this part is unpainted
-
-#: Decodes one batch of positive prompt points ``[x, y]`` (float32 Nx2, image pixels) into
-#: (low-resolution mask logits Nxhxw, predicted IoU N), both float32 on the CPU.
-Decoder = Callable[[np.ndarray], "tuple[torch.Tensor, torch.Tensor]"]
-
-
-# --------------------------------------------------------------------------------------------
-# Parameters
-# --------------------------------------------------------------------------------------------
-@dataclass
-class GeneratorParams:
-    """Parameters of full-image segmentation.
-
-    The four thresholds default to the best trial of one of the thesis's Optuna studies
-    (0.735 / 0.864 / 0.909 / 0.383), closer to mosaic data than SAM 2's natural-image defaults
-    (0.8 / 0.95 / 1.0 / 0.0); a tuned fine-tune file carries its own. The grid and crop settings
-    are the thesis's fixed ones (crop settings: stock path only).
-    """
-
-    pred_iou_thresh: float = 0.735  # keep masks whose predicted IoU is above this
-    stability_score_thresh: float = 0.864  # keep masks at least this stable
-    stability_score_offset: float = 0.909  # logit offset used by the stability score
-    mask_threshold: float = 0.383  # logit threshold binarising the masks
-    points_per_side: int = 32  # stock: prompt grid side; fast: cap of points_per_side² prompts
-    points_per_batch: int = 64  # prompts decoded at once
-    crop_n_layers: int = 2  # stock only: extra layers of image crops
-    crop_overlap_ratio: float = 0.3  # stock only: overlap of the crops
-    crop_n_points_downscale_factor: int = 2  # stock only: grid thinning per crop layer
-    box_nms_thresh: float = 0.7  # box IoU above which a lower-scored duplicate is dropped
-    opening: int = 1  # radius (px) of the per-tessera morphological opening; 0 = none
-    min_area: int = 64  # tesserae smaller than this (px) are dropped
-    erosion: int = 1  # radius (px) of the per-tessera erosion; 0 = none
-    method: str = "fast"  # "fast" or "stock"
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            kind = {"float": float, "int": int, "str": str}[str(f.type)]
-            if kind is int and isinstance(value, float) and value.is_integer():
-                value = int(value)
-            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
-                raise MosaicError(f"generator parameter {f.name}: expected {kind.__name__}, got {value!r}")
-            setattr(self, f.name, kind(value))
-        if self.method not in METHODS:
-            raise MosaicError(f"generator parameter method: {self.method!r} is not one of {METHODS}")
-        for name in ("pred_iou_thresh", "stability_score_thresh", "crop_overlap_ratio", "box_nms_thresh"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise MosaicError(f"generator parameter {name}: must lie in [0, 1]")
-        for name in ("points_per_side", "points_per_batch", "crop_n_points_downscale_factor"):
-            if getattr(self, name) < 1:
-                raise MosaicError(f"generator parameter {name}: must be at least 1")
-        for name in ("crop_n_layers", "opening", "min_area", "erosion"):
-            if getattr(self, name) < 0:
-                raise MosaicError(f"generator parameter {name}: must not be negative")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> "GeneratorParams":
-        """Parameters from a (partial) dict; missing keys keep their defaults."""
-        data = dict(data or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise MosaicError(
-                f"generator parameters: unknown key(s) {', '.join(unknown)} "
-                f"(known: {', '.join(sorted(known))})"
-            )
-        return cls(**data)
-
-    def replace(self, **changes: Any) -> "GeneratorParams":
-        return self.from_dict({**self.to_dict(), **changes})
+DEFAULT_CACHE_BYTES = 512 * 2**20  # ~32 images at 1024² (16 MiB of features each)
 
 
 # --------------------------------------------------------------------------------------------
 # Pure array functions
 # --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _disk(radius: int) -> np.ndarray:
-    """Disk structuring element (radius 1 is the 4-neighbourhood cross), read-only.
-
-    Cached: prompt placement asks for one per candidate peak, thousands per image.
-    """
-    y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
-    disk = (x * x + y * y <= radius * radius).astype(np.uint8)
-    disk.setflags(write=False)
-    return disk
-
-
-def _erode_ids(ids: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """Per-instance erosion of a float32 id map: a pixel stays when its whole neighbourhood
-    carries its id (so touching tesserae erode away from each other)."""
-    lo = cv2.erode(ids, kernel, borderType=cv2.BORDER_REPLICATE)
-    hi = cv2.dilate(ids, kernel, borderType=cv2.BORDER_REPLICATE)
-    return np.where((lo == hi) & (ids > 0), ids, 0).astype(np.float32)
-
-
-def postprocess(instances: np.ndarray, opening: int, min_area: int, erosion: int) -> np.ndarray:
-    """Clean an instance map: per-tessera opening, per-tessera erosion, area filter.
-
-    Opening (radius ``opening``) removes spurs and specks narrower than the disk without
-    growing any tessera into a neighbour; erosion (radius ``erosion``) cuts thin bridges and
-    separates touching tesserae; then every 4-connected piece becomes its own id and pieces
-    under ``min_area`` pixels are removed. Returns int32 ids 1..N in raster order.
-
-    Both morphological steps are vectorised over all ids at once: with the id map as an image,
-    a pixel survives erosion iff min and max of its neighbourhood equal its id; the opening's
-    dilation of the eroded map can only reach pixels of the same id (a disk centred on an
-    eroded pixel of id j lies entirely in j), so ``dilate(eroded) == ids`` selects it exactly.
-    """
-    if instances.ndim != 2:
-        raise MosaicError(f"postprocess: instance map must be 2-D, got shape {instances.shape}")
-    ids = relabel_sequential(np.asarray(instances).astype(np.int32))
-    if ids.max(initial=0) >= 2**24:
-        raise MosaicError("postprocess: more than 16 million instances")
-    work = ids.astype(np.float32)
-    if opening > 0:
-        kernel = _disk(opening)
-        grown = cv2.dilate(_erode_ids(work, kernel), kernel, borderType=cv2.BORDER_REPLICATE)
-        work = np.where(grown == work, work, 0).astype(np.float32)
-    if erosion > 0:
-        work = _erode_ids(work, _disk(erosion))
-    pieces = split_disconnected(work.astype(np.int32))
-    if min_area > 0 and pieces.max(initial=0) > 0:
-        areas = np.bincount(pieces.ravel())
-        small = areas < min_area
-        small[0] = False
-        pieces[small[pieces]] = 0
-    return relabel_sequential(pieces)
-
-
-def paint_instances(
-    masks: Iterable[np.ndarray], shape: tuple[int, int], min_new_fraction: float = 0.0,
-    instances: np.ndarray | None = None,
-) -> np.ndarray:
-    """Paint boolean masks (already sorted best first) into an int32 instance map.
-
-    A mask only takes pixels no earlier mask took; it is skipped when its still-free part is
-    less than ``min_new_fraction`` of its area. ``instances`` continues an existing map.
-    """
-    out = np.zeros(shape, dtype=np.int32) if instances is None else instances.copy()
-    next_id = int(out.max(initial=0)) + 1
-    for mask in masks:
-        area = int(np.count_nonzero(mask))
-        if area == 0:
-            continue
-        free = mask & (out == 0)
-        n_free = int(np.count_nonzero(free))
-        if n_free == 0 or n_free < min_new_fraction * area:
-            continue
-        out[free] = next_id
-        next_id += 1
-    return out
-
-
-def tile_interior(image: np.ndarray) -> np.ndarray:
-    """Boolean map of pixels likely inside a tessera: low Lab colour gradient (Otsu split).
-
-    Cheap (a blur, two Sobel filters, a threshold) and only used to place prompts.
-    """
-    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB).astype(np.float32)
-    lab = cv2.GaussianBlur(lab, (0, 0), 1.0)
-    gx = cv2.Sobel(lab, cv2.CV_32F, 1, 0, ksize=3)
-    gy = cv2.Sobel(lab, cv2.CV_32F, 0, 1, ksize=3)
-    grad = np.sqrt(gx * gx + gy * gy).max(axis=2)
-    scale = float(np.percentile(grad, 99)) or 1.0
-    grad8 = np.clip(grad / scale * 255.0, 0, 255).astype(np.uint8)
-    threshold, _ = cv2.threshold(grad8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    return grad8 <= threshold
-
-
-def tessera_prompts(
-    interior: np.ndarray,
-    max_points: int,
-    grid_side: int,
-    free: np.ndarray | None = None,
-    min_radius: float | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Prompt points at likely tessera centres: (points ``[x, y]`` float32 Nx2, radii N).
-
-    Candidates are the local maxima of the distance transform of ``interior`` (restricted to
-    ``free`` pixels when given), i.e. centres of edge-free discs, taken largest disc first. A
-    candidate whose disc overlaps the disc of one already taken lies in the same edge-free
-    region (the same tile) and is dropped. Discs with a radius under ``min_radius`` (default:
-    a quarter of the 75th percentile of the radii found) are grout crossings and slivers, not
-    tiles, and are dropped too. Then a ``grid_side``² grid adds points in regions wide enough
-    but unclaimed (a fallback where the interior map failed). At most ``max_points``, best
-    first; the radius of a grid point is its distance-transform value.
-    """
-    h, w = interior.shape
-    region = interior if free is None else interior & free
-    # Zero padding: the image border bounds a tile like an edge (a cut tile's prompt stays inside).
-    padded = np.pad(region.astype(np.uint8), 1)
-    dist = cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
-    floor = max(2.0, min(h, w) / 256.0)
-    r_cap = max(floor, min(h, w) / 10.0)
-    peaks = (dist >= cv2.dilate(dist, np.ones((3, 3), np.uint8))) & (dist >= floor)
-    ys, xs = np.nonzero(peaks)
-    order = np.argsort(-dist[ys, xs], kind="stable")
-    claimed = np.zeros((h, w), dtype=np.uint8)
-    found: list[tuple[int, int, float]] = []
-    for y, x in zip(ys[order].tolist(), xs[order].tolist()):
-        radius = float(dist[y, x])
-        probe = max(1, int(0.8 * min(radius, r_cap)))
-        y0, y1, x0, x1 = max(0, y - probe), min(h, y + probe + 1), max(0, x - probe), min(w, x + probe + 1)
-        window = claimed[y0:y1, x0:x1]
-        disk = _disk(probe)[y0 - y + probe : y1 - y + probe, x0 - x + probe : x1 - x + probe]
-        if (window & disk).any():
-            continue
-        found.append((x, y, radius))
-        cv2.circle(claimed, (x, y), int(round(min(radius, r_cap))), 1, -1)
-    if min_radius is None:
-        min_radius = 0.25 * float(np.percentile([r for _, _, r in found], 75)) if found else 0.0
-    min_radius = max(floor, min_radius)
-    points = [(x, y, r) for x, y, r in found if r >= min_radius]
-    for gy in range(grid_side):
-        for gx in range(grid_side):
-            x, y = int((gx + 0.5) * w / grid_side), int((gy + 0.5) * h / grid_side)
-            if dist[y, x] >= min_radius and not claimed[y, x]:
-                points.append((x, y, float(dist[y, x])))
-    arr = np.asarray(points[:max_points], dtype=np.float32).reshape(-1, 3)
-    return arr[:, :2], arr[:, 2]
-
-
 def as_rgb(image: np.ndarray) -> np.ndarray:
     """A contiguous HxWx3 uint8 array (grey is repeated, alpha dropped)."""
     image = np.asarray(image)
@@ -349,12 +126,10 @@ class Sam2Engine:
         self.model_version = version
         self.params = params or GeneratorParams()
         self.spec = spec
-        self.cache_bytes = int(cache_bytes)
         self.device = model.device
         self._sam = Sam2Adapter(model)
         self._decoder = PromptDecoder(model)
-        self._cache: OrderedDict[str, _Encoded] = OrderedDict()
-        self._cache_used = 0
+        self._cache: ByteLRU[_Encoded] = ByteLRU(int(cache_bytes), lambda entry: entry.nbytes)
         self._lock = threading.RLock()
 
     @classmethod
@@ -397,18 +172,24 @@ class Sam2Engine:
         return digest.hexdigest()
 
     @property
+    def cache_bytes(self) -> int:
+        """Budget of the embedding cache (bytes); entries beyond it are evicted on the next encode."""
+        return self._cache.max_bytes
+
+    @cache_bytes.setter
+    def cache_bytes(self, value: int) -> None:
+        self._cache.max_bytes = int(value)
+
+    @property
     def cache_used_bytes(self) -> int:
-        return self._cache_used
+        return self._cache.used_bytes
 
     def cached_keys(self) -> list[str]:
         """Keys of cached images, least recently used first."""
-        with self._lock:
-            return list(self._cache)
+        return self._cache.keys()
 
     def clear_cache(self) -> None:
-        with self._lock:
-            self._cache.clear()
-            self._cache_used = 0
+        self._cache.clear()
 
     def _encoded(self, image: np.ndarray) -> tuple[str, _Encoded]:
         """Features of ``image`` from the cache, running the image encoder on a miss."""
@@ -416,18 +197,13 @@ class Sam2Engine:
         with self._lock:
             entry = self._cache.get(key)
             if entry is not None:
-                self._cache.move_to_end(key)
                 return key, entry
             with torch.inference_mode(), self._autocast():
                 features = self._sam.encode(image)
             tensors = [features["image_embed"], *features["high_res_feats"]]
             nbytes = sum(t.numel() * t.element_size() for t in tensors)
             entry = _Encoded(features, (image.shape[0], image.shape[1]), nbytes)
-            self._cache[key] = entry
-            self._cache_used += nbytes
-            while self._cache and self._cache_used > self.cache_bytes:
-                _, old = self._cache.popitem(last=False)
-                self._cache_used -= old.nbytes
+            self._cache.put(key, entry)  # least recently used entries beyond cache_bytes drop
             return key, entry
 
     def encode(self, image: np.ndarray) -> str:
@@ -489,7 +265,9 @@ class Sam2Engine:
         if method not in METHODS:
             raise MosaicError(f"segment: unknown method {method!r} (choose from {METHODS})")
         with self._lock:
-            raw = self._segment_stock(image, params) if method == "stock" else self._segment_fast(image, params)
+            if method == "fast":
+                return self.prepare_fast(image).generate(params)
+            raw = self._segment_stock(image, params)
         return postprocess(raw, params.opening, params.min_area, params.erosion)
 
     def _segment_stock(self, image: np.ndarray, params: GeneratorParams) -> np.ndarray:
@@ -562,74 +340,7 @@ class Sam2Engine:
 
         return decode
 
-    def _segment_fast(self, image: np.ndarray, params: GeneratorParams) -> np.ndarray:
-        return fast_instances(tile_interior(image), params, self.prompt_decoder(image))
-
-
-# --------------------------------------------------------------------------------------------
-# The fast path, given a decoder
-# --------------------------------------------------------------------------------------------
-def fast_instances(interior: np.ndarray, params: GeneratorParams, decode: Decoder) -> np.ndarray:
-    """Steps 2–6 of the fast path: the raw instance map (before ``postprocess``).
-
-    ``interior`` is ``tile_interior(image)``; ``decode`` decodes one batch of at most
-    ``params.points_per_batch`` prompts (``Sam2Engine.prompt_decoder``). The decoding is the
-    only model call, so a caller that keeps decoded batches can rerun this with other
-    thresholds without the model. The second round's prompts depend on what the first round
-    painted (so on the thresholds): decoded batches can be reused, not precomputed once.
-    """
-    instances = np.zeros(interior.shape, dtype=np.int32)
-    budget = params.points_per_side**2  # never more prompts than the stock grid
-    grid_side = max(1, params.points_per_side // 2)
-    min_radius = None
-    for _ in range(FAST_ROUNDS):
-        free = None if min_radius is None else instances == 0
-        points, radii = tessera_prompts(interior, budget, grid_side, free=free, min_radius=min_radius)
-        if len(points) == 0:
-            break
-        budget -= len(points)
-        # Later rounds look for whole tiles that were missed, not slivers beside found ones.
-        min_radius = 0.5 * float(np.median(radii))
-        before = int(instances.max(initial=0))
-        instances = _fast_round(points, params, decode, instances)
-        if budget <= 0 or int(instances.max(initial=0)) == before:
-            break
-    return instances
-
-
-def _fast_round(
-    points: np.ndarray, params: GeneratorParams, decode: Decoder, instances: np.ndarray
-) -> np.ndarray:
-    """Decode, filter and paint one round of fast-path prompts; returns the updated map."""
-    from sam2.utils.amg import batched_mask_to_box, calculate_stability_score
-    from torchvision.ops import batched_nms
-
-    h, w = instances.shape
-    if len(points) == 0:
-        return instances
-    kept_logits, kept_ious = [], []
-    for start in range(0, len(points), params.points_per_batch):
-        chunk = points[start : start + params.points_per_batch]
-        logits, ious = decode(chunk)
-        lh, lw = logits.shape[-2:]
-        # The prompt must lie inside its own mask (read at low resolution).
-        px = torch.from_numpy(np.clip((chunk[:, 0] + 0.5) * lw / w, 0, lw - 1).astype(np.int64))
-        py = torch.from_numpy(np.clip((chunk[:, 1] + 0.5) * lh / h, 0, lh - 1).astype(np.int64))
-        inside = logits[torch.arange(len(chunk)), py, px] > params.mask_threshold
-        stability = calculate_stability_score(logits, params.mask_threshold, params.stability_score_offset)
-        keep = (ious > params.pred_iou_thresh) & (stability >= params.stability_score_thresh) & inside
-        kept_logits.append(logits[keep])
-        kept_ious.append(ious[keep])
-    logits, ious = torch.cat(kept_logits), torch.cat(kept_ious)
-    if len(ious) == 0:
-        return instances
-    boxes = batched_mask_to_box(logits > params.mask_threshold).float()
-    kept = batched_nms(boxes, ious, torch.zeros_like(ious), params.box_nms_thresh)  # by IoU, descending
-    logits = logits[kept]
-
-    def full_res_masks() -> Iterator[np.ndarray]:
-        for start in range(0, len(logits), 16):
-            up = F.interpolate(logits[start : start + 16, None], (h, w), mode="bilinear", align_corners=False)
-            yield from (up[:, 0] > params.mask_threshold).numpy()
-
-    return paint_instances(full_res_masks(), (h, w), FAST_MIN_NEW_FRACTION, instances)
+    def prepare_fast(self, image: np.ndarray) -> FastState:
+        """The threshold-independent part of the fast path for ``image`` (encodes it now)."""
+        image = as_rgb(image)
+        return FastState(tile_interior(image), self.prompt_decoder(image))

@@ -29,6 +29,7 @@ import torch
 
 from ..core.dataset import atomic_file
 from ..core.errors import MosaicError
+from .params import GeneratorParams
 
 FINETUNE_FORMAT = "mosaic-sam-finetune"
 FINETUNE_VERSION = 1
@@ -139,11 +140,9 @@ def finetune_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _check_generator(path: Path, generator: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Validate generator parameters against engine.GeneratorParams (unknown keys are errors)."""
+    """Validate generator parameters against params.GeneratorParams (unknown keys are errors)."""
     if not generator:
         return {}
-    from .engine import GeneratorParams  # engine imports this module
-
     try:
         GeneratorParams.from_dict(generator)
     except MosaicError as exc:

@@ -42,7 +42,6 @@ import os
 import statistics
 import time
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -51,15 +50,10 @@ import numpy as np
 from tqdm import tqdm
 
 from ..core.dataset import Dataset, atomic_output_dir, mask_foreground, write_json
-from ..sam.engine import (
-    Decoder,
-    GeneratorParams,
-    Sam2Engine,
-    as_rgb,
-    fast_instances,
-    postprocess,
-    tile_interior,
-)
+from ..core.cache import ByteLRU
+from ..sam.engine import Sam2Engine, as_rgb
+from ..sam.fast import FastState
+from ..sam.params import GeneratorParams
 from ..core.errors import MosaicError
 from ..evaluation.metrics import pixel_metrics, tile_metrics
 from ..sam.models import (
@@ -98,34 +92,32 @@ STUDY_ATTR = "mosaic_tune"  # study user attribute recording what the study is a
 # --------------------------------------------------------------------------------------------
 # Segmentation with a memo of decoded prompts
 # --------------------------------------------------------------------------------------------
-@dataclass
-class _Crop:
-    """What the fast path needs of one image (or tile) that does not depend on thresholds."""
-
-    interior: np.ndarray
-    decode: Decoder  # bound to the crop's image features
-
-
 class CachedSegmenter:
     """``Sam2Engine.segment`` for many parameter sets on the same images, model run once.
 
-    ``segment(image, params)`` returns exactly what ``engine.segment(image, params)`` returns.
-    On the fast path the image features and tile-interior map are kept per image (about 16 MB
-    per image at 1024 input, kept for the segmenter's lifetime), and every decoded prompt batch
-    is kept in a memo keyed by image and the batch's exact points (least recently used batches
-    beyond ``memo_bytes`` are dropped and decoded again when needed). The stock path has
-    nothing to reuse and runs the generator.
+    ``segment(image, params)`` returns exactly what ``engine.segment(image, params)`` returns:
+    on the fast path it is ``engine.prepare_fast(image).generate(params)`` (the very code the
+    engine runs), with the prepared state kept per image (about 16 MB of features per image at
+    1024 input, kept for the segmenter's lifetime) and every decoded prompt batch kept in a memo
+    keyed by image and the batch's exact points (least recently used batches beyond
+    ``memo_bytes`` are dropped and decoded again when needed). The stock path has nothing to
+    reuse and runs the generator.
     """
 
     def __init__(self, engine: Sam2Engine, memo_bytes: int = DEFAULT_MEMO_BYTES) -> None:
         self.engine = engine
         self.memo_bytes = int(memo_bytes)
-        self.memo_used = 0
         self.hits = 0  # prompt batches served from the memo
         self.misses = 0  # prompt batches decoded by the model
-        self._crops: dict[str, _Crop] = {}
-        # (image key, batch points as bytes) -> (low-res logits, predicted IoUs), LRU order
-        self._memo: OrderedDict[tuple[str, bytes], tuple[Any, Any]] = OrderedDict()
+        self._states: dict[str, FastState] = {}
+        # (image key, batch points as bytes) -> (low-res logits, predicted IoUs)
+        self._memo: ByteLRU[tuple[Any, Any]] = ByteLRU(
+            self.memo_bytes, lambda value: sum(t.numel() * t.element_size() for t in value)
+        )
+
+    @property
+    def memo_used(self) -> int:
+        return self._memo.used_bytes
 
     def segment(self, image: np.ndarray, params: GeneratorParams) -> np.ndarray:
         """Instance map of ``image`` under ``params``, equal to ``engine.segment(image, params)``."""
@@ -133,39 +125,22 @@ class CachedSegmenter:
             return self.engine.segment(image, params)
         image = as_rgb(image)
         key = self.engine.image_key(image)
-        crop = self._crop(key, image)
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = self.engine.prepare_fast(image)
 
         def decode(points: np.ndarray):
             memo_key = (key, points.tobytes())
             found = self._memo.get(memo_key)
             if found is not None:
-                self._memo.move_to_end(memo_key)
                 self.hits += 1
                 return found
             self.misses += 1
-            found = crop.decode(points)
-            self._remember(memo_key, found)
+            found = state.decode(points)
+            self._memo.put(memo_key, found)
             return found
 
-        raw = fast_instances(crop.interior, params, decode)
-        return postprocess(raw, params.opening, params.min_area, params.erosion)
-
-    def _crop(self, key: str, image: np.ndarray) -> _Crop:
-        crop = self._crops.get(key)
-        if crop is None:
-            crop = _Crop(tile_interior(image), self.engine.prompt_decoder(image))
-            self._crops[key] = crop
-        return crop
-
-    def _remember(self, key: tuple[str, bytes], value: tuple[Any, Any]) -> None:
-        nbytes = sum(t.numel() * t.element_size() for t in value)
-        if nbytes > self.memo_bytes:
-            return
-        self._memo[key] = value
-        self.memo_used += nbytes
-        while self.memo_used > self.memo_bytes:
-            _, old = self._memo.popitem(last=False)
-            self.memo_used -= sum(t.numel() * t.element_size() for t in old)
+        return state.with_decoder(decode).generate(params)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,75 @@
+"""Parameters of full-image segmentation (torch-free: the CLI, models and the backend read them)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+from ..core.errors import MosaicError
+
+METHODS = ("fast", "stock")
+
+
+@dataclass
+class GeneratorParams:
+    """Parameters of full-image segmentation.
+
+    The four thresholds default to the best trial of one of the thesis's Optuna studies
+    (0.735 / 0.864 / 0.909 / 0.383), closer to mosaic data than SAM 2's natural-image defaults
+    (0.8 / 0.95 / 1.0 / 0.0); a tuned fine-tune file carries its own. The grid and crop settings
+    are the thesis's fixed ones (crop settings: stock path only).
+    """
+
+    pred_iou_thresh: float = 0.735  # keep masks whose predicted IoU is above this
+    stability_score_thresh: float = 0.864  # keep masks at least this stable
+    stability_score_offset: float = 0.909  # logit offset used by the stability score
+    mask_threshold: float = 0.383  # logit threshold binarising the masks
+    points_per_side: int = 32  # stock: prompt grid side; fast: cap of points_per_side² prompts
+    points_per_batch: int = 64  # prompts decoded at once
+    crop_n_layers: int = 2  # stock only: extra layers of image crops
+    crop_overlap_ratio: float = 0.3  # stock only: overlap of the crops
+    crop_n_points_downscale_factor: int = 2  # stock only: grid thinning per crop layer
+    box_nms_thresh: float = 0.7  # box IoU above which a lower-scored duplicate is dropped
+    opening: int = 1  # radius (px) of the per-tessera morphological opening; 0 = none
+    min_area: int = 64  # tesserae smaller than this (px) are dropped
+    erosion: int = 1  # radius (px) of the per-tessera erosion; 0 = none
+    method: str = "fast"  # "fast" or "stock"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = {"float": float, "int": int, "str": str}[str(f.type)]
+            if kind is int and isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+                raise MosaicError(f"generator parameter {f.name}: expected {kind.__name__}, got {value!r}")
+            setattr(self, f.name, kind(value))
+        if self.method not in METHODS:
+            raise MosaicError(f"generator parameter method: {self.method!r} is not one of {METHODS}")
+        for name in ("pred_iou_thresh", "stability_score_thresh", "crop_overlap_ratio", "box_nms_thresh"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise MosaicError(f"generator parameter {name}: must lie in [0, 1]")
+        for name in ("points_per_side", "points_per_batch", "crop_n_points_downscale_factor"):
+            if getattr(self, name) < 1:
+                raise MosaicError(f"generator parameter {name}: must be at least 1")
+        for name in ("crop_n_layers", "opening", "min_area", "erosion"):
+            if getattr(self, name) < 0:
+                raise MosaicError(f"generator parameter {name}: must not be negative")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "GeneratorParams":
+        """Parameters from a (partial) dict; missing keys keep their defaults."""
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise MosaicError(
+                f"generator parameters: unknown key(s) {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(known))})"
+            )
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "GeneratorParams":
+        return self.from_dict({**self.to_dict(), **changes})
