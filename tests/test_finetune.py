@@ -1,4 +1,4 @@
-"""Fine-tuning (toolkit/finetune.py, `mosaic-toolkit train`) on CPU.
+"""Fine-tuning (toolkit/training/, `mosaic-toolkit train`) on CPU.
 
 A random-weight SAM 2.1 tiny (tests/fixtures_sam2.py) runs at 128² input on three tiny synthetic
 mosaics (two train, one val). Random weights make the validation Dice meaningless (it is ~0),
@@ -25,16 +25,10 @@ from mosaic_toolkit.cli.train import command
 from mosaic_toolkit.core.dataset import Dataset, write_manifest
 from mosaic_toolkit.sam.engine import Sam2Engine
 from mosaic_toolkit.core.errors import MosaicError
-from mosaic_toolkit.training.trainer import (
-    EmbeddingCache,
-    FeatureEncoder,
-    TrainConfig,
-    Trainer,
-    check_points,
-    prompt_losses,
-    sample_prompts,
-    train,
-)
+from mosaic_toolkit.training.config import TrainConfig
+from mosaic_toolkit.training.data import EmbeddingCache, check_points, sample_prompts
+from mosaic_toolkit.training.losses import prompt_losses
+from mosaic_toolkit.training.trainer import FeatureEncoder, Trainer, train
 from mosaic_toolkit.sam.models import FINETUNE_PREFIXES, load_finetune
 from mosaic_toolkit.data.synth import synth_dataset
 

@@ -116,7 +116,9 @@ def command(
     """
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
-    from ..training.trainer import is_main_process, recorded_config, train  # imports torch: only now
+    from ..training.distributed import is_main_process  # imports torch: only now
+    from ..training.outputs import recorded_config
+    from ..training.trainer import train
 
     hyper = dict(
         epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay,

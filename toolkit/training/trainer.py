@@ -51,27 +51,25 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import hashlib
 import logging
-import math
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..core.dataset import Dataset, Sample, atomic_file, mask_foreground
+from ..core.dataset import Dataset, atomic_file, mask_foreground
 from ..sam.adapter import PromptDecoder, Sam2Adapter, autocast
-from ..sam.engine import GeneratorParams, Sam2Engine
+from ..sam.engine import Sam2Engine
+from ..sam.params import GeneratorParams
 from ..core.errors import MosaicError
 from ..evaluation.metrics import pixel_metrics
 from ..sam.models import (
@@ -86,69 +84,26 @@ from ..sam.models import (
     save_finetune,
     update_finetune_metadata,
 )
+from .config import TrainConfig
+from .data import EmbeddingCache, TrainImages, _as_list
+from .distributed import dist_info_from_env, distributed, steps_per_epoch
+from .losses import prompt_losses
+from .outputs import (
+    CACHE_DIR,
+    FINETUNE_NAME,
+    METRICS_NAME,
+    PLOT_NAME,
+    RUN_FILES,
+    STATE_FORMAT,
+    STATE_NAME,
+    STATE_VERSION,
+    TB_DIR,
+    plot_history,
+    write_metrics_csv,
+    _lookup,
+)
 
 log = logging.getLogger(__name__)
-
-STATE_FORMAT = "mosaic-sam-train-state"
-STATE_VERSION = 1
-FINETUNE_NAME = "finetune.pt"
-STATE_NAME = "last.pt"
-METRICS_NAME = "metrics.csv"
-PLOT_NAME = "training.png"
-TB_DIR = "tb"
-CACHE_DIR = "cache"
-#: Files and folders a run writes (what --overwrite clears; the cache is kept, its keys make it safe).
-RUN_FILES = (FINETUNE_NAME, STATE_NAME, METRICS_NAME, PLOT_NAME, TB_DIR)
-METRIC_COLUMNS = ("epoch", "train_loss", "dice_loss", "score_loss", "val_dice", "lr", "seconds")
-DICE_SMOOTH = 1.0  # added to numerator and denominator of the soft Dice (empty-mask safety)
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration and result
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TrainConfig:
-    """The hyper-parameters of a run (recorded in last.pt and the fine-tune's metadata).
-
-    A resumed run must use the same values: they fix the data order, the prompts drawn and
-    the learning-rate schedule.
-    """
-
-    epochs: int = 10
-    batch_size: int = 4  # images per process and optimizer step
-    lr: float = 1e-5
-    min_lr: float | None = None  # end of the cosine schedule; None = lr / 100
-    weight_decay: float = 1e-4
-    score_weight: float = 0.2  # λ of the predicted-IoU term
-    max_prompts: int = 64  # prompts per image and step; 0 = every tessera
-    seed: int = 0
-    image_size: int | None = None  # model input resolution override (tests, benchmarks)
-    val_every: int = 1
-    val_params: dict[str, Any] = field(default_factory=dict)  # GeneratorParams overrides
-
-    def __post_init__(self) -> None:
-        checks = (
-            ("epochs", self.epochs >= 1, "at least 1"),
-            ("batch_size", self.batch_size >= 1, "at least 1"),
-            ("lr", self.lr > 0, "positive"),
-            ("min_lr", self.min_lr is None or 0 <= self.min_lr <= self.lr, "between 0 and lr"),
-            ("weight_decay", self.weight_decay >= 0, "non-negative"),
-            ("score_weight", self.score_weight >= 0, "non-negative"),
-            ("max_prompts", self.max_prompts >= 0, "non-negative (0 = all)"),
-            ("seed", self.seed >= 0, "non-negative"),
-            ("val_every", self.val_every >= 1, "at least 1"),
-        )
-        for name, ok, what in checks:
-            if not ok:
-                raise MosaicError(f"train: {name} must be {what}, got {getattr(self, name)!r}")
-        GeneratorParams.from_dict(self.val_params)  # unknown or invalid keys are errors here
-
-    @property
-    def final_lr(self) -> float:
-        return self.lr / 100 if self.min_lr is None else self.min_lr
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -162,54 +117,6 @@ class RunResult:
     epochs_completed: int
     finished: bool  # all configured epochs are done
     history: list[dict[str, Any]]
-
-
-# --------------------------------------------------------------------------------------------
-# Pure functions: prompts, losses, schedule
-# --------------------------------------------------------------------------------------------
-def sample_prompts(n: int, max_prompts: int, seed: int, epoch: int, index: int) -> np.ndarray:
-    """Indices (sorted) of the tesserae prompted for image ``index`` in ``epoch``.
-
-    All of them when ``max_prompts`` is 0 or at least ``n``; otherwise ``max_prompts`` drawn
-    without replacement by a generator seeded with ``(seed, epoch, index)``, so the draw does
-    not depend on data-loader workers, process count or resumption.
-    """
-    if max_prompts == 0 or n <= max_prompts:
-        return np.arange(n)
-    rng = np.random.default_rng([seed, epoch, index])
-    return np.sort(rng.choice(n, size=max_prompts, replace=False))
-
-
-def prompt_losses(
-    low_res_logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-prompt (Dice loss, IoU-score loss) of K decoded masks against their tesserae.
-
-    ``low_res_logits`` K x h x w are upsampled (bilinear, like the predictor) to the size of the
-    boolean ``targets`` K x H x W. Dice loss: ``1 - (2|p t| + 1) / (|p| + |t| + 1)`` on
-    ``p = sigmoid(logits)``. Score loss: ``|iou_pred - IoU(logits > 0, t)|`` with the IoU of the
-    thresholded mask (probability 0.5) as a detached target. Computed in float32.
-    """
-    logits = F.interpolate(
-        low_res_logits[:, None].float(), size=targets.shape[-2:], mode="bilinear", align_corners=False
-    )[:, 0]
-    t = targets.float()
-    probs = logits.sigmoid()
-    inter = (probs * t).flatten(1).sum(1)
-    total = probs.flatten(1).sum(1) + t.flatten(1).sum(1)
-    dice = 1.0 - (2.0 * inter + DICE_SMOOTH) / (total + DICE_SMOOTH)
-    with torch.no_grad():
-        pred = logits > 0
-        both = (pred & targets).flatten(1).sum(1).float()
-        either = (pred | targets).flatten(1).sum(1).float()
-        iou_true = torch.where(either > 0, both / either.clamp(min=1), torch.ones_like(either))
-    score = (iou_pred.float() - iou_true).abs()
-    return dice, score
-
-
-def steps_per_epoch(n_images: int, batch_size: int, world_size: int) -> int:
-    """Optimizer steps per epoch: DistributedSampler gives each process ceil(n / world) images."""
-    return math.ceil(math.ceil(n_images / world_size) / batch_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,198 +163,6 @@ class FeatureEncoder:
     def __call__(self, images: Sequence[np.ndarray]) -> list[list[torch.Tensor]]:
         with torch.no_grad(), autocast(self.model.device):
             return self.sam.encode_batch(images)
-
-
-# --------------------------------------------------------------------------------------------
-# Embedding cache
-# --------------------------------------------------------------------------------------------
-class EmbeddingCache:
-    """Image features on disk, one torch file per image, keyed so stale entries are never read.
-
-    ``model_key`` identifies the encoder (base checkpoint sha256, config, input resolution);
-    an entry's key adds the image file's sha256. Tensors are stored in fp16 (float32 for an
-    image whose features overflow fp16).
-    """
-
-    def __init__(self, folder: Path, model_key: str) -> None:
-        self.folder = folder
-        self.model_key = model_key
-
-    def key(self, image_sha: str) -> str:
-        return hashlib.sha256(f"{self.model_key}|{image_sha}".encode()).hexdigest()
-
-    def path(self, stem: str, image_sha: str) -> Path:
-        return self.folder / f"{stem}.{self.key(image_sha)[:24]}.pt"
-
-    def has(self, stem: str, image_sha: str) -> bool:
-        return self.path(stem, image_sha).is_file()
-
-    def save(self, stem: str, image_sha: str, features: Sequence[torch.Tensor]) -> None:
-        half = [t.detach().to("cpu", torch.float16) for t in features]
-        if not all(torch.isfinite(t).all() for t in half):
-            half = [t.detach().to("cpu", torch.float32) for t in features]
-        # clone(): a feature may be a view into a batch, and torch.save writes whole storages.
-        with atomic_file(self.path(stem, image_sha)) as tmp:
-            torch.save({"key": self.key(image_sha), "features": [t.clone() for t in half]}, tmp)
-
-    def load(self, stem: str, image_sha: str) -> list[torch.Tensor]:
-        path = self.path(stem, image_sha)
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError, ValueError) as exc:
-            raise MosaicError(f"{path}: unreadable embedding cache entry ({exc}); delete it") from exc
-        if not isinstance(data, dict) or data.get("key") != self.key(image_sha):
-            raise MosaicError(f"{path}: embedding cache entry does not match its image; delete it")
-        return data["features"]
-
-
-# --------------------------------------------------------------------------------------------
-# Training images
-# --------------------------------------------------------------------------------------------
-class TrainImages(torch.utils.data.Dataset):
-    """Training items: prompts, tessera ids and instance map, plus cached features or the image.
-
-    The prompts of an item depend on the epoch (``set_epoch``), never on worker scheduling.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        samples: Sequence[Sample],
-        hashes: Sequence[str] | None,
-        cache: EmbeddingCache | None,
-        max_prompts: int,
-        seed: int,
-    ) -> None:
-        self.dataset = dataset
-        self.samples = list(samples)
-        self.hashes = hashes
-        self.cache = cache
-        self.max_prompts = max_prompts
-        self.seed = seed
-        self.epoch = 0
-        self.use_cache = cache is not None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = self.samples[index]
-        instances = self.dataset.instances(sample)
-        points = np.asarray(self.dataset.points(sample), dtype=np.int64).reshape(-1, 2)
-        label = str(self.dataset.root / "points" / f"{sample.stem}.json")
-        check_points(label, instances, points)
-        if len(points) == 0:
-            raise MosaicError(f"{label}: no tesserae, but the manifest lists {sample.tesserae}")
-        chosen = sample_prompts(len(points), self.max_prompts, self.seed, self.epoch, index)
-        item = {
-            "stem": sample.stem,
-            "hw": instances.shape,
-            "points": torch.from_numpy(points[chosen].astype(np.float32)),
-            "ids": torch.from_numpy(chosen + 1),
-            "instances": torch.from_numpy(instances),
-        }
-        if self.use_cache:
-            item["features"] = self.cache.load(sample.stem, self.hashes[index])
-        else:
-            item["image"] = self.dataset.image(sample)
-            if item["image"].shape[:2] != instances.shape:
-                raise MosaicError(
-                    f"{sample.stem}: image is {item['image'].shape[1]}x{item['image'].shape[0]}, "
-                    f"instance map {instances.shape[1]}x{instances.shape[0]}"
-                )
-        return item
-
-
-def check_points(label: str, instances: np.ndarray, points: np.ndarray) -> None:
-    """Points must be one per tessera id 1..N, each inside its own tessera (dataset contract);
-    a MosaicError starting with ``label`` (the points file) otherwise."""
-    n = int(instances.max(initial=0))
-    if len(points) != n:
-        raise MosaicError(f"{label}: {len(points)} points but {n} tesserae in the instance map")
-    h, w = instances.shape
-    if n and ((points < 0).any() or (points[:, 0] >= w).any() or (points[:, 1] >= h).any()):
-        raise MosaicError(f"{label}: a prompt point lies outside the image")
-    if n and (instances[points[:, 1], points[:, 0]] != np.arange(1, n + 1)).any():
-        raise MosaicError(f"{label}: points are not inside their tesserae in id order")
-
-
-def _as_list(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Collate function: keep a batch as a list (images differ in size and prompt count)."""
-    return items
-
-
-# --------------------------------------------------------------------------------------------
-# Distributed helpers
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def dist_info_from_env() -> DistInfo:
-    """Rank, world size and local rank as set by torchrun (single process when unset)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    return DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def is_main_process() -> bool:
-    """False in the non-zero ranks of a torchrun job (they print and write nothing)."""
-    return dist_info_from_env().is_main
-
-
-# --------------------------------------------------------------------------------------------
-# Output files
-# --------------------------------------------------------------------------------------------
-def write_metrics_csv(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
-    """Rewrite metrics.csv from the history (atomically: each epoch appears exactly once)."""
-    with atomic_file(path) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
-            writer.writeheader()
-            for row in history:
-                writer.writerow({k: "" if row.get(k) is None else row[k] for k in METRIC_COLUMNS})
-
-
-def plot_history(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
-    """training.png: training loss (left axis) and validation Dice (right axis) per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [row["epoch"] for row in history]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(epochs, [row["train_loss"] for row in history], "o-", color="tab:blue", label="training loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss", color="tab:blue")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    val = [(row["epoch"], row["val_dice"]) for row in history if row.get("val_dice") is not None]
-    ax2 = ax.twinx()
-    if val:
-        ax2.plot(*zip(*val), "s-", color="tab:orange", label="validation Dice")
-    ax2.set_ylabel("validation Dice", color="tab:orange")
-    ax2.set_ylim(0.0, 1.0)
-    ax.set_title("SAM 2 fine-tuning")
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -882,42 +597,6 @@ class Trainer:
             finished=finished,
             history=list(self.history),
         )
-
-
-def recorded_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The hyper-parameters (TrainConfig fields) saved in RUN_DIR/last.pt; None without one.
-
-    Lets ``train --resume`` take every value the user does not repeat from the run itself.
-    """
-    path = Path(run_dir) / STATE_NAME
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return dict(state["run"]["config"])
-    except (OSError, RuntimeError, EOFError, ValueError, KeyError, TypeError) as exc:
-        raise MosaicError(f"{path}: cannot read the training state ({exc})") from exc
-
-
-def _lookup(data: Mapping[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        data = data.get(part) if isinstance(data, Mapping) else None
-    return data
-
-
-@contextlib.contextmanager
-def distributed(device: str | torch.device | None) -> Iterator[DistInfo]:
-    """Join the torchrun process group for the duration: NCCL when training on CUDA, else gloo."""
-    info = dist_info_from_env()
-    started = False
-    if info.enabled and not dist.is_initialized():
-        dist.init_process_group("nccl" if pick_device(device).type == "cuda" else "gloo")
-        started = True
-    try:
-        yield info
-    finally:
-        if started:
-            dist.destroy_process_group()
 
 
 def train(

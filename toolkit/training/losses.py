@@ -1,0 +1,36 @@
+"""Pure loss functions of fine-tuning (as sam2's training/loss_fns.py)."""
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+
+
+DICE_SMOOTH = 1.0  # added to numerator and denominator of the soft Dice (empty-mask safety)
+
+
+def prompt_losses(
+    low_res_logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-prompt (Dice loss, IoU-score loss) of K decoded masks against their tesserae.
+
+    ``low_res_logits`` K x h x w are upsampled (bilinear, like the predictor) to the size of the
+    boolean ``targets`` K x H x W. Dice loss: ``1 - (2|p t| + 1) / (|p| + |t| + 1)`` on
+    ``p = sigmoid(logits)``. Score loss: ``|iou_pred - IoU(logits > 0, t)|`` with the IoU of the
+    thresholded mask (probability 0.5) as a detached target. Computed in float32.
+    """
+    logits = F.interpolate(
+        low_res_logits[:, None].float(), size=targets.shape[-2:], mode="bilinear", align_corners=False
+    )[:, 0]
+    t = targets.float()
+    probs = logits.sigmoid()
+    inter = (probs * t).flatten(1).sum(1)
+    total = probs.flatten(1).sum(1) + t.flatten(1).sum(1)
+    dice = 1.0 - (2.0 * inter + DICE_SMOOTH) / (total + DICE_SMOOTH)
+    with torch.no_grad():
+        pred = logits > 0
+        both = (pred & targets).flatten(1).sum(1).float()
+        either = (pred | targets).flatten(1).sum(1).float()
+        iou_true = torch.where(either > 0, both / either.clamp(min=1), torch.ones_like(either))
+    score = (iou_pred.float() - iou_true).abs()
+    return dice, score
