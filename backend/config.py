@@ -17,6 +17,8 @@ from typing import Any, Callable, Mapping
 
 import platformdirs
 
+from mosaic_toolkit.training.config import LIMITS, within
+
 from .errors import BackendError
 
 ENGINES = ("auto", "sam2", "classical")
@@ -195,10 +197,9 @@ class Settings:
             ("image_cache_mb", self.image_cache_mb >= 0, "non-negative"),
             ("embedding_cache_mb", self.embedding_cache_mb >= 0, "non-negative"),
             ("train_every", self.train_every >= 0, "non-negative"),
-            ("train_epochs", self.train_epochs >= 1, "at least 1"),
-            ("train_batch_size", self.train_batch_size >= 1, "at least 1"),
-            ("train_lr", self.train_lr > 0, "positive"),
-            ("train_max_prompts", self.train_max_prompts >= 0, "non-negative"),
+            # the training ranges are TrainConfig's (mosaic_toolkit.training.config.LIMITS)
+            *((f"train_{n}", within(n, getattr(self, f"train_{n}")), LIMITS[n].what)
+              for n in ("epochs", "batch_size", "lr", "max_prompts")),
             ("train_image_size", self.train_image_size is None
              or (self.train_image_size > 0 and self.train_image_size % 32 == 0), "a positive multiple of 32"),
             ("train_tesserae_per_crop", self.train_tesserae_per_crop >= 1, "at least 1"),

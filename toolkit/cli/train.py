@@ -10,7 +10,16 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from ..training.config import DEFAULTS, LIMITS
 from .options import handle_errors
+
+
+def _range(name: str) -> click.ParamType:
+    """The click type of a TrainConfig field, from its default's type and its range."""
+    limit = LIMITS[name]
+    if isinstance(getattr(DEFAULTS, name), int):
+        return click.IntRange(min=int(limit.low) + int(limit.low_open))
+    return click.FloatRange(min=limit.low, min_open=limit.low_open)
 
 
 @click.command("train")
@@ -24,29 +33,29 @@ from .options import handle_errors
     "--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
     help="Run folder: finetune.pt (best epoch), last.pt, metrics.csv, training.png, tb/, cache/.",
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Training epochs.")
+@click.option("--epochs", type=_range("epochs"), default=DEFAULTS.epochs, show_default=True, help="Training epochs.")
 @click.option(
-    "--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+    "--batch-size", type=_range("batch_size"), default=DEFAULTS.batch_size, show_default=True,
     help="Images per optimizer step (per process under torchrun).",
 )
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
+@click.option("--lr", type=_range("lr"), default=DEFAULTS.lr, show_default=True,
               help="Initial learning rate (AdamW).")
 @click.option(
     "--min-lr", type=click.FloatRange(min=0), default=None,
     help="Learning rate at the end of the cosine schedule  [default: --lr / 100]",
 )
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+@click.option("--weight-decay", type=_range("weight_decay"), default=DEFAULTS.weight_decay, show_default=True,
               help="AdamW weight decay.")
 @click.option(
-    "--score-weight", type=click.FloatRange(min=0), default=0.2, show_default=True,
+    "--score-weight", type=_range("score_weight"), default=DEFAULTS.score_weight, show_default=True,
     help="λ: weight of |predicted IoU - actual IoU| added to the Dice loss.",
 )
 @click.option(
-    "--max-prompts", type=click.IntRange(min=0), default=64, show_default=True,
+    "--max-prompts", type=_range("max_prompts"), default=DEFAULTS.max_prompts, show_default=True,
     help="Tesserae prompted per image and step (sampled when an image has more); 0 = all.",
 )
 @click.option(
-    "--val-every", type=click.IntRange(min=1), default=1, show_default=True,
+    "--val-every", type=_range("val_every"), default=DEFAULTS.val_every, show_default=True,
     help="Validate (full-image segmentation of the val split) every N epochs and after the last.",
 )
 @click.option(
@@ -73,7 +82,7 @@ from .options import handle_errors
     "the fine-tune file. Smaller is faster for quick experiments.",
 )
 @click.option(
-    "--seed", type=click.IntRange(min=0), default=0, show_default=True,
+    "--seed", type=_range("seed"), default=DEFAULTS.seed, show_default=True,
     help="Random seed of the data order and of the prompts sampled per image.",
 )
 @click.option(

@@ -10,6 +10,35 @@ from ..sam.params import GeneratorParams
 
 
 @dataclass(frozen=True)
+class Limit:
+    """The lowest allowed value of a hyper-parameter (``low_open``: the bound itself excluded)."""
+
+    low: float
+    low_open: bool
+    what: str  # the rule in words, for error messages
+
+
+#: Ranges of the numeric hyper-parameters (checked by TrainConfig, used by the CLI and the
+#: backend's settings). ``min_lr`` is checked against ``lr`` separately.
+LIMITS: dict[str, Limit] = {
+    "epochs": Limit(1, False, "at least 1"),
+    "batch_size": Limit(1, False, "at least 1"),
+    "lr": Limit(0, True, "positive"),
+    "weight_decay": Limit(0, False, "non-negative"),
+    "score_weight": Limit(0, False, "non-negative"),
+    "max_prompts": Limit(0, False, "non-negative (0 = all)"),
+    "seed": Limit(0, False, "non-negative"),
+    "val_every": Limit(1, False, "at least 1"),
+}
+
+
+def within(name: str, value: float) -> bool:
+    """Whether ``value`` is allowed for the hyper-parameter ``name`` (see LIMITS)."""
+    limit = LIMITS[name]
+    return value > limit.low if limit.low_open else value >= limit.low
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The hyper-parameters of a run (recorded in last.pt and the fine-tune's metadata).
 
@@ -30,21 +59,15 @@ class TrainConfig:
     val_params: dict[str, Any] = field(default_factory=dict)  # GeneratorParams overrides
 
     def __post_init__(self) -> None:
-        checks = (
-            ("epochs", self.epochs >= 1, "at least 1"),
-            ("batch_size", self.batch_size >= 1, "at least 1"),
-            ("lr", self.lr > 0, "positive"),
-            ("min_lr", self.min_lr is None or 0 <= self.min_lr <= self.lr, "between 0 and lr"),
-            ("weight_decay", self.weight_decay >= 0, "non-negative"),
-            ("score_weight", self.score_weight >= 0, "non-negative"),
-            ("max_prompts", self.max_prompts >= 0, "non-negative (0 = all)"),
-            ("seed", self.seed >= 0, "non-negative"),
-            ("val_every", self.val_every >= 1, "at least 1"),
-        )
-        for name, ok, what in checks:
-            if not ok:
-                raise MosaicError(f"train: {name} must be {what}, got {getattr(self, name)!r}")
+        for name in LIMITS:
+            if name == "weight_decay":  # min_lr is checked in the order of the fields
+                self._check("min_lr", self.min_lr is None or 0 <= self.min_lr <= self.lr, "between 0 and lr")
+            self._check(name, within(name, getattr(self, name)), LIMITS[name].what)
         GeneratorParams.from_dict(self.val_params)  # unknown or invalid keys are errors here
+
+    def _check(self, name: str, ok: bool, what: str) -> None:
+        if not ok:
+            raise MosaicError(f"train: {name} must be {what}, got {getattr(self, name)!r}")
 
     @property
     def final_lr(self) -> float:
@@ -52,3 +75,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+#: The defaults, one place: ``train()``, ``mosaic-toolkit train`` and the backend read them here.
+DEFAULTS = TrainConfig()

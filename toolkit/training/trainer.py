@@ -84,7 +84,7 @@ from ..sam.models import (
     save_finetune,
     update_finetune_metadata,
 )
-from .config import TrainConfig
+from .config import DEFAULTS, TrainConfig
 from .data import EmbeddingCache, TrainImages, _as_list
 from .distributed import dist_info_from_env, distributed, steps_per_epoch
 from .losses import prompt_losses
@@ -604,19 +604,19 @@ def train(
     base: str | os.PathLike | ModelSpec,
     out: str | os.PathLike,
     *,
-    epochs: int = 10,
-    batch_size: int = 4,
-    lr: float = 1e-5,
-    min_lr: float | None = None,
-    weight_decay: float = 1e-4,
-    score_weight: float = 0.2,
-    max_prompts: int = 64,
+    epochs: int = DEFAULTS.epochs,
+    batch_size: int = DEFAULTS.batch_size,
+    lr: float = DEFAULTS.lr,
+    min_lr: float | None = DEFAULTS.min_lr,
+    weight_decay: float = DEFAULTS.weight_decay,
+    score_weight: float = DEFAULTS.score_weight,
+    max_prompts: int = DEFAULTS.max_prompts,
     device: str | torch.device | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    seed: int = 0,
-    image_size: int | None = None,
-    val_every: int = 1,
+    seed: int = DEFAULTS.seed,
+    image_size: int | None = DEFAULTS.image_size,
+    val_every: int = DEFAULTS.val_every,
     val_params: Mapping[str, Any] | None = None,
     num_workers: int = 0,
     cache_embeddings: bool = True,
