@@ -28,24 +28,24 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from mosaic_toolkit.sam import weights
 from mosaic_toolkit.classical import ClassicalEngine
 from mosaic_toolkit.core.dataset import atomic_file
+from mosaic_toolkit.core.errors import MosaicError
+from mosaic_toolkit.engines import CLASSICAL_VERSION, Engine, engine_version, open_engine, resolve_kind
 
 from .config import Settings
 from .errors import BackendError
 
 log = logging.getLogger(__name__)
 
-CLASSICAL_VERSION = "classical"
 POINTER = "current"
 FINETUNE = "finetune.pt"
 METADATA = "version.json"
 MAX_LOADED = 3  # engines kept in memory: the active one, the base, one more asked for by name
 
-Engine = Union[ClassicalEngine, "Sam2Engine"]  # noqa: F821 (imported lazily: torch)
 
 
 def valid_version_name(name: str) -> bool:
@@ -212,15 +212,12 @@ class EngineManager:
         if not self.trainable:
             raise BackendError(f"model version {version!r}: the classical engine has no other versions", 404)
         path = self.store.finetune(version)
-        from mosaic_toolkit.sam.engine import Sam2Engine
-
         log.info("loading model version %s from %s", version, path)
-        engine = Sam2Engine.from_spec(
-            path, device=self.settings.device, cache_bytes=self.settings.embedding_cache_mb * 2**20,
-            base=self.base.spec.base_checkpoint, image_size=self.settings.image_size)
-        apply_generator_params(engine, self.settings)
-        engine.model_version = version  # the folder's name, whatever the base is called here
-        return engine
+        # Reported as the folder's name, whatever the base is called here.
+        return _open(
+            "sam2", path, self.settings.device, self.settings.generator_params,
+            cache_bytes=self.settings.embedding_cache_mb * 2**20, base=self.base.spec.base_checkpoint,
+            image_size=self.settings.image_size, version=version)
 
     def _evict(self) -> None:
         keep = {self.base_version, engine_version(self._active)}
@@ -260,37 +257,27 @@ class EngineManager:
 # --------------------------------------------------------------------------------------------
 # Engines
 # --------------------------------------------------------------------------------------------
-def engine_version(engine: Engine) -> str:
-    return CLASSICAL_VERSION if isinstance(engine, ClassicalEngine) else engine.model_version
-
-
-def apply_generator_params(engine: Engine, settings: Settings) -> None:
-    """Apply MOSAIC_BACKEND_GENERATOR_PARAMS on top of the model's own parameters."""
-    if settings.generator_params and not isinstance(engine, ClassicalEngine):
-        engine.params = engine.params.replace(**settings.generator_params)
+def _open(*args: Any, **kwargs: Any) -> Engine:
+    """``open_engine``, its errors as BackendError (a model the backend cannot serve)."""
+    try:
+        return open_engine(*args, **kwargs)
+    except BackendError:
+        raise
+    except MosaicError as exc:
+        raise BackendError(str(exc)) from exc
 
 
 def load_base_engine(settings: Settings) -> Engine:
-    """The engine named by the settings: SAM 2 (given or best installed model) or classical."""
-    engine = settings.engine
-    if engine == "auto":
-        engine = "sam2" if settings.model or weights.default_model() else "classical"
-    if engine == "classical":
-        if settings.model:
-            raise BackendError(f"{settings.model}: a model only applies to the sam2 engine, not classical")
-        log.info("engine: classical (no SAM 2 weights)")
-        return ClassicalEngine()
-    name = settings.model or weights.default_model()
-    if name is None:
-        raise BackendError("engine sam2: no SAM 2 weights are installed; run "
-                           "`mosaic-toolkit weights fetch sam2.1-large` or use the classical engine")
-    from mosaic_toolkit.sam.engine import Sam2Engine
+    """The engine named by the settings: SAM 2 (given or best installed model) or classical.
 
-    log.info("engine: SAM 2 %s", name)
-    sam = Sam2Engine.from_spec(name, device=settings.device, image_size=settings.image_size,
-                               cache_bytes=settings.embedding_cache_mb * 2**20)
-    apply_generator_params(sam, settings)
-    return sam
+    MOSAIC_BACKEND_GENERATOR_PARAMS are given to SAM 2 as it is opened (the classical engine
+    has no generator).
+    """
+    kind = resolve_kind(settings.engine, settings.model)
+    log.info("engine: %s", "classical (no SAM 2 weights)" if kind == "classical"
+             else f"SAM 2 {settings.model or weights.default_model()}")
+    return _open(kind, settings.model, settings.device, settings.generator_params,
+                       cache_bytes=settings.embedding_cache_mb * 2**20, image_size=settings.image_size)
 
 
 def job_base_spec(engine: Engine) -> dict[str, Any]:

@@ -21,7 +21,8 @@ from mosaic_toolkit.core.dataset import (
 )
 from mosaic_toolkit.core.errors import MosaicError
 from mosaic_toolkit.evaluation.metrics import pixel_metrics
-from mosaic_toolkit.segment import collect_images, load_engine, overlay, segment_image
+from mosaic_toolkit.engines import open_engine
+from mosaic_toolkit.segment import collect_images, overlay, segment_image
 from mosaic_toolkit.data.synth import synth_dataset
 from mosaic_toolkit.sam.weights import MODELS
 
@@ -46,16 +47,16 @@ def run(*args: str):
 
 # ------------------------------------------------------------------------------ engines
 def test_auto_engine_is_classical_without_weights_and_sam2_needs_weights(no_weights):
-    assert isinstance(load_engine(None, None, None), ClassicalEngine)
-    assert isinstance(load_engine("auto", None, None), ClassicalEngine)
+    assert isinstance(open_engine(None, None, None), ClassicalEngine)
+    assert isinstance(open_engine("auto", None, None), ClassicalEngine)
     with pytest.raises(MosaicError, match="weights fetch sam2.1-large"):
-        load_engine("sam2", None, None)
+        open_engine("sam2", None, None)
     with pytest.raises(MosaicError, match="only applies to --engine sam2"):
-        load_engine("classical", "sam2.1-tiny", None)
+        open_engine("classical", "sam2.1-tiny", None)
 
 
 def test_auto_engine_is_sam2_when_a_model_is_installed(sam2_home):
-    engine = load_engine(None, None, "cpu", method="stock")
+    engine = open_engine(None, None, "cpu", {"method": "stock"})
     assert engine.name == "sam2"
     assert engine.model_version == "sam2.1-tiny"
     assert engine.params.method == "stock"

@@ -14,13 +14,12 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Union
+from typing import Iterable
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .sam import weights
 from .classical import ClassicalEngine
 from .core.dataset import (
     IMAGE_EXTENSIONS,
@@ -35,76 +34,11 @@ from .core.dataset import (
 )
 from .core.errors import MosaicError
 from .core.tiling import MAX_TILE, segment_tiled
+from .engines import Engine, engine_info
 
-if TYPE_CHECKING:
-    from .sam.engine import Sam2Engine
-
-Engine = Union[ClassicalEngine, "Sam2Engine"]
-
-ENGINES = ("auto", "sam2", "classical")
-FETCH_COMMAND = "mosaic-toolkit weights fetch sam2.1-large"
-FETCH_HINT = f"run `{FETCH_COMMAND}` or use --engine classical"
 CLASSICAL_TILE = MAX_TILE  # the classical engine adapts to any tile; large tiles waste least
 OUTLINE_RGB = (255, 0, 255)  # magenta: rare in stone and glass, visible on light and dark tiles
 RESULT_FILE = "segment.json"
-
-
-# --------------------------------------------------------------------------------------------
-# Engines
-# --------------------------------------------------------------------------------------------
-def load_engine(
-    engine: str | None,
-    model: str | None,
-    device: str | None,
-    method: str | None = None,
-) -> Engine:
-    """The engine to segment with.
-
-    ``engine`` None or "auto": SAM 2 when a model is given or one is installed
-    (``weights.default_model()``), otherwise the classical engine, so segmentation always works.
-    ``model`` is a model name, a checkpoint or a fine-tune file (SAM 2 only); ``method``
-    ("fast" or "stock") overrides the model's generator method.
-    """
-    if engine in (None, "auto"):
-        engine = "sam2" if model or weights.default_model() else "classical"
-    if engine == "classical":
-        if model:
-            raise MosaicError(f"{model}: a model only applies to --engine sam2, not classical")
-        return ClassicalEngine()
-    if engine != "sam2":
-        raise MosaicError(f"engine {engine!r}: unknown (choose from {', '.join(ENGINES)})")
-    name = model or weights.default_model()
-    if name is None:
-        raise MosaicError(f"SAM 2 engine: no SAM 2 weights are installed; {FETCH_HINT}")
-    from .sam.engine import Sam2Engine  # imports torch: only when SAM 2 is used
-
-    # No embedding cache: batch segmentation never sees a tile twice.
-    sam = Sam2Engine.from_spec(name, device=device, cache_bytes=0)
-    if method is not None:
-        sam.params = sam.params.replace(method=method)
-    return sam
-
-
-def engine_info(engine: Engine) -> dict:
-    """What produced a segmentation: engine, model, model version and parameters (JSON-ready)."""
-    if isinstance(engine, ClassicalEngine):
-        return {"engine": engine.name, "model": None, "model_version": engine.name,
-                "device": "cpu", "params": engine.params.to_dict()}
-    spec = engine.spec
-    model = None
-    if spec is not None:
-        model = str(spec.finetune) if spec.finetune else (spec.base_name or str(spec.base_checkpoint))
-    return {"engine": engine.name, "model": model, "model_version": engine.model_version,
-            "device": str(engine.device), "params": engine.params.to_dict()}
-
-
-def describe_engine(engine: Engine) -> str:
-    """One line saying which engine and model segment, for the user."""
-    info = engine_info(engine)
-    if info["engine"] == "classical":
-        return "Engine: classical (colour watershed, no model weights)"
-    return (f"Engine: SAM 2, model {info['model_version']} on {info['device']}, "
-            f"method {info['params']['method']}")
 
 
 # --------------------------------------------------------------------------------------------

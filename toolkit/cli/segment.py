@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-from ..segment import ENGINES, FETCH_COMMAND, describe_engine, load_engine, segment_paths
+from ..engines import ENGINES, FETCH_COMMAND, describe_engine, open_engine
+from ..segment import segment_paths
 from .options import handle_errors, overwrite_option
 
 MIN_TILE_OPTION = 64  # smaller tiles hold too little context to segment anything
@@ -62,7 +63,7 @@ def command(
     """
     if 0 < tile < MIN_TILE_OPTION:
         raise click.BadParameter(f"use 0 (automatic) or at least {MIN_TILE_OPTION}", param_hint="--tile")
-    chosen = load_engine(engine, model, device, method)
+    chosen = open_engine(engine, model, device, {"method": method} if method else None)
     click.echo(describe_engine(chosen), err=True)
     if chosen.name == "classical" and engine == "auto":
         click.echo(f"No SAM 2 weights are installed (to use SAM 2: `{FETCH_COMMAND}`).", err=True)

@@ -27,7 +27,8 @@ from ..core.dataset import Dataset, atomic_output_dir, mask_foreground, read_mas
 from ..core.errors import MosaicError
 from .evaluate import COMPARISON_DIR, csv_columns, evaluate, markdown_table
 from .metrics import PIXEL_KEYS, TILE_KEYS, comparison_image
-from ..segment import engine_info, load_engine, segment_paths
+from ..engines import engine_info, open_engine
+from ..segment import segment_paths
 
 CLASSICAL = "classical"
 LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # labels name folders
@@ -121,7 +122,7 @@ def compare_models(
     records: list[dict[str, Any]] = []
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         for label, spec in models:
-            engine = load_engine(CLASSICAL if spec == CLASSICAL else "sam2",
+            engine = open_engine(CLASSICAL if spec == CLASSICAL else "sam2",
                                  None if spec == CLASSICAL else spec, device)
             segmented = segment_paths(images, tmp / "pred" / label, engine, tile=tile, progress=progress)
             info = engine_info(engine)

@@ -63,7 +63,7 @@ import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -141,11 +141,14 @@ class Sam2Engine:
         *,
         base: str | Path | None = None,
         image_size: int | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        version: str | None = None,
     ) -> "Sam2Engine":
         """A ready engine from a model name, checkpoint or fine-tune path, or a ModelSpec.
 
         Generator parameters come from the fine-tune's metadata when it was tuned, else the
-        defaults. ``image_size`` overrides the model's input resolution (tests, benchmarks).
+        defaults, with ``overrides`` laid over them. ``image_size`` overrides the model's input
+        resolution (tests, benchmarks); ``version`` the reported model version.
         """
         if not isinstance(spec, ModelSpec):
             spec = resolve_model(spec, base=base)
@@ -154,8 +157,8 @@ class Sam2Engine:
         model = load_model(spec, pick_device(device))
         return cls(
             model,
-            version=model_version(spec),
-            params=GeneratorParams.from_dict(spec.generator),
+            version=version or model_version(spec),
+            params=GeneratorParams.from_dict({**(spec.generator or {}), **(overrides or {})}),
             cache_bytes=cache_bytes,
             spec=spec,
         )

@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from ..core.dataset import Dataset, atomic_output_dir, mask_foreground, write_json
 from ..core.cache import ByteLRU
+from ..engines import open_engine
 from ..sam.engine import Sam2Engine, as_rgb
 from ..sam.fast import FastState
 from ..sam.params import GeneratorParams
@@ -466,7 +467,7 @@ def tune(
     if not study.trials:
         study.enqueue_trial(_clipped(fixed, space))
 
-    engine = Sam2Engine.from_spec(spec, device=device, cache_bytes=0)
+    engine = open_engine("sam2", spec, device)
     segmenter = CachedSegmenter(engine, memo_bytes)
     seconds_setup = time.perf_counter() - started
 
