@@ -39,7 +39,8 @@ from mosaic_backend.metrics import percentile
 from mosaic_backend.predict import CLICK_WINDOW, click_window
 from mosaic_backend.regions import Prompt
 from mosaic_backend.service import Backend
-from mosaic_backend.jobs import should_promote, store_version
+from mosaic_backend.jobs import should_promote
+from mosaic_backend.worker import store_version
 from mosaic_backend.versions import EngineManager, ModelStore
 from mosaic_toolkit.classical import ClassicalEngine
 from mosaic_toolkit.data.export import rasterise_region
