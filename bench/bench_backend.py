@@ -79,17 +79,9 @@ def free_port() -> int:
 
 def random_tiny_checkpoint(folder: Path, seed: int) -> Path:
     """SAM 2.1 tiny with random weights in the official checkpoint format."""
-    import torch
+    from random_model import random_checkpoint
 
-    from mosaic_toolkit.sam.models import build_sam2_model
-    from mosaic_toolkit.sam.weights import MODELS
-
-    info = MODELS["sam2.1-tiny"]
-    torch.manual_seed(seed)
-    model = build_sam2_model(info.config, None, "cpu")
-    path = folder / info.filename
-    torch.save({"model": model.state_dict()}, path)
-    return path
+    return random_checkpoint(folder, "sam2.1-tiny", seed)
 
 
 def start_backend(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:

@@ -30,11 +30,10 @@ from mosaic_toolkit.sam.engine import Sam2Engine
 from mosaic_toolkit.sam.fast import tessera_prompts, tile_interior
 from mosaic_toolkit.sam.params import GeneratorParams
 from mosaic_toolkit.evaluation.metrics import pixel_metrics, tile_metrics
-from mosaic_toolkit.sam.models import build_sam2_model
 from mosaic_toolkit.data.synth import synth_mosaic
-from mosaic_toolkit.sam.weights import MODELS
 
-RANDOM_MODEL = "sam2.1-tiny"
+from random_model import RANDOM_MODEL, open_filters, random_engine
+
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -46,19 +45,10 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 def make_engine(model: str | None, image_size: int, seed: int) -> Sam2Engine:
     if model:
         return Sam2Engine.from_spec(model, image_size=image_size)
-    torch.manual_seed(seed)
-    net = build_sam2_model(MODELS[RANDOM_MODEL].config, None, None, image_size=image_size)
-    return Sam2Engine(net, version=f"{RANDOM_MODEL} (random weights)")
+    return random_engine(RANDOM_MODEL, image_size, seed)
 
 
-def random_weight_params(engine: Sam2Engine, image: np.ndarray, base: GeneratorParams) -> GeneratorParams:
-    """Open the filters so a random-weight model yields masks (see the module docstring)."""
-    points, _ = tessera_prompts(tile_interior(image), 32, 8)
-    logits, _ = engine.decode_points(image, points)
-    return base.replace(
-        pred_iou_thresh=0.0, stability_score_thresh=0.0, stability_score_offset=0.05,
-        mask_threshold=float(logits.median()),
-    )
+random_weight_params = open_filters  # quality filters off (see the module docstring)
 
 
 def score(instances: np.ndarray, gt: np.ndarray) -> dict[str, Any]:

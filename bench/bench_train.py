@@ -23,18 +23,14 @@ import torch
 
 from mosaic_toolkit.core.dataset import write_manifest
 from mosaic_toolkit.training.trainer import TrainConfig, Trainer
-from mosaic_toolkit.sam.models import build_sam2_model
 from mosaic_toolkit.data.synth import synth_dataset
 from mosaic_toolkit.sam.weights import MODELS
 
+import random_model
+
 
 def random_checkpoint(arch: str, folder: Path, seed: int) -> Path:
-    """A randomly initialised checkpoint of ``arch`` in the official format."""
-    torch.manual_seed(seed)
-    model = build_sam2_model(MODELS[arch].config, None, "cpu")
-    path = folder / MODELS[arch].filename
-    torch.save({"model": model.state_dict()}, path)
-    return path
+    return random_model.random_checkpoint(folder, arch, seed)
 
 
 def timed_epoch(trainer: Trainer, epoch: int, use_cache: bool) -> float:

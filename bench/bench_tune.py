@@ -31,7 +31,6 @@ import torch
 from mosaic_toolkit.sam.engine import Sam2Engine
 from mosaic_toolkit.sam.fast import tessera_prompts, tile_interior
 from mosaic_toolkit.sam.params import GeneratorParams
-from mosaic_toolkit.sam.models import build_sam2_model
 from mosaic_toolkit.data.synth import synth_mosaic
 from mosaic_toolkit.core.tiling import resolve_tiling
 from mosaic_toolkit.training.tune import (
@@ -43,17 +42,14 @@ from mosaic_toolkit.training.tune import (
     search_space,
     segment_for_tuning,
 )
-from mosaic_toolkit.sam.weights import MODELS
+from random_model import RANDOM_MODEL, random_engine
 
-RANDOM_MODEL = "sam2.1-tiny"
 
 
 def make_engine(model: str | None, image_size: int, seed: int) -> Sam2Engine:
     if model:
         return Sam2Engine.from_spec(model, image_size=image_size, cache_bytes=0)
-    torch.manual_seed(seed)
-    net = build_sam2_model(MODELS[RANDOM_MODEL].config, None, None, image_size=image_size)
-    return Sam2Engine(net, version=f"{RANDOM_MODEL} (random weights)", cache_bytes=0)
+    return random_engine(RANDOM_MODEL, image_size, seed, cache_bytes=0)
 
 
 def make_images(n: int, size: int, seed: int) -> list[TuningImage]:
