@@ -1,7 +1,7 @@
 """The backend's one error type: a MosaicError that also says which HTTP status it maps to."""
 from __future__ import annotations
 
-from mosaic_toolkit.core.errors import MosaicError
+from mosaic_toolkit.core.errors import InternalError, MosaicError
 
 
 class BackendError(MosaicError):
@@ -19,10 +19,12 @@ class BackendError(MosaicError):
 
 
 def status_of(exc: BaseException) -> int:
-    """The HTTP status for an exception: BackendError's own, 400 for other MosaicErrors (bad
-    input found by the toolkit), 500 for anything else."""
+    """The HTTP status for an exception: BackendError's own, 500 for the toolkit's InternalError
+    (a bug), 400 for other MosaicErrors (bad input found by the toolkit), 500 for anything else."""
     if isinstance(exc, BackendError):
         return exc.status
+    if isinstance(exc, InternalError):
+        return 500
     if isinstance(exc, MosaicError):
         return 400
     return 500

@@ -101,3 +101,22 @@ def test_training_defaults_are_written_once():
             assert option.type.min == low and bool(getattr(option.type, "min_open", False)) == (
                 limit.low_open and not isinstance(getattr(DEFAULTS, name), int)), name
     assert TrainConfig() == DEFAULTS
+
+
+def test_internal_errors_are_not_blamed_on_the_input(sam2_engine):
+    import numpy as np
+    import pytest
+
+    from mosaic_backend.errors import BackendError, status_of
+    from mosaic_toolkit.core.errors import InputError, InternalError, MosaicError
+    from mosaic_toolkit.core.instances import postprocess
+
+    assert issubclass(InputError, MosaicError) and issubclass(InternalError, MosaicError)
+    assert status_of(InputError("x.png: broken")) == 400
+    assert status_of(MosaicError("x.png: broken")) == 400
+    assert status_of(InternalError("engine returned a 3-D map")) == 500
+    assert status_of(BackendError("busy", 409)) == 409
+    with pytest.raises(InternalError, match="embedding cache"):
+        sam2_engine.decode_points("not-a-key", np.zeros((1, 2), np.float32))
+    with pytest.raises(InternalError, match="2-D"):
+        postprocess(np.zeros((2, 2, 2), np.int32), 0, 0, 0)

@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 
 from .dataset import relabel_sequential, split_disconnected
+from .errors import InternalError, MosaicError
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,7 +44,7 @@ def postprocess(instances: np.ndarray, opening: int, min_area: int, erosion: int
     eroded pixel of id j lies entirely in j), so ``dilate(eroded) == ids`` selects it exactly.
     """
     if instances.ndim != 2:
-        raise MosaicError(f"postprocess: instance map must be 2-D, got shape {instances.shape}")
+        raise InternalError(f"postprocess: instance map must be 2-D, got shape {instances.shape}")
     ids = relabel_sequential(np.asarray(instances).astype(np.int32))
     if ids.max(initial=0) >= 2**24:
         raise MosaicError("postprocess: more than 16 million instances")

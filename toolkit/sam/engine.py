@@ -69,7 +69,7 @@ import numpy as np
 import torch
 
 from ..core.cache import ByteLRU
-from ..core.errors import MosaicError
+from ..core.errors import InternalError, MosaicError
 from .adapter import PromptDecoder, Sam2Adapter, autocast, stock_generator
 from ..core.instances import paint_instances, postprocess
 from .fast import Decoder, FastState, tile_interior
@@ -305,7 +305,7 @@ class Sam2Engine:
             if isinstance(key_or_image, str):
                 entry = self._cache.get(key_or_image)
                 if entry is None:
-                    raise MosaicError("decode_points: image is not in the embedding cache")
+                    raise InternalError("decode_points: image is not in the embedding cache")
             else:
                 _, entry = self._encoded(as_rgb(key_or_image))
             return self._decode(entry, points, batch)

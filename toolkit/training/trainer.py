@@ -70,7 +70,7 @@ from ..core.dataset import Dataset, atomic_file, mask_foreground
 from ..sam.adapter import PromptDecoder, Sam2Adapter, autocast
 from ..sam.engine import Sam2Engine
 from ..sam.params import GeneratorParams
-from ..core.errors import MosaicError
+from ..core.errors import InternalError, MosaicError
 from ..evaluation.metrics import pixel_metrics
 from ..sam.models import (
     FINETUNE_PREFIXES,
@@ -435,7 +435,7 @@ class Trainer:
         """
         use_cache = self.cache_embeddings if use_cache is None else use_cache
         if use_cache and not self.cache_embeddings:
-            raise MosaicError("train: this run has no embedding cache")
+            raise InternalError("train: this run has no embedding cache")
         self.images.use_cache = use_cache
         sums = {"loss": 0.0, "dice_loss": 0.0, "score_loss": 0.0}
         steps, lr = 0, self.optimizer.param_groups[0]["lr"]
