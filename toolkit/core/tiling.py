@@ -45,7 +45,7 @@ from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from .dataset import FOUR_CONNECTED, split_disconnected
-from .errors import MosaicError
+from .errors import InternalError, MosaicError
 
 SegmentFn = Callable[[np.ndarray], np.ndarray]
 
@@ -188,11 +188,11 @@ def _run(segment_fn: SegmentFn, crop: np.ndarray) -> np.ndarray:
     """``segment_fn(crop)`` checked and split so every id is one 4-connected piece."""
     labels = np.asarray(segment_fn(crop))
     if labels.shape != crop.shape[:2]:
-        raise MosaicError(
+        raise InternalError(
             f"tiling: segmentation of a {crop.shape[1]}x{crop.shape[0]} tile returned shape {labels.shape}"
         )
     if not np.issubdtype(labels.dtype, np.integer):
-        raise MosaicError(f"tiling: segmentation returned {labels.dtype}, expected integer ids")
+        raise InternalError(f"tiling: segmentation returned {labels.dtype}, expected integer ids")
     return split_disconnected(labels.astype(np.int32, copy=False))
 
 
