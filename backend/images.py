@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from mosaic_toolkit.core.cache import ByteLRU
-from mosaic_toolkit.core.dataset import pil_to_rgb
+from mosaic_toolkit.core.io import pil_to_rgb
 
 from .config import Settings
 from .errors import BackendError

@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mosaic_toolkit.core.dataset import write_json
+from mosaic_toolkit.core.io import write_json
 
 from .config import Settings
 from .errors import BackendError

@@ -32,7 +32,7 @@ from typing import Any
 
 from mosaic_toolkit.sam import weights
 from mosaic_toolkit.classical import ClassicalEngine
-from mosaic_toolkit.core.dataset import atomic_file
+from mosaic_toolkit.core.io import atomic_file
 from mosaic_toolkit.core.errors import MosaicError
 from mosaic_toolkit.engines import CLASSICAL_VERSION, Engine, engine_version, open_engine, resolve_kind
 

@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from mosaic_toolkit.core.dataset import atomic_output_dir, write_json
+from mosaic_toolkit.core.io import atomic_output_dir, write_json
 from mosaic_toolkit.core.errors import MosaicError
 
 from .jobs import API_KEY_ENV, STATUS, now, read_json, should_promote

@@ -22,12 +22,10 @@ from mosaic_toolkit.core.dataset import (
     Dataset,
     Sample,
     label_components,
-    read_image,
-    read_instances,
-    read_mask,
     write_manifest,
     write_sample,
 )
+from mosaic_toolkit.core.io import read_image, read_instances, read_mask
 from mosaic_toolkit.core.errors import MosaicError
 
 RED = (220, 30, 30)

@@ -20,7 +20,8 @@ from PIL import Image
 from fixtures_sam2 import TINY_NAME
 from mosaic_toolkit.cli import main
 from mosaic_toolkit.evaluation.compare import compare_models, parse_models
-from mosaic_toolkit.core.dataset import Dataset, mask_foreground, read_mask, write_manifest
+from mosaic_toolkit.core.dataset import Dataset, mask_foreground, write_manifest
+from mosaic_toolkit.core.io import read_mask
 from mosaic_toolkit.core.errors import MosaicError
 from mosaic_toolkit.evaluation.metrics import comparison_image
 from mosaic_toolkit.sam.models import load_model, save_finetune

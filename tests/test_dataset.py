@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from mosaic_toolkit.core import dataset as ds
+from mosaic_toolkit.core import io
 from mosaic_toolkit.core.errors import MosaicError
 
 
@@ -91,13 +92,13 @@ def test_write_sample_and_open(tmp_path):
 
 def test_instances_keep_sixteen_bits(tmp_path):
     inst = np.arange(1, 1001, dtype=np.int32).reshape(10, 100)  # ids above 255
-    ds.write_instances(tmp_path / "i.png", inst)
-    assert np.array_equal(ds.read_instances(tmp_path / "i.png"), inst)
+    io.write_instances(tmp_path / "i.png", inst)
+    assert np.array_equal(io.read_instances(tmp_path / "i.png"), inst)
 
 
 def test_write_sample_copies_image_file_as_given(tmp_path):
     src = tmp_path / "src.jpg"
-    ds.write_image(src, np.full((4, 5, 3), 120, np.uint8))
+    io.write_image(src, np.full((4, 5, 3), 120, np.uint8))
     inst = np.ones((4, 5), np.int32)
     s = ds.write_sample(tmp_path / "d", "b", src, inst)
     assert s.image == "images/b.jpg"
@@ -111,17 +112,17 @@ def test_write_sample_rejects_size_mismatch(tmp_path):
 
 def test_read_image_errors_name_the_file(tmp_path):
     with pytest.raises(MosaicError, match="missing.png"):
-        ds.read_image(tmp_path / "missing.png")
+        io.read_image(tmp_path / "missing.png")
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     with pytest.raises(MosaicError, match="bad.png"):
-        ds.read_image(bad)
+        io.read_image(bad)
 
 
 def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
-        with ds.atomic_output_dir(out) as tmp:
+        with io.atomic_output_dir(out) as tmp:
             (tmp / "half.txt").write_text("x")
             raise RuntimeError("boom")
     assert not out.exists()
@@ -130,21 +131,21 @@ def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
 
 def test_atomic_output_dir_refuses_and_overwrites(tmp_path):
     out = tmp_path / "out"
-    with ds.atomic_output_dir(out) as tmp:
+    with io.atomic_output_dir(out) as tmp:
         (tmp / "one.txt").write_text("1")
     with pytest.raises(MosaicError, match="--overwrite"):
-        with ds.atomic_output_dir(out):
+        with io.atomic_output_dir(out):
             pass
-    with ds.atomic_output_dir(out, overwrite=True) as tmp:
+    with io.atomic_output_dir(out, overwrite=True) as tmp:
         (tmp / "two.txt").write_text("2")
     assert sorted(p.name for p in out.iterdir()) == ["two.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_open_without_manifest_scans_images(tmp_path):
-    ds.write_image(tmp_path / "images" / "x.png", np.zeros((3, 4, 3), np.uint8))
-    ds.write_mask(tmp_path / "masks" / "x.png", np.full((3, 4), 255, np.uint8))
-    ds.write_image(tmp_path / "images" / "nomask.png", np.zeros((3, 4, 3), np.uint8))
+    io.write_image(tmp_path / "images" / "x.png", np.zeros((3, 4, 3), np.uint8))
+    io.write_mask(tmp_path / "masks" / "x.png", np.full((3, 4), 255, np.uint8))
+    io.write_image(tmp_path / "images" / "nomask.png", np.zeros((3, 4, 3), np.uint8))
     d = ds.Dataset.open(tmp_path)
     assert [s.stem for s in d.samples] == ["x"]
     with pytest.raises(MosaicError, match="not found"):

@@ -12,13 +12,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from mosaic_toolkit.cli import main
-from mosaic_toolkit.core.dataset import (
-    instances_to_mask,
-    write_instances,
-    write_manifest,
-    write_mask,
-    write_sample,
-)
+from mosaic_toolkit.core.dataset import instances_to_mask, write_manifest, write_sample
+from mosaic_toolkit.core.io import write_instances, write_mask
 from mosaic_toolkit.core.errors import MosaicError
 from mosaic_toolkit.evaluation.evaluate import csv_columns, evaluate, markdown_table
 from mosaic_toolkit.evaluation.metrics import BLACK, BLUE, GREEN, RED, WHITE

@@ -11,14 +11,8 @@ from click.testing import CliRunner
 from fixtures_sam2 import grid_mosaic
 from mosaic_toolkit.classical import ClassicalEngine
 from mosaic_toolkit.cli import main
-from mosaic_toolkit.core.dataset import (
-    instances_to_mask,
-    read_image,
-    read_instances,
-    read_mask,
-    relabel_sequential,
-    write_image,
-)
+from mosaic_toolkit.core.dataset import instances_to_mask, relabel_sequential
+from mosaic_toolkit.core.io import read_image, read_instances, read_mask, write_image
 from mosaic_toolkit.core.errors import MosaicError
 from mosaic_toolkit.evaluation.metrics import pixel_metrics
 from mosaic_toolkit.engines import open_engine

@@ -13,7 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from mosaic_toolkit.cli.stats import command
-from mosaic_toolkit.core.dataset import instances_to_mask, read_instances, write_instances, write_mask
+from mosaic_toolkit.core.dataset import instances_to_mask
+from mosaic_toolkit.core.io import read_instances, write_instances, write_mask
 from mosaic_toolkit.core.errors import MosaicError
 from mosaic_toolkit.stats.report import find_mosaics, stats_report
 from mosaic_toolkit.stats.measures import (

@@ -21,11 +21,10 @@ import numpy as np
 from tqdm import tqdm
 
 from .classical import ClassicalEngine
-from .core.dataset import (
-    IMAGE_EXTENSIONS,
+from .core.dataset import IMAGE_EXTENSIONS, instances_to_mask
+from .core.io import (
     atomic_output_dir,
     image_size,
-    instances_to_mask,
     read_image,
     write_image,
     write_instances,

@@ -34,15 +34,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from ..core.dataset import (
-    SPLITS,
-    Dataset,
-    Sample,
-    atomic_output_dir,
-    split_disconnected,
-    write_manifest,
-    write_sample,
-)
+from ..core.dataset import SPLITS, Dataset, Sample, split_disconnected, write_manifest, write_sample
+from ..core.io import atomic_output_dir
 from ..core.errors import MosaicError
 
 log = logging.getLogger(__name__)

@@ -39,14 +39,12 @@ from tqdm import tqdm
 from ..core.dataset import (
     IMAGE_EXTENSIONS,
     Sample,
-    atomic_file,
-    atomic_output_dir,
     label_components,
-    read_image,
     relabel_sequential,
     write_manifest,
     write_sample,
 )
+from ..core.io import atomic_file, atomic_output_dir, read_image
 from ..core.errors import MosaicError
 
 # Result type -> region kind. Everything else (keypoints, rectangles, choices...) is ignored.

@@ -31,14 +31,13 @@ from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from ..core.dataset import (
-    MAX_INSTANCES,
     Sample,
-    atomic_output_dir,
     label_components,
     relabel_sequential,
     write_manifest,
     write_sample,
 )
+from ..core.io import MAX_INSTANCES, atomic_output_dir
 from ..core.errors import MosaicError
 
 STYLES = ("opus", "irregular")

@@ -23,7 +23,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..core.dataset import Dataset, atomic_output_dir, mask_foreground, read_mask, write_image, write_json
+from ..core.dataset import Dataset, mask_foreground
+from ..core.io import atomic_output_dir, read_mask, write_image, write_json
 from ..core.errors import MosaicError
 from .evaluate import COMPARISON_DIR, csv_columns, evaluate, markdown_table
 from .metrics import PIXEL_KEYS, TILE_KEYS, comparison_image

@@ -20,17 +20,8 @@ from typing import Any, Mapping
 import numpy as np
 from tqdm import tqdm
 
-from ..core.dataset import (
-    Dataset,
-    Sample,
-    atomic_output_dir,
-    label_components,
-    mask_foreground,
-    read_instances,
-    read_mask,
-    write_image,
-    write_json,
-)
+from ..core.dataset import Dataset, Sample, label_components, mask_foreground
+from ..core.io import atomic_output_dir, read_instances, read_mask, write_image, write_json
 from ..core.errors import MosaicError
 from .metrics import (
     PIXEL_KEYS,

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from ..core.dataset import atomic_file
+from ..core.io import atomic_file
 from ..core.errors import MosaicError
 from .params import GeneratorParams
 

@@ -24,7 +24,7 @@ import platformdirs
 from tqdm import tqdm
 
 from .. import __version__
-from ..core.dataset import atomic_file
+from ..core.io import atomic_file
 from ..core.errors import MosaicError
 
 log = logging.getLogger(__name__)

@@ -36,17 +36,8 @@ from matplotlib.ticker import MaxNLocator
 from skimage.color import lab2rgb
 from tqdm import tqdm
 
-from ..core.dataset import (
-    IMAGE_EXTENSIONS,
-    MANIFEST,
-    Dataset,
-    atomic_output_dir,
-    mask_to_instances,
-    read_image,
-    read_instances,
-    read_mask,
-    write_json,
-)
+from ..core.dataset import IMAGE_EXTENSIONS, MANIFEST, Dataset, mask_to_instances
+from ..core.io import atomic_output_dir, read_image, read_instances, read_mask, write_json
 from ..core.errors import MosaicError
 from .measures import MosaicStats, Units, group_summary, measure_mosaic, summarise, tessera_table
 

@@ -8,7 +8,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..core.dataset import Dataset, Sample, atomic_file
+from ..core.dataset import Dataset, Sample
+from ..core.io import atomic_file
 from ..core.errors import MosaicError
 
 

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..core.dataset import atomic_file
+from ..core.io import atomic_file
 from ..core.errors import MosaicError
 
 

@@ -66,7 +66,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from ..core.dataset import Dataset, atomic_file, mask_foreground
+from ..core.dataset import Dataset, mask_foreground
+from ..core.io import atomic_file
 from ..sam.adapter import PromptDecoder, Sam2Adapter, autocast
 from ..sam.engine import Sam2Engine
 from ..sam.params import GeneratorParams

@@ -49,7 +49,8 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from ..core.dataset import Dataset, atomic_output_dir, mask_foreground, write_json
+from ..core.dataset import Dataset, mask_foreground
+from ..core.io import atomic_output_dir, write_json
 from ..core.cache import ByteLRU
 from ..engines import open_engine
 from ..sam.engine import Sam2Engine, as_rgb
