@@ -21,23 +21,15 @@ import numpy as np
 from tqdm import tqdm
 
 from .classical import ClassicalEngine
-from .core.dataset import IMAGE_EXTENSIONS, instances_to_mask
-from .core.io import (
-    atomic_output_dir,
-    image_size,
-    read_image,
-    write_image,
-    write_instances,
-    write_json,
-    write_mask,
-)
+from .core.dataset import IMAGE_EXTENSIONS
+from .core.io import atomic_output_dir, image_size, read_image
 from .core.errors import MosaicError
 from .core.tiling import MAX_TILE, segment_tiled
+from .core.predictions import write_prediction, write_result
 from .engines import Engine, engine_info
 
 CLASSICAL_TILE = MAX_TILE  # the classical engine adapts to any tile; large tiles waste least
 OUTLINE_RGB = (255, 0, 255)  # magenta: rare in stone and glass, visible on light and dark tiles
-RESULT_FILE = "segment.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,15 +142,13 @@ def segment_paths(
             instances = segment_image(engine, image, tile=tile, progress=progress)
             seconds = time.perf_counter() - start
             stem = path.stem
-            write_mask(tmp / f"{stem}.png", instances_to_mask(instances))
-            write_instances(tmp / "instances" / f"{stem}.png", instances)
-            write_image(tmp / "overlays" / f"{stem}.jpg", overlay(image, instances), quality=90)
+            write_prediction(tmp, stem, instances, overlay(image, instances))
             records.append({
                 "stem": stem, "image": str(path), "width": int(image.shape[1]),
                 "height": int(image.shape[0]), "tesserae": int(instances.max(initial=0)),
                 "seconds": round(seconds, 3),
             })
-        write_json(tmp / RESULT_FILE, {
+        write_result(tmp, {
             "version": 1, **engine_info(engine), "tile": tile or "auto", "images": records,
         })
     return records

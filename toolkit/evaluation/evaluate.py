@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ..core.dataset import Dataset, Sample, label_components, mask_foreground
 from ..core.io import atomic_output_dir, read_instances, read_mask, write_image, write_json
 from ..core.errors import MosaicError
+from ..core.predictions import INSTANCES_DIR, check_out_is_separate
 from .metrics import (
     PIXEL_KEYS,
     TILE_KEYS,
@@ -32,7 +33,6 @@ from .metrics import (
     tile_metrics,
 )
 
-INSTANCES_DIR = "instances"
 COMPARISON_DIR = "comparison"
 
 # Markdown columns: (group, key, header, scale, decimals). Shares shown as percentages, the count
@@ -73,7 +73,7 @@ def evaluate(
     samples = dataset.split(split)
     if not samples:
         raise MosaicError(f"{dataset.root}: no samples in split {split!r}")
-    _check_out_is_separate(out, [pred_dir, dataset.root] + ([baseline] if baseline else []))
+    check_out_is_separate(out, [pred_dir, dataset.root] + ([baseline] if baseline else []))
     _check_files(pred_dir, samples, "prediction")
     if (pred_dir / INSTANCES_DIR).is_dir():
         _check_files(pred_dir / INSTANCES_DIR, samples, "predicted instance map")
@@ -137,15 +137,6 @@ def _check_shape(path: Path, array: np.ndarray, gt_fg: np.ndarray, gt_path: Path
         raise MosaicError(
             f"{path}: size {w}x{h} differs from the ground truth {gt_path} ({gw}x{gh})"
         )
-
-
-def _check_out_is_separate(out: Path, inputs: list[Path]) -> None:
-    """Refuse an output folder that is, or contains, an input (--overwrite would delete it)."""
-    out_resolved = out.resolve()
-    for folder in inputs:
-        folder_resolved = folder.resolve()
-        if folder_resolved == out_resolved or out_resolved in folder_resolved.parents:
-            raise MosaicError(f"{out}: the report folder must not be or contain the input {folder}")
 
 
 def csv_columns() -> list[str]:

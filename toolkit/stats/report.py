@@ -39,11 +39,11 @@ from tqdm import tqdm
 from ..core.dataset import IMAGE_EXTENSIONS, MANIFEST, Dataset, mask_to_instances
 from ..core.io import atomic_output_dir, read_image, read_instances, read_mask, write_json
 from ..core.errors import MosaicError
+from ..core.predictions import INSTANCES_DIR, check_out_is_separate
 from .measures import MosaicStats, Units, group_summary, measure_mosaic, summarise, tessera_table
 
 log = logging.getLogger(__name__)
 
-INSTANCES_DIR = "instances"
 # Longest side of the image drawn under the orientation plots (drawing is slow on large images).
 _BACKGROUND_SIDE = 1000
 _DPI = 100
@@ -203,7 +203,7 @@ def stats_report(
     units = Units(pixel_size)
     out = Path(out)
     folders = [Path(p) for p in inputs]
-    _check_out_is_separate(out, folders + ([Path(images)] if images is not None else []))
+    check_out_is_separate(out, folders + ([Path(images)] if images is not None else []))
     sources = {name: find_mosaics(folder, images)
                for name, folder in zip(_unique_names(folders), folders)}
     nested = len(sources) > 1
@@ -264,15 +264,6 @@ def _unique_names(folders: Sequence[Path]) -> list[str]:
             name, k = f"{base}-{k}", k + 1
         names.append(name)
     return names
-
-
-def _check_out_is_separate(out: Path, inputs: Sequence[Path]) -> None:
-    """Refuse a report folder that is, or contains, an input (--overwrite would delete it)."""
-    out_resolved = out.resolve()
-    for folder in inputs:
-        resolved = folder.resolve()
-        if resolved == out_resolved or out_resolved in resolved.parents:
-            raise MosaicError(f"{out}: the report folder must not be or contain the input {folder}")
 
 
 # --------------------------------------------------------------------------------------------
