@@ -120,3 +120,10 @@ def test_internal_errors_are_not_blamed_on_the_input(sam2_engine):
         sam2_engine.decode_points("not-a-key", np.zeros((1, 2), np.float32))
     with pytest.raises(InternalError, match="2-D"):
         postprocess(np.zeros((2, 2, 2), np.int32), 0, 0, 0)
+
+
+def test_cli_method_choices_are_the_engines():
+    from mosaic_toolkit.cli.options import METHODS as CLI_METHODS
+    from mosaic_toolkit.sam.params import METHODS
+
+    assert CLI_METHODS == METHODS

@@ -8,7 +8,7 @@ import click
 from ..core.dataset import SPLITS
 from ..core.errors import MosaicError
 from ..evaluation.evaluate import evaluate, markdown_table
-from .options import handle_errors, overwrite_option
+from .options import device_option, handle_errors, overwrite_option, split_option
 
 _FOLDER = click.Path(exists=True, file_okay=False, path_type=Path)
 
@@ -50,17 +50,15 @@ def _parse_models(ctx: click.Context, param: click.Parameter, value: str | None)
     help="Second prediction folder; writes comparison pictures (white both correct, green only "
     "PRED, red only BASELINE, blue missed by both, black background). With --pred only.",
 )
-@click.option(
-    "--split", type=click.Choice(SPLITS), default=None,
-    show_default="all samples with --pred, test with --models",
+@split_option(
+    SPLITS, show_default="all samples with --pred, test with --models",
     help="Evaluate only this split of the manifest.",
 )
 @click.option(
     "--per-image", is_flag=True,
     help="List every image in the table printed on stdout, not only the mean. With --pred only.",
 )
-@click.option(
-    "--device", default=None,
+@device_option(
     help="Torch device for SAM 2 models with --models (cpu, cuda, cuda:1, mps) "
     "[default: CUDA, else MPS, else CPU].",
 )

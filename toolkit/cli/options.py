@@ -34,3 +34,34 @@ def handle_errors(f):
             raise click.ClickException(str(exc)) from exc
 
     return wrapper
+
+
+# Options shared by several commands (as rasterio's rio/options.py): one definition each.
+DEVICE_HELP = "Torch device (cpu, cuda, cuda:1, mps)  [default: CUDA, else MPS, else CPU]"
+METHODS = ("fast", "stock")  # = mosaic_toolkit.sam.params.METHODS (kept here: no torch import)
+
+
+def device_option(help: str = DEVICE_HELP):
+    return click.option("--device", default=None, help=help)
+
+
+def model_option(help: str, required: bool = False):
+    return click.option("--model", default=None, required=required, help=help)
+
+
+def engine_option(choices, help: str):
+    return click.option("--engine", type=click.Choice(choices), default="auto", show_default=True, help=help)
+
+
+def method_option(help: str, show_default: str | None = None):
+    return click.option("--method", type=click.Choice(METHODS), default=None,
+                        show_default=show_default, help=help)
+
+
+def tile_option(help: str):
+    return click.option("--tile", type=click.IntRange(min=0), default=0, show_default=True, help=help)
+
+
+def split_option(choices, help: str, default: str | None = None, show_default: str | bool | None = True):
+    return click.option("--split", type=click.Choice(choices), default=default, show_default=show_default,
+                        help=help)

@@ -7,7 +7,15 @@ import click
 
 from ..engines import ENGINES, FETCH_COMMAND, describe_engine, open_engine
 from ..segment import segment_paths
-from .options import handle_errors, overwrite_option
+from .options import (
+    device_option,
+    engine_option,
+    handle_errors,
+    method_option,
+    model_option,
+    overwrite_option,
+    tile_option,
+)
 
 MIN_TILE_OPTION = 64  # smaller tiles hold too little context to segment anything
 
@@ -18,27 +26,23 @@ MIN_TILE_OPTION = 64  # smaller tiles hold too little context to segment anythin
     "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
     help="Folder to create: OUT/<stem>.png masks, OUT/instances/, OUT/overlays/, segment.json.",
 )
-@click.option(
-    "--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
+@engine_option(
+    ENGINES,
     help="sam2, classical, or auto: SAM 2 when --model is given or a SAM 2 model is installed, "
     "else the classical engine.",
 )
-@click.option(
-    "--model", default=None,
+@model_option(
     help="SAM 2 model: an installed name (see `weights list`), a checkpoint or a fine-tune file "
     "[default: the best installed model].",
 )
-@click.option(
-    "--device", default=None,
+@device_option(
     help="Torch device for SAM 2 (cpu, cuda, cuda:1, mps) [default: CUDA, else MPS, else CPU].",
 )
-@click.option(
-    "--method", type=click.Choice(["fast", "stock"]), default=None,
+@method_option(
     help="SAM 2 whole-image method: fast prompts at likely tessera centres, stock is SAM 2's "
     "automatic mask generator [default: the model's tuned setting, else fast].",
 )
-@click.option(
-    "--tile", type=click.IntRange(min=0), default=0, show_default=True,
+@tile_option(
     help="Tile side in pixels for large images; 0 = automatic (about 100 tesserae per tile for "
     "SAM 2, 1024 for the classical engine).",
 )

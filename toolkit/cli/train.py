@@ -11,7 +11,7 @@ import click
 from click.core import ParameterSource
 
 from ..training.config import DEFAULTS, LIMITS
-from .options import handle_errors
+from .options import device_option, handle_errors
 
 
 def _range(name: str) -> click.ParamType:
@@ -58,8 +58,7 @@ def _range(name: str) -> click.ParamType:
     "--val-every", type=_range("val_every"), default=DEFAULTS.val_every, show_default=True,
     help="Validate (full-image segmentation of the val split) every N epochs and after the last.",
 )
-@click.option(
-    "--device", default=None,
+@device_option(
     help="Torch device, e.g. cuda, cuda:1, cpu  [default: CUDA if available, else MPS, else CPU]",
 )
 @click.option(

@@ -6,13 +6,21 @@ from pathlib import Path
 import click
 
 from ..core.dataset import SPLITS
-from .options import handle_errors, seed_option
+from .options import (
+    device_option,
+    handle_errors,
+    method_option,
+    model_option,
+    seed_option,
+    split_option,
+    tile_option,
+)
 
 
 @click.command("tune")
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--model", required=True,
+@model_option(
+    required=True,
     help="SAM 2 model to tune: a model name (see `mosaic-toolkit weights list`), a checkpoint "
     "file or a fine-tune file (updated in place with the best parameters).",
 )
@@ -29,22 +37,20 @@ from .options import handle_errors, seed_option
     "--study", "study_name", default=None, show_default="<model stem>-generator",
     help="Study name in the storage; the same name continues the study.",
 )
-@click.option(
-    "--split", type=click.Choice(SPLITS), default="val", show_default=True,
+@split_option(
+    SPLITS, default="val",
     help="Dataset split whose images score each trial.",
 )
 @click.option(
     "--max-images", type=click.IntRange(min=1), default=None, show_default="all of the split",
     help="Score trials on the first N images of the split only.",
 )
-@click.option(
-    "--method", type=click.Choice(["fast", "stock"]), default=None,
+@method_option(
     show_default="the model's setting, else fast",
     help="Whole-image method to tune. fast reuses decoded prompts across trials; stock re-runs "
     "SAM 2's automatic mask generator in every trial (slow).",
 )
-@click.option(
-    "--tile", type=click.IntRange(min=0), default=0, show_default=True,
+@tile_option(
     help="Tile side for images larger than a tile, as `segment --tile`; 0 = automatic.",
 )
 @click.option(
@@ -53,10 +59,7 @@ from .options import handle_errors, seed_option
     help="Folder (replaced each run) for tune.json, trials.csv, history.png, importances.png and, "
     "for a base checkpoint, tuned.pt.",
 )
-@click.option(
-    "--device", default=None,
-    help="Torch device (cpu, cuda, cuda:1, mps)  [default: CUDA, else MPS, else CPU]",
-)
+@device_option()
 @click.option(
     "--memo-gb", type=click.FloatRange(min=0), default=2.0, show_default=True,
     help="Memory for decoded prompts kept across trials (beyond it, the least recently used "
