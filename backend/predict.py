@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Union
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -38,14 +38,13 @@ from mosaic_toolkit.core.cache import ByteLRU
 from mosaic_toolkit.core.dataset import tessera_points
 from mosaic_toolkit.segment import CLASSICAL_TILE
 from mosaic_toolkit.core.tiling import MAX_TILE, plan_tiles, resolve_tiling, segment_tiled
+from mosaic_toolkit.engines import Engine
 
 from .errors import BackendError
 from .regions import Prompt
 
 if TYPE_CHECKING:
     from mosaic_toolkit.sam.engine import Sam2Engine
-
-Engine = Union[ClassicalEngine, "Sam2Engine"]
 
 CLICK_WINDOW = MAX_TILE  # px: SAM 2's input size, so a window is encoded at native resolution
 CLICK_OVERLAP = 256  # px: neighbouring click windows overlap by this much

@@ -30,7 +30,6 @@ from mosaic_toolkit.training.data import EmbeddingCache, check_points, sample_pr
 from mosaic_toolkit.training.losses import prompt_losses
 from mosaic_toolkit.training.trainer import FeatureEncoder, Trainer, train
 from mosaic_toolkit.sam.models import FINETUNE_PREFIXES, load_finetune
-from mosaic_toolkit.data.synth import synth_dataset
 
 IMAGE_SIZE = 128  # tiny's features at 128² are 8x8: the decoder is cheap on two CPU cores
 VAL_PARAMS = {"points_per_side": 4, "points_per_batch": 16}
@@ -39,16 +38,6 @@ CONFIG = dict(epochs=3, batch_size=2, lr=1e-3, max_prompts=0, image_size=IMAGE_S
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("ft") / "data"
-    samples = synth_dataset(root, 3, seed=3, min_size=56, max_size=72, tessera_size=20)
-    for sample, split in zip(samples, ("train", "train", "val")):
-        sample.split = split
-    write_manifest(root, samples)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -14,24 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from mosaic_toolkit.core.dataset import write_manifest
 from mosaic_toolkit.sam.engine import Sam2Engine
 from mosaic_toolkit.training.trainer import train
 from mosaic_toolkit.sam.models import load_finetune
-from mosaic_toolkit.data.synth import synth_dataset
 
 IMAGE_SIZE = 128
 VAL_PARAMS = {"points_per_side": 4, "points_per_batch": 16}
 
 
 @pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("ddp") / "data"
-    samples = synth_dataset(root, 3, seed=5, min_size=56, max_size=72, tessera_size=20)
-    for sample, split in zip(samples, ("train", "train", "val")):
-        sample.split = split
-    write_manifest(root, samples)
-    return root
+def tiny_dataset(tiny_dataset_factory) -> Path:
+    return tiny_dataset_factory(seed=5)
 
 
 def test_torchrun_two_processes_gloo(tiny_dataset, tiny_sam2_checkpoint, sam2_home, tmp_path):

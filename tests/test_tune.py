@@ -28,13 +28,11 @@ from PIL import Image
 
 from fixtures_sam2 import TINY_NAME
 from mosaic_toolkit.cli import main
-from mosaic_toolkit.core.dataset import write_manifest
 from mosaic_toolkit.sam.engine import Sam2Engine
 from mosaic_toolkit.sam.fast import tessera_prompts, tile_interior
 from mosaic_toolkit.sam.params import GeneratorParams
 from mosaic_toolkit.core.errors import MosaicError
 from mosaic_toolkit.sam.models import FINETUNE_PREFIXES, load_finetune, load_model, save_finetune
-from mosaic_toolkit.data.synth import synth_dataset
 from mosaic_toolkit.training.tune import SEARCHED, CachedSegmenter, load_images, score_images, tune
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -46,13 +44,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tune") / "data"
-    samples = synth_dataset(root, 3, seed=3, min_size=56, max_size=72, tessera_size=20)
-    for sample, split in zip(samples, ("train", "val", "val")):
-        sample.split = split
-    write_manifest(root, samples)
-    return root
+def tiny_dataset(tiny_dataset_factory) -> Path:
+    return tiny_dataset_factory(("train", "val", "val"))
 
 
 @pytest.fixture(scope="module")
