@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -282,9 +281,4 @@ def load_base_engine(settings: Settings) -> Engine:
 
 def job_base_spec(engine: Engine) -> dict[str, Any]:
     """The ModelSpec of a SAM 2 engine as JSON, for a training worker to start from."""
-    spec = engine.spec
-    return {
-        "base_checkpoint": os.fspath(spec.base_checkpoint), "config": spec.config,
-        "base_name": spec.base_name, "finetune": os.fspath(spec.finetune) if spec.finetune else None,
-        "generator": dict(spec.generator), "image_size": spec.image_size,
-    }
+    return engine.spec.to_json()

@@ -94,10 +94,7 @@ def train_and_store(job: dict[str, Any], run_dir: Path, update: Callable[..., No
     from mosaic_toolkit.sam.models import ModelSpec, model_version, resolve_model
 
     base = job["base"]
-    spec = ModelSpec(
-        base_checkpoint=Path(base["base_checkpoint"]), config=base["config"], base_name=base["base_name"],
-        finetune=Path(base["finetune"]) if base["finetune"] else None, generator=base["generator"],
-        image_size=base["image_size"])
+    spec = ModelSpec.from_json(base)
     update(stage="loading")
     torch.manual_seed(job["train"]["seed"])
     trainer = Trainer(run_dir / "augmented", spec, run_dir / "train", TrainConfig(**job["train"]),

@@ -182,3 +182,17 @@ def test_not_a_finetune_file(tmp_path, tiny_sam2_checkpoint):
         load_finetune(tiny_sam2_checkpoint)
     with pytest.raises(MosaicError, match="base model only applies"):
         resolve_model(tiny_sam2_checkpoint, base=TINY)
+
+
+def test_model_spec_json_round_trip(tiny_sam2_spec, tmp_path):
+    import dataclasses
+    import json
+
+    from mosaic_toolkit.sam.models import ModelSpec
+
+    spec = dataclasses.replace(tiny_sam2_spec, finetune=tmp_path / "ft.pt", generator={"method": "stock"})
+    data = json.loads(json.dumps(spec.to_json()))
+    again = ModelSpec.from_json(data)
+    assert again.base_checkpoint == spec.base_checkpoint and again.finetune == spec.finetune
+    assert (again.config, again.base_name, again.generator, again.image_size) == (
+        spec.config, spec.base_name, spec.generator, spec.image_size)

@@ -255,6 +255,22 @@ class ModelSpec:
     image_size: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def to_json(self) -> dict[str, Any]:
+        """The spec as JSON (paths as strings; ``metadata`` is re-read from the files)."""
+        return {
+            "base_checkpoint": os.fspath(self.base_checkpoint), "config": self.config,
+            "base_name": self.base_name, "finetune": os.fspath(self.finetune) if self.finetune else None,
+            "generator": dict(self.generator), "image_size": self.image_size,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ModelSpec":
+        return cls(
+            base_checkpoint=Path(data["base_checkpoint"]), config=data["config"], base_name=data["base_name"],
+            finetune=Path(data["finetune"]) if data.get("finetune") else None,
+            generator=dict(data.get("generator") or {}), image_size=data.get("image_size"),
+        )
+
 
 def _config_signature(config: str) -> tuple[int, int, bool] | None:
     """(Hiera embed dim, number of blocks, SAM 2.1?) of a packaged config, for matching."""
