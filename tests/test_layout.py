@@ -21,7 +21,7 @@ def _module_name(path: Path) -> str:
 
 
 def _top_level_imports() -> dict[str, set[str]]:
-    """Module -> project modules it imports at module level (lazy imports in functions excluded)."""
+    """Module -> project modules it imports (lazy imports inside functions included)."""
     graph: dict[str, set[str]] = {}
     files = [p for top in PACKAGES for p in (ROOT / top).rglob("*.py")]
     modules = {_module_name(p) for p in files}
@@ -29,7 +29,7 @@ def _top_level_imports() -> dict[str, set[str]]:
         name = _module_name(path)
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
         deps = set()
-        for node in ast.parse(path.read_text()).body:
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = package.split(".")[: len(package.split(".")) - node.level + 1]
