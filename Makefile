@@ -41,7 +41,11 @@ test: $(STAMP) chromium labelstudio
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	for b in bench/*.py; do $(PY) $$b; done
+	for b in bench/bench_*.py; do $(PY) $$b; done
+
+# On a machine with a GPU: SAM 2.1 large, bf16, training steps, a tune trial (bench/device_check.py).
+device-check: $(STAMP)
+	$(PY) bench/device_check.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
