@@ -97,6 +97,9 @@ class Backend:
     def __init__(self, settings: Settings, engines: EngineManager | None = None) -> None:
         self.settings = settings
         self.link = LabelStudioLink(settings.label_studio_url, settings.label_studio_api_key)
+        if settings.label_studio_api_key and not settings.label_studio_url:
+            log.warning("LABEL_STUDIO_API_KEY is set without LABEL_STUDIO_URL: the key is only ever "
+                        "sent to LABEL_STUDIO_URL, so it is not used; set LABEL_STUDIO_URL")
         self.fetcher = ImageFetcher(settings, self.link)
         self.store = ModelStore(settings.models_dir)
         self.engines = engines or EngineManager(settings, self.store)
