@@ -68,14 +68,19 @@ async def read_json(request: Request) -> Any:
 
 
 def _authorized(header: str | None, settings: Settings) -> bool:
+    """HTTP basic auth, compared as bytes (UTF-8), in constant time. Any malformed header
+    (not base64, non-ASCII characters, no colon) is simply not authorised: a 401, never a 500."""
     if not header or not header.startswith("Basic "):
         return False
     try:
-        user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
+        raw = base64.b64decode(header[6:].encode("latin-1"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
         return False
-    return secrets.compare_digest(user, settings.basic_auth_user or "") & \
-        secrets.compare_digest(password, settings.basic_auth_password or "")
+    user, colon, password = raw.partition(b":")
+    expected_user = (settings.basic_auth_user or "").encode("utf-8")
+    expected_password = (settings.basic_auth_password or "").encode("utf-8")
+    return bool(colon) & secrets.compare_digest(user, expected_user) & \
+        secrets.compare_digest(password, expected_password)
 
 
 def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
