@@ -133,8 +133,12 @@ class Backend:
 
     def versions(self) -> dict[str, Any]:
         rows = self.engines.versions()
-        return {"versions": [r["version"] for r in rows], "current": self.engines.active_version,
-                "pinned": self.settings.model_version, "models": rows}
+        answer = {"versions": [r["version"] for r in rows], "current": self.engines.active_version,
+                  "pinned": self.settings.model_version, "models": rows,
+                  "broken": {r["version"]: r["broken"] for r in rows if r.get("broken")}}
+        if self.engines.last_error:
+            answer["warning"] = self.engines.last_error
+        return answer
 
     def select_version(self, body: Any) -> dict[str, Any]:
         version = body.get("version") if isinstance(body, dict) else None
