@@ -67,6 +67,44 @@ async def read_json(request: Request) -> Any:
         raise BackendError(f"{request.url.path}: the body is not valid JSON ({exc})") from exc
 
 
+class BodyLimit:
+    """ASGI middleware: a request body larger than ``max_bytes`` is a 413 error, refused from
+    its Content-Length before it is read, or (chunked, no length) as soon as the bytes read
+    pass the limit."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def too_large(self) -> BackendError:
+        return BackendError(f"request body larger than {self.max_bytes / 2**20:g} MiB "
+                            "(MOSAIC_BACKEND_MAX_BODY_MB)", 413)
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers") or ():
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise BackendError("malformed Content-Length header") from None
+                if declared > self.max_bytes:
+                    raise self.too_large()
+        read = 0
+
+        async def counted() -> dict:
+            nonlocal read
+            message = await receive()
+            if message.get("type") == "http.request":
+                read += len(message.get("body", b""))
+                if read > self.max_bytes:
+                    raise self.too_large()
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def _authorized(header: str | None, settings: Settings) -> bool:
     """HTTP basic auth, compared as bytes (UTF-8), in constant time. Any malformed header
     (not base64, non-ASCII characters, no colon) is simply not authorised: a 401, never a 500."""
@@ -95,6 +133,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
     app = FastAPI(title="mosaic-sam ML backend", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.backend = backend
+    app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * 2**20))  # inside guard
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable) -> Response:

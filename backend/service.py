@@ -26,7 +26,7 @@ from mosaic_toolkit.errors import MosaicError
 from . import __version__
 from .config import Settings
 from .errors import BackendError
-from .images import ImageFetcher, LabelStudioLink
+from .images import ByteLRU, ImageFetcher, LabelStudioLink
 from .labelconfig import LabelConfig, parse_label_config
 from .metrics import Metrics
 from .predict import Predictor
@@ -37,6 +37,7 @@ from .versions import EngineManager, ModelStore, engine_version
 log = logging.getLogger(__name__)
 
 MODEL_CLASS = "MosaicBackend"
+SCHEMA_CACHE_BYTES = 8 * 2**20  # label configs sent to /setup, kept per project
 
 
 class _Task(msgspec.Struct):
@@ -106,7 +107,8 @@ class Backend:
         self.predictor = Predictor(settings.image_cache_mb * 2**20, settings.prelabel_scores)
         self.metrics = Metrics()
         self.training = TrainingManager(settings, self.store, self.engines, self.link, self.metrics)
-        self.schemas: dict[int, str] = {}  # project id -> label config sent to /setup
+        # project id -> label config sent to /setup (bounded: least recently used go first)
+        self.schemas: ByteLRU[str] = ByteLRU(SCHEMA_CACHE_BYTES, len)
 
     def close(self) -> None:
         self.training.close()
@@ -128,7 +130,7 @@ class Backend:
         self.link.update_from_setup(body.get("hostname"), body.get("access_token"))
         project = _project_id(body.get("project"))
         if project is not None and isinstance(body.get("schema"), str):
-            self.schemas[project] = body["schema"]
+            self.schemas.put(str(project), body["schema"])
         return {"model_version": self.engines.active_version}
 
     def versions(self) -> dict[str, Any]:
@@ -190,7 +192,7 @@ class Backend:
     def _label_config(self, body: dict[str, Any]) -> LabelConfig:
         text = body.get("label_config")
         if not text:
-            text = self.schemas.get(_project_id(body.get("project")) or -1)
+            text = self.schemas.get(str(_project_id(body.get("project"))))
         return parse_label_config(text)
 
     def _task(self, raw: Any) -> dict[str, Any]:
