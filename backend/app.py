@@ -26,11 +26,15 @@ allows 1 s) stays responsive while a pre-label runs.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import logging
+import os
 import secrets
+import signal
+import threading
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
@@ -121,6 +125,65 @@ def _authorized(header: str | None, settings: Settings) -> bool:
         secrets.compare_digest(password, expected_password)
 
 
+async def in_daemon_thread(stop: threading.Event, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a daemon thread; a 503 error as soon as ``stop`` is set (SIGTERM), so
+    the server answers and exits within a second instead of waiting for the work to end. The
+    abandoned thread stops at its next deadline check, or with the process."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # noqa: BLE001 (handed to the request)
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the event loop is gone: the server has stopped
+            pass
+
+    threading.Thread(target=run, name="mosaic-backend request", daemon=True).start()
+    while True:
+        done, _ = await asyncio.wait({future}, timeout=0.1)
+        if done:
+            return future.result()
+        if stop.is_set():
+            raise BackendError("the server is shutting down; the request was stopped", 503)
+
+
+def _on_signals(callback: Callable[[], None]) -> Callable[[], None]:
+    """Call ``callback`` first on SIGTERM and SIGINT, then the handler there was (uvicorn's);
+    returns the function that puts the old handlers back. Only in the main thread (signals
+    cannot be handled elsewhere; the test client runs the app in another thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        callback()
+        before = previous.get(signum)
+        if callable(before):
+            before(signum, frame)
+        elif before == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.getsignal(sig)
+        signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, before in previous.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, before if before is not None else signal.SIG_DFL)
+
+    return restore
+
+
 def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
     """The ASGI app. Models are loaded here (before the first request), not in /setup."""
     settings = settings or (backend.settings if backend else Settings.from_env())
@@ -128,8 +191,12 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        await run_in_threadpool(backend.close)
+        restore = _on_signals(backend.stop)  # SIGTERM stops running requests (503) at once
+        try:
+            yield
+        finally:
+            restore()
+            await run_in_threadpool(backend.close)
 
     app = FastAPI(title="mosaic-sam ML backend", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.backend = backend
@@ -168,7 +235,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
     async def call(fn: Callable[..., Any], *args: Any) -> Any:
         try:
-            return await run_in_threadpool(fn, *args)
+            return await in_daemon_thread(backend.stopping, fn, *args)
         except BackendError:
             raise
         except Exception as exc:  # a MosaicError is bad input (400); anything else is a bug (500)
@@ -187,12 +254,12 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         return backend.setup(await read_json(request))
 
     @app.post("/predict")
-    async def predict(request: Request) -> dict[str, Any]:
+    async def predict(request: Request) -> Response:
         started = time.perf_counter()
         body = await request.body()
-        answer = await call(lambda: backend.predict(decode_predict_request(body)))
+        answer = await call(lambda: backend.predict_json(decode_predict_request(body)))
         log.debug("predict answered in %.3f s", time.perf_counter() - started)
-        return answer
+        return Response(answer, media_type="application/json")
 
     @app.post("/webhook")
     async def webhook(request: Request) -> dict[str, Any]:

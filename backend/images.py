@@ -43,8 +43,9 @@ import posixpath
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 import httpx
@@ -117,6 +118,77 @@ class ByteLRU(Generic[V]):
     def _drop(self, key: str) -> None:
         _, size, _ = self._items.pop(key)
         self._used -= size
+
+
+class _Flight:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
+class SingleFlight:
+    """One computation per key at a time: whoever asks for a key while it is being computed
+    waits for that computation and shares its result (concurrent first clicks on an image
+    download and segment it once). A waiter whose owner failed with a time limit or a shutdown
+    (503, 504) or an unexpected error tries itself; other errors (bad input, 404, 413) are
+    shared."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flights: dict[Any, _Flight] = {}
+
+    def do(self, key: Any, compute: Callable[[], V], check: Callable[[], None] | None = None) -> V:
+        """``compute()`` unless the same key is being computed; ``check()`` (a deadline) is
+        called every 0.1 s while waiting."""
+        while True:
+            with self._lock:
+                flight = self._flights.get(key)
+                owner = flight is None
+                if owner:
+                    flight = self._flights[key] = _Flight()
+            if owner:
+                try:
+                    flight.value = compute()
+                    return flight.value
+                except BaseException as exc:
+                    flight.error = exc
+                    raise
+                finally:
+                    with self._lock:
+                        self._flights.pop(key, None)
+                    flight.done.set()
+            while not flight.done.wait(0.1):
+                if check is not None:
+                    check()
+            if flight.error is None:
+                return flight.value
+            if isinstance(flight.error, BackendError) and flight.error.status not in (503, 504):
+                raise flight.error
+            # else: compute it ourselves (the loop makes this caller the owner)
+
+
+
+class KeyedLock:
+    """Mutual exclusion per key (a lock exists only while someone holds or waits for it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._locks: dict[Any, list] = {}
+
+    @contextmanager
+    def hold(self, key: Any) -> Iterator[None]:
+        with self._lock:
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._locks[key]
 
 
 class LabelStudioLink:
@@ -269,6 +341,7 @@ class ImageFetcher:
         self._client = httpx.Client(timeout=settings.fetch_timeout, follow_redirects=False)
         self._access: tuple[str, str] | None = None  # (personal token, access token)
         self._access_lock = threading.Lock()
+        self._flights = SingleFlight()  # concurrent requests for one image: one download
 
     def close(self) -> None:
         self._client.close()
@@ -353,6 +426,13 @@ class ImageFetcher:
         (the key of the backend's per-image caches)."""
         source = self.resolve(reference, task_id)
         cached = self.cache.get(str(source))
+        if cached is not None:
+            return cached
+        return self._flights.do(str(source), lambda: self._load(source, reference, task_id))
+
+    def _load(self, source: str | Path, reference: str, task_id: Any) -> tuple[np.ndarray, str]:
+        """Download (or read) and decode one image, once for concurrent requests."""
+        cached = self.cache.get(str(source))  # a request that just finished may have put it
         if cached is not None:
             return cached
         name = f"task {task_id}: image {reference}"

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 import msgspec
 import numpy as np
@@ -29,7 +30,7 @@ from .errors import BackendError
 from .images import ByteLRU, ImageFetcher, LabelStudioLink
 from .labelconfig import LabelConfig, parse_label_config
 from .metrics import Metrics
-from .predict import Predictor
+from .predict import Deadline, Predictor
 from .regions import brush_region, instance_regions, mean_score, parse_context, polygon_region
 from .trainer import ANNOTATION_ACTIONS, TrainingManager
 from .versions import EngineManager, ModelStore, engine_version
@@ -109,8 +110,16 @@ class Backend:
         self.training = TrainingManager(settings, self.store, self.engines, self.link, self.metrics)
         # project id -> label config sent to /setup (bounded: least recently used go first)
         self.schemas: ByteLRU[str] = ByteLRU(SCHEMA_CACHE_BYTES, len)
+        self.stopping = threading.Event()  # set on SIGTERM: running requests stop (503)
+
+    def stop(self) -> None:
+        """The server is shutting down: running requests stop at their next check."""
+        if not self.stopping.is_set():
+            self.stopping.set()
+            log.info("shutting down: running requests stop now")
 
     def close(self) -> None:
+        self.stop()
         self.training.close()
         self.fetcher.close()
 
@@ -155,13 +164,38 @@ class Backend:
     # ---------------------------------------------------------------- predictions
     def predict(self, body: Any) -> dict[str, Any]:
         """Answer /predict: clicks when ``params.context`` is given, else pre-labels."""
+        return {"results": list(self._results(body))}
+
+    def predict_json(self, body: Any) -> bytes:
+        """``predict`` as JSON bytes, each task's result encoded as soon as it is made (the
+        regions as Python objects take several times their JSON size); a 413 error when the
+        answer would pass MOSAIC_BACKEND_MAX_ANSWER_MB."""
+        limit = self.settings.max_answer_mb * 2**20
+        parts, total = [], 0
+        for result in self._results(body):
+            part = msgspec.json.encode(result)
+            total += len(part) + 1
+            if total > limit:
+                raise BackendError(
+                    f"predict: the answer passed {self.settings.max_answer_mb:g} MiB after "
+                    f"{len(parts)} task(s) (MOSAIC_BACKEND_MAX_ANSWER_MB); ask for fewer tasks "
+                    "per request", 413)
+            parts.append(part)
+        return b'{"results":[' + b",".join(parts) + b"]}"
+
+    def _results(self, body: Any) -> Iterator[dict[str, Any]]:
+        """One result per task, within the request's deadline (MOSAIC_BACKEND_PREDICT_TIMEOUT,
+        checked before every task, between tiles and before a click's model call)."""
         started = time.monotonic()
-        deadline = started + self.settings.predict_timeout
+        deadline = Deadline.after(self.settings.predict_timeout, "predict", self.stopping)
         if not isinstance(body, dict):
             raise BackendError("predict: expected a JSON object with 'tasks'")
         tasks = body.get("tasks")
         if not isinstance(tasks, list) or not tasks:
             raise BackendError("predict: 'tasks' must be a non-empty list of tasks")
+        if len(tasks) > self.settings.max_tasks:
+            raise BackendError(f"predict: {len(tasks)} tasks in one request, more than "
+                               f"{self.settings.max_tasks} (MOSAIC_BACKEND_MAX_TASKS)", 413)
         params = body.get("params") or {}
         if not isinstance(params, dict):
             raise BackendError("predict: 'params' must be an object")
@@ -171,23 +205,23 @@ class Backend:
         context = params.get("context")
         if context is not None and len(tasks) != 1:
             raise BackendError(f"predict: an interactive request (with context) takes one task, got {len(tasks)}")
-        results = []
         for raw in tasks:
+            deadline.check()
             task = self._task(raw)
-            what = f"task {task.get('id')}"
+            what = f"task {str(task.get('id'))[:50]}"
+            deadline.what = what
             image, key = self._image(task, config)
             try:
                 if context is not None:
-                    results.append(self._click(engine, config, task, image, key, context))
+                    yield self._click(engine, config, task, image, key, context, deadline)
                 else:
-                    results.append(self._prelabel(engine, config, image, key, deadline, what))
+                    yield self._prelabel(engine, config, image, key, deadline)
             except BackendError:
                 raise
             except MosaicError as exc:
                 raise BackendError(f"{what}: {exc}") from exc
         self.metrics.observe("click" if context is not None else "prelabel",
                              (time.monotonic() - started) / (1 if context is not None else len(tasks)))
-        return {"results": results}
 
     def _label_config(self, body: dict[str, Any]) -> LabelConfig:
         text = body.get("label_config")
@@ -212,11 +246,11 @@ class Backend:
         return self.fetcher.image(reference, task.get("id"))
 
     def _click(self, engine, config: LabelConfig, task: dict[str, Any], image: np.ndarray, key: str,
-               context: Any) -> dict[str, Any]:
+               context: Any, deadline: Deadline | None = None) -> dict[str, Any]:
         height, width = image.shape[:2]
         prompt = parse_context(context, config, width, height, task.get("id"))
         control = config.region_control
-        mask, score = self.predictor.click(engine, image, key, prompt)
+        mask, score = self.predictor.click(engine, image, key, prompt, deadline)
         label = control.label_for(prompt.label)
         region = None
         if mask.any():
@@ -225,10 +259,10 @@ class Backend:
         return {"result": [region] if region else [], "score": None if score is None else round(score, 4),
                 "model_version": engine_version(engine)}
 
-    def _prelabel(self, engine, config: LabelConfig, image: np.ndarray, key: str, deadline: float,
-                  what: str) -> dict[str, Any]:
+    def _prelabel(self, engine, config: LabelConfig, image: np.ndarray, key: str,
+                  deadline: Deadline) -> dict[str, Any]:
         control = config.prelabel_control
-        instances, scores = self.predictor.prelabel(engine, image, key, deadline, what)
+        instances, scores = self.predictor.prelabel(engine, image, key, deadline)
         regions = instance_regions(config, control, instances, control.label_for(None), scores)
         return {"result": regions, "score": mean_score(scores), "model_version": engine_version(engine)}
 
