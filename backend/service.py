@@ -88,8 +88,9 @@ def _project_id(value: Any) -> int | None:
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.split(".", 1)[0].isdigit():
-        return int(value.split(".", 1)[0])
+    head = value.split(".", 1)[0] if isinstance(value, str) else ""
+    if head.isascii() and head.isdigit() and len(head) < 20:  # not "²", which isdigit() too
+        return int(head)
     return None
 
 
