@@ -19,10 +19,13 @@ Every error is a JSON object ``{"error": "<message>", "status": <code>}`` with t
 (``errors.BackendError``), also for malformed JSON, unknown paths and unexpected failures
 (500, logged with the traceback), so Label Studio can show the message and the service goes
 on answering. With ``MOSAIC_BACKEND_BASIC_AUTH_USER``/``_PASSWORD`` every endpoint except
-``GET /health`` needs HTTP basic auth (Label Studio's "Basic auth" connection option).
+``GET /health`` needs HTTP basic auth (Label Studio's "Basic auth" connection option; compared
+as UTF-8 bytes, anything malformed is a 401). Request bodies are capped
+(``MOSAIC_BACKEND_MAX_BODY_MB``, 413), /predict answers too (``MOSAIC_BACKEND_MAX_ANSWER_MB``).
 
 Predictions and other model work run in worker threads, so ``/health`` (which Label Studio
-allows 1 s) stays responsive while a pre-label runs.
+allows 1 s) stays responsive while a pre-label runs. On SIGTERM (or SIGINT) running requests
+answer 503 at once and the server exits; their threads stop at the next deadline check.
 """
 from __future__ import annotations
 

@@ -104,12 +104,13 @@ class Settings:
         "records new versions but this server keeps the pinned one.", _opt_str)
     label_studio_url: str | None = _setting(
         "LABEL_STUDIO_URL", None,
-        "Label Studio's address; images and annotations are fetched only from this host. Default: "
-        "the hostname Label Studio sends to /setup.", _opt_str)
+        "Label Studio's address; images and annotations are fetched only from this host, and only "
+        "its /data/ files. Default: the hostname Label Studio sends to /setup.", _opt_str)
     label_studio_api_key: str | None = _setting(
         "LABEL_STUDIO_API_KEY", None,
-        "API token for Label Studio (sent as 'Authorization: Token ...'). Default: the token "
-        "Label Studio sends to /setup.", _opt_str, secret=True)
+        "API token for Label Studio (sent as 'Authorization: Token ...'), only ever sent to "
+        "LABEL_STUDIO_URL (without it the key is not used). Default: the token Label Studio sends "
+        "to /setup, used only with the hostname of that same request.", _opt_str, secret=True)
     local_files_root: Path | None = _setting(
         "LOCAL_FILES_DOCUMENT_ROOT", None,
         "Label Studio's local-files document root, when this machine sees it too: "

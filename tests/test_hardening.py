@@ -562,3 +562,20 @@ def test_fuzz_click_prompts(classical, prompts, raw) -> None:
 def test_service_answers_after_the_fuzz(classical) -> None:
     assert classical.get("/health").json()["status"] == "UP"
     assert click_on(classical, "/data/upload/1/mosaic.png").status_code == 200
+
+
+# --------------------------------------------------------------------------------------------
+# The load test, short (bench/bench_load.py; the full one: 8 clients, 30 s, SAM 2 and training)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_short_load_run_has_no_errors() -> None:
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_load.py"
+    run = subprocess.run([sys.executable, str(script), "--engine", "classical", "--clients", "4", "--seconds", "3",
+                          "--prelabel-tasks", "2", "--size", "384"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    assert result["errors"] == 0, result["error_examples"]
+    assert result["clicks"] > 0 and result["click_s"]["p95"] >= result["click_s"]["p50"] > 0
+    assert result["prelabel"]["status"] == 200 and result["health_after"] == "UP"
+    assert result["rss_mb"]["backend_peak"] > 0
