@@ -54,6 +54,7 @@ from .service import Backend, decode_predict_request
 log = logging.getLogger("mosaic_backend")
 
 OPEN_PATHS = {("GET", "/health")}
+MAX_WORKER_THREADS = 40  # model work running at once (as anyio's default thread limiter)
 
 
 def error_response(request: Request, status: int, message: str) -> JSONResponse:
@@ -236,9 +237,12 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return error_response(request, exc.status_code, message)
 
+    workers = asyncio.Semaphore(MAX_WORKER_THREADS)
+
     async def call(fn: Callable[..., Any], *args: Any) -> Any:
         try:
-            return await in_daemon_thread(backend.stopping, fn, *args)
+            async with workers:
+                return await in_daemon_thread(backend.stopping, fn, *args)
         except BackendError:
             raise
         except Exception as exc:  # a MosaicError is bad input (400); anything else is a bug (500)
