@@ -43,9 +43,8 @@ import posixpath
 import threading
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 import httpx
@@ -167,28 +166,6 @@ class SingleFlight:
                 raise flight.error
             # else: compute it ourselves (the loop makes this caller the owner)
 
-
-
-class KeyedLock:
-    """Mutual exclusion per key (a lock exists only while someone holds or waits for it)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._locks: dict[Any, list] = {}
-
-    @contextmanager
-    def hold(self, key: Any) -> Iterator[None]:
-        with self._lock:
-            entry = self._locks.setdefault(key, [threading.Lock(), 0])
-            entry[1] += 1
-        try:
-            with entry[0]:
-                yield
-        finally:
-            with self._lock:
-                entry[1] -= 1
-                if entry[1] == 0:
-                    del self._locks[key]
 
 
 class LabelStudioLink:

@@ -19,7 +19,9 @@ Clicks (``Predictor.click``):
 Pre-labels (``Predictor.prelabel``) segment the whole image through
 ``mosaic_toolkit.tiling.segment_tiled`` (SAM 2: tiles of about 100 tesserae, the fast path;
 classical: 1024-pixel tiles), stopping with a 504 error when the request's deadline passes
-between two tiles. With SAM 2 every tessera also gets a score (MOSAIC_BACKEND_PRELABEL_SCORES):
+between two tiles (a 503 when the server shuts down). The same ``Deadline`` covers a click: the
+classical segmentation of a first click stops between tiles, SAM 2 checks it before the model
+call; concurrent first clicks on one image share one segmentation (``SingleFlight``). With SAM 2 every tessera also gets a score (MOSAIC_BACKEND_PRELABEL_SCORES):
 the model's predicted IoU for a click on the tessera's point (``decode_points`` on the cached
 tile features; skipped when the deadline has passed).
 """
@@ -40,7 +42,7 @@ from mosaic_toolkit.segment import CLASSICAL_TILE
 from mosaic_toolkit.tiling import MAX_TILE, plan_tiles, resolve_tiling, segment_tiled
 
 from .errors import BackendError
-from .images import ByteLRU, KeyedLock, SingleFlight
+from .images import ByteLRU, SingleFlight
 from .regions import Prompt
 
 if TYPE_CHECKING:
@@ -187,8 +189,9 @@ class Predictor:
 
     def __init__(self, cache_bytes: int, prelabel_scores: bool = True) -> None:
         self.classical_cache: ByteLRU[ClassicalIndex] = ByteLRU(cache_bytes, lambda i: i.nbytes)
-        self._segmenting = SingleFlight()  # concurrent first clicks on an image: one segmentation
-        self._encoding = KeyedLock()  # ... one SAM 2 encoding of a click window
+        # concurrent first clicks on an image: one segmentation (SAM 2's engine encodes an
+        # image once under its own lock, the others then find it in its cache)
+        self._segmenting = SingleFlight()
         self.prelabel_scores = prelabel_scores
 
     # ---------------------------------------------------------------- clicks
@@ -205,9 +208,8 @@ class Predictor:
             deadline.check()
         y0, x0, y1, x1 = click_window(image.shape[:2], prompt)
         box = None if prompt.box is None else prompt.box - [x0, y0, x0, y0]
-        with self._encoding.hold((id(engine), key, y0, x0, y1, x1)):  # the others then hit the cache
-            local, score = engine.predict_points(
-                writable(image[y0:y1, x0:x1]), prompt.points - [x0, y0], prompt.labels, box)
+        local, score = engine.predict_points(
+            writable(image[y0:y1, x0:x1]), prompt.points - [x0, y0], prompt.labels, box)
         local = keep_clicked(local, prompt.positives - [x0, y0])
         mask = np.zeros(image.shape[:2], bool)
         mask[y0:y1, x0:x1] = local
