@@ -19,18 +19,25 @@ Every error is a JSON object ``{"error": "<message>", "status": <code>}`` with t
 (``errors.BackendError``), also for malformed JSON, unknown paths and unexpected failures
 (500, logged with the traceback), so Label Studio can show the message and the service goes
 on answering. With ``MOSAIC_BACKEND_BASIC_AUTH_USER``/``_PASSWORD`` every endpoint except
-``GET /health`` needs HTTP basic auth (Label Studio's "Basic auth" connection option).
+``GET /health`` needs HTTP basic auth (Label Studio's "Basic auth" connection option; compared
+as UTF-8 bytes, anything malformed is a 401). Request bodies are capped
+(``MOSAIC_BACKEND_MAX_BODY_MB``, 413), /predict answers too (``MOSAIC_BACKEND_MAX_ANSWER_MB``).
 
 Predictions and other model work run in worker threads, so ``/health`` (which Label Studio
-allows 1 s) stays responsive while a pre-label runs.
+allows 1 s) stays responsive while a pre-label runs. On SIGTERM (or SIGINT) running requests
+answer 503 at once and the server exits; their threads stop at the next deadline check.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import logging
+import os
 import secrets
+import signal
+import threading
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
@@ -47,6 +54,7 @@ from .service import Backend, decode_predict_request
 log = logging.getLogger("mosaic_backend")
 
 OPEN_PATHS = {("GET", "/health")}
+MAX_WORKER_THREADS = 40  # model work running at once (as anyio's default thread limiter)
 
 
 def error_response(request: Request, status: int, message: str) -> JSONResponse:
@@ -67,15 +75,117 @@ async def read_json(request: Request) -> Any:
         raise BackendError(f"{request.url.path}: the body is not valid JSON ({exc})") from exc
 
 
+class BodyLimit:
+    """ASGI middleware: a request body larger than ``max_bytes`` is a 413 error, refused from
+    its Content-Length before it is read, or (chunked, no length) as soon as the bytes read
+    pass the limit."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def too_large(self) -> BackendError:
+        return BackendError(f"request body larger than {self.max_bytes / 2**20:g} MiB "
+                            "(MOSAIC_BACKEND_MAX_BODY_MB)", 413)
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers") or ():
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise BackendError("malformed Content-Length header") from None
+                if declared > self.max_bytes:
+                    raise self.too_large()
+        read = 0
+
+        async def counted() -> dict:
+            nonlocal read
+            message = await receive()
+            if message.get("type") == "http.request":
+                read += len(message.get("body", b""))
+                if read > self.max_bytes:
+                    raise self.too_large()
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def _authorized(header: str | None, settings: Settings) -> bool:
+    """HTTP basic auth, compared as bytes (UTF-8), in constant time. Any malformed header
+    (not base64, non-ASCII characters, no colon) is simply not authorised: a 401, never a 500."""
     if not header or not header.startswith("Basic "):
         return False
     try:
-        user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
+        raw = base64.b64decode(header[6:].encode("latin-1"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
         return False
-    return secrets.compare_digest(user, settings.basic_auth_user or "") & \
-        secrets.compare_digest(password, settings.basic_auth_password or "")
+    user, colon, password = raw.partition(b":")
+    expected_user = (settings.basic_auth_user or "").encode("utf-8")
+    expected_password = (settings.basic_auth_password or "").encode("utf-8")
+    return bool(colon) & secrets.compare_digest(user, expected_user) & \
+        secrets.compare_digest(password, expected_password)
+
+
+async def in_daemon_thread(stop: threading.Event, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a daemon thread; a 503 error as soon as ``stop`` is set (SIGTERM), so
+    the server answers and exits within a second instead of waiting for the work to end. The
+    abandoned thread stops at its next deadline check, or with the process."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # noqa: BLE001 (handed to the request)
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the event loop is gone: the server has stopped
+            pass
+
+    threading.Thread(target=run, name="mosaic-backend request", daemon=True).start()
+    while True:
+        done, _ = await asyncio.wait({future}, timeout=0.1)
+        if done:
+            return future.result()
+        if stop.is_set():
+            raise BackendError("the server is shutting down; the request was stopped", 503)
+
+
+def _on_signals(callback: Callable[[], None]) -> Callable[[], None]:
+    """Call ``callback`` first on SIGTERM and SIGINT, then the handler there was (uvicorn's);
+    returns the function that puts the old handlers back. Only in the main thread (signals
+    cannot be handled elsewhere; the test client runs the app in another thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        callback()
+        before = previous.get(signum)
+        if callable(before):
+            before(signum, frame)
+        elif before == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.getsignal(sig)
+        signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, before in previous.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, before if before is not None else signal.SIG_DFL)
+
+    return restore
 
 
 def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
@@ -85,11 +195,16 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        await run_in_threadpool(backend.close)
+        restore = _on_signals(backend.stop)  # SIGTERM stops running requests (503) at once
+        try:
+            yield
+        finally:
+            restore()
+            await run_in_threadpool(backend.close)
 
     app = FastAPI(title="mosaic-sam ML backend", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.backend = backend
+    app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * 2**20))  # inside guard
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable) -> Response:
@@ -122,9 +237,12 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return error_response(request, exc.status_code, message)
 
+    workers = asyncio.Semaphore(MAX_WORKER_THREADS)
+
     async def call(fn: Callable[..., Any], *args: Any) -> Any:
         try:
-            return await run_in_threadpool(fn, *args)
+            async with workers:
+                return await in_daemon_thread(backend.stopping, fn, *args)
         except BackendError:
             raise
         except Exception as exc:  # a MosaicError is bad input (400); anything else is a bug (500)
@@ -143,12 +261,12 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         return backend.setup(await read_json(request))
 
     @app.post("/predict")
-    async def predict(request: Request) -> dict[str, Any]:
+    async def predict(request: Request) -> Response:
         started = time.perf_counter()
         body = await request.body()
-        answer = await call(lambda: backend.predict(decode_predict_request(body)))
+        answer = await call(lambda: backend.predict_json(decode_predict_request(body)))
         log.debug("predict answered in %.3f s", time.perf_counter() - started)
-        return answer
+        return Response(answer, media_type="application/json")
 
     @app.post("/webhook")
     async def webhook(request: Request) -> dict[str, Any]:

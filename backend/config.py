@@ -106,12 +106,13 @@ class Settings:
         "records new versions but this server keeps the pinned one.", _opt_str)
     label_studio_url: str | None = _setting(
         "LABEL_STUDIO_URL", None,
-        "Label Studio's address; images and annotations are fetched only from this host. Default: "
-        "the hostname Label Studio sends to /setup.", _opt_str)
+        "Label Studio's address; images and annotations are fetched only from this host, and only "
+        "its /data/ files. Default: the hostname Label Studio sends to /setup.", _opt_str)
     label_studio_api_key: str | None = _setting(
         "LABEL_STUDIO_API_KEY", None,
-        "API token for Label Studio (sent as 'Authorization: Token ...'). Default: the token "
-        "Label Studio sends to /setup.", _opt_str, secret=True)
+        "API token for Label Studio (sent as 'Authorization: Token ...'), only ever sent to "
+        "LABEL_STUDIO_URL (without it the key is not used). Default: the token Label Studio sends "
+        "to /setup, used only with the hostname of that same request.", _opt_str, secret=True)
     local_files_root: Path | None = _setting(
         "LOCAL_FILES_DOCUMENT_ROOT", None,
         "Label Studio's local-files document root, when this machine sees it too: "
@@ -134,6 +135,19 @@ class Settings:
     max_image_bytes: int = _setting(
         "MOSAIC_BACKEND_MAX_IMAGE_BYTES", 200 * 2**20,
         "Largest image file accepted, in bytes.", int)
+    max_body_mb: float = _setting(
+        "MOSAIC_BACKEND_MAX_BODY_MB", 32.0,
+        "Largest request body accepted, in MiB (larger ones get a 413 error before they are "
+        "read; a click carries the task with all its regions, about 1 MB per 500 tesserae).",
+        float)
+    max_tasks: int = _setting(
+        "MOSAIC_BACKEND_MAX_TASKS", 50,
+        "Most tasks one /predict request may name (more get a 413 error; Label Studio sends "
+        "one task per request).", int)
+    max_answer_mb: float = _setting(
+        "MOSAIC_BACKEND_MAX_ANSWER_MB", 256.0,
+        "Largest /predict answer, in MiB of JSON: a pre-label request whose regions would be "
+        "larger stops with a 413 error (ask for fewer tasks per request).", float)
     image_cache_mb: int = _setting(
         "MOSAIC_BACKEND_IMAGE_CACHE_MB", 512,
         "Memory for decoded images and classical segmentations kept between clicks (MiB).", int)
@@ -194,6 +208,9 @@ class Settings:
             ("fetch_timeout", math.isfinite(self.fetch_timeout) and self.fetch_timeout > 0, "positive"),
             ("max_image_pixels", self.max_image_pixels > 0, "positive"),
             ("max_image_bytes", self.max_image_bytes > 0, "positive"),
+            ("max_body_mb", math.isfinite(self.max_body_mb) and self.max_body_mb > 0, "positive"),
+            ("max_tasks", self.max_tasks >= 1, "at least 1"),
+            ("max_answer_mb", math.isfinite(self.max_answer_mb) and self.max_answer_mb > 0, "positive"),
             ("image_cache_mb", self.image_cache_mb >= 0, "non-negative"),
             ("embedding_cache_mb", self.embedding_cache_mb >= 0, "non-negative"),
             ("train_every", self.train_every >= 0, "non-negative"),

@@ -2,19 +2,22 @@
 
 The config is XML (see label_config.xml). The backend looks for one ``Image`` tag and the
 controls pointing at it: ``BrushLabels`` and ``PolygonLabels`` (what it answers with),
-``KeyPointLabels`` and ``RectangleLabels`` (the prompts). Parsed configs are cached by their
-text, since Label Studio sends the same config with every request.
+``KeyPointLabels`` and ``RectangleLabels`` (the prompts). Parsed configs are cached by a hash
+of their text (never the text itself), bounded by the texts' total size, since Label Studio
+sends the same config with every request.
 """
 from __future__ import annotations
 
-import functools
+import hashlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 from .errors import BackendError
+from .images import ByteLRU
 
 OUTPUT_TAGS = ("BrushLabels", "PolygonLabels")
 PROMPT_TAGS = ("KeyPointLabels", "RectangleLabels")
+CACHE_BYTES = 8 * 2**20  # parsed configs kept, counted by the size of their text
 
 
 @dataclass(frozen=True)
@@ -65,11 +68,23 @@ class LabelConfig:
         return control
 
 
-@functools.lru_cache(maxsize=32)
+_parsed: ByteLRU[tuple["LabelConfig", int]] = ByteLRU(CACHE_BYTES, lambda entry: entry[1])
+
+
 def parse_label_config(text: str) -> LabelConfig:
     """The backend's view of a labeling config; a BackendError (400) says what is missing."""
     if not isinstance(text, str) or not text.strip():
         raise BackendError("label config: missing (the request has no label_config)")
+    key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    cached = _parsed.get(key)
+    if cached is not None:
+        return cached[0]
+    config = _parse(text)
+    _parsed.put(key, (config, len(text) + 512))
+    return config
+
+
+def _parse(text: str) -> LabelConfig:
     try:
         root = ET.fromstring(text)
     except ET.ParseError as exc:

@@ -19,13 +19,16 @@ Clicks (``Predictor.click``):
 Pre-labels (``Predictor.prelabel``) segment the whole image through
 ``mosaic_toolkit.core.tiling.segment_tiled`` (SAM 2: tiles of about 100 tesserae, the fast path;
 classical: 1024-pixel tiles), stopping with a 504 error when the request's deadline passes
-between two tiles. With SAM 2 every tessera also gets a score (MOSAIC_BACKEND_PRELABEL_SCORES):
+between two tiles (a 503 when the server shuts down). The same ``Deadline`` covers a click: the
+classical segmentation of a first click stops between tiles, SAM 2 checks it before the model
+call; concurrent first clicks on one image share one segmentation (``SingleFlight``). With SAM 2 every tessera also gets a score (MOSAIC_BACKEND_PRELABEL_SCORES):
 the model's predicted IoU for a click on the tessera's point (``decode_points`` on the cached
 tile features; skipped when the deadline has passed).
 """
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -41,6 +44,7 @@ from mosaic_toolkit.core.tiling import MAX_TILE, plan_tiles, resolve_tiling, seg
 from mosaic_toolkit.engines import Engine
 
 from .errors import BackendError
+from .images import SingleFlight
 from .regions import Prompt
 
 if TYPE_CHECKING:
@@ -124,6 +128,15 @@ def click_window(shape: tuple[int, int], prompt: Prompt) -> tuple[int, int, int,
     return best
 
 
+def guarded(segment: Callable[[np.ndarray], np.ndarray], deadline: Deadline
+            ) -> Callable[[np.ndarray], np.ndarray]:
+    """``segment`` that first checks ``deadline`` (so a tiled segmentation stops between tiles)."""
+    def run(crop: np.ndarray) -> np.ndarray:
+        deadline.check()
+        return segment(writable(crop))
+    return run
+
+
 def writable(image: np.ndarray) -> np.ndarray:
     """``image`` itself, or a copy when it is read-only (the fetcher's cached images are):
     torch warns about tensors made from read-only arrays."""
@@ -142,22 +155,57 @@ def keep_clicked(mask: np.ndarray, positives: np.ndarray) -> np.ndarray:
     return np.isin(pieces, list(hit))
 
 
+class Deadline:
+    """When a request must stop: its predict timeout (504) or the server shutting down (503).
+    ``check()`` is called between units of work (tiles, tasks, before a click's model call)."""
+
+    def __init__(self, at: float, what: str, timeout: float, stop: threading.Event | None = None) -> None:
+        self.at = at  # a time.monotonic() value
+        self.what = what
+        self.timeout = timeout
+        self.stop = stop
+
+    @classmethod
+    def after(cls, seconds: float, what: str, stop: threading.Event | None = None) -> "Deadline":
+        return cls(time.monotonic() + seconds, what, seconds, stop)
+
+    def passed(self) -> bool:
+        return time.monotonic() > self.at or (self.stop is not None and self.stop.is_set())
+
+    def check(self, what: str | None = None) -> None:
+        what = what or self.what
+        if self.stop is not None and self.stop.is_set():
+            raise BackendError(f"{what}: stopped, the server is shutting down", 503)
+        if time.monotonic() > self.at:
+            raise BackendError(
+                f"{what}: stopped at the predict timeout of {self.timeout:g} s "
+                "(MOSAIC_BACKEND_PREDICT_TIMEOUT); the image is too large for this machine's "
+                "speed, or the request has too many tasks: raise the timeout (and Label Studio's "
+                "ML_TIMEOUT_PREDICT), send fewer tasks per request or use a GPU", 504)
+
+
 class Predictor:
     """Answers clicks and pre-labels; keeps classical segmentations between clicks."""
 
     def __init__(self, cache_bytes: int, prelabel_scores: bool = True) -> None:
         self.classical_cache: ByteLRU[ClassicalIndex] = ByteLRU(cache_bytes, lambda i: i.nbytes)
+        # concurrent first clicks on an image: one segmentation (SAM 2's engine encodes an
+        # image once under its own lock, the others then find it in its cache)
+        self._segmenting = SingleFlight()
         self.prelabel_scores = prelabel_scores
 
     # ---------------------------------------------------------------- clicks
-    def click(self, engine: Engine, image: np.ndarray, key: str, prompt: Prompt
-              ) -> tuple[np.ndarray, float | None]:
+    def click(self, engine: Engine, image: np.ndarray, key: str, prompt: Prompt,
+              deadline: Deadline | None = None) -> tuple[np.ndarray, float | None]:
         """(boolean mask over the whole image, score or None) for the prompts; the mask may be
-        empty (nothing found)."""
+        empty (nothing found). The first click on an image segments (classical) or encodes
+        (SAM 2) it within ``deadline``."""
         if len(prompt.positives) == 0 and prompt.box is None:
             raise BackendError("prompts: negative clicks only remove; add a positive click or a box")
         if isinstance(engine, ClassicalEngine):
-            return self._classical_click(engine, image, key, prompt), None
+            return self._classical_click(engine, image, key, prompt, deadline), None
+        if deadline is not None:
+            deadline.check()
         y0, x0, y1, x1 = click_window(image.shape[:2], prompt)
         box = None if prompt.box is None else prompt.box - [x0, y0, x0, y0]
         local, score = engine.predict_points(
@@ -168,18 +216,27 @@ class Predictor:
         return mask, score
 
     def classical_index(self, engine: ClassicalEngine, image: np.ndarray, key: str,
-                        segment: Callable[[np.ndarray], np.ndarray] | None = None) -> ClassicalIndex:
-        """The classical segmentation of ``image`` (cached by its content ``key``)."""
+                        deadline: Deadline | None = None) -> ClassicalIndex:
+        """The classical segmentation of ``image`` (cached by its content ``key``; computed
+        once for concurrent requests), within ``deadline``."""
         index = self.classical_cache.get(key)
-        if index is None:
-            index = ClassicalIndex.of(
-                segment_tiled(image, segment or engine.segment, tile=CLASSICAL_TILE, progress=False))
-            self.classical_cache.put(key, index)
-        return index
+        if index is not None:
+            return index
+
+        def compute() -> ClassicalIndex:
+            found = self.classical_cache.get(key)
+            if found is not None:
+                return found
+            segment = engine.segment if deadline is None else guarded(engine.segment, deadline)
+            made = ClassicalIndex.of(segment_tiled(image, segment, tile=CLASSICAL_TILE, progress=False))
+            self.classical_cache.put(key, made)
+            return made
+
+        return self._segmenting.do((id(engine), key), compute, None if deadline is None else deadline.check)
 
     def _classical_click(self, engine: ClassicalEngine, image: np.ndarray, key: str,
-                         prompt: Prompt) -> np.ndarray:
-        index = self.classical_index(engine, image, key)
+                         prompt: Prompt, deadline: Deadline | None = None) -> np.ndarray:
+        index = self.classical_index(engine, image, key, deadline)
         chosen = {index.tessera_at(x, y) for x, y in prompt.positives}
         if prompt.box is not None:
             chosen |= index.in_box(prompt.box)
@@ -190,29 +247,16 @@ class Predictor:
         return np.isin(index.instances, sorted(chosen))
 
     # ---------------------------------------------------------------- pre-labels
-    def prelabel(self, engine: Engine, image: np.ndarray, key: str, deadline: float, what: str
+    def prelabel(self, engine: Engine, image: np.ndarray, key: str, deadline: Deadline
                  ) -> tuple[np.ndarray, list[float] | None]:
-        """(instance map, per-tessera scores or None) of the whole image, within ``deadline``
-        (a ``time.monotonic()`` value)."""
-
-        def guarded(segment: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
-            def run(crop: np.ndarray) -> np.ndarray:
-                if time.monotonic() > deadline:
-                    raise BackendError(
-                        f"{what}: pre-labelling stopped at the predict timeout "
-                        "(MOSAIC_BACKEND_PREDICT_TIMEOUT); the image is too large for this "
-                        "machine's speed: raise the timeout (and Label Studio's ML_TIMEOUT_PREDICT) "
-                        "or use a GPU", 504)
-                return segment(writable(crop))
-            return run
-
+        """(instance map, per-tessera scores or None) of the whole image, within ``deadline``."""
         if isinstance(engine, ClassicalEngine):
-            return self.classical_index(engine, image, key, guarded(engine.segment)).instances, None
+            return self.classical_index(engine, image, key, deadline).instances, None
         tile, overlap = resolve_tiling(image)
-        instances = segment_tiled(image, guarded(engine.segment), tile=tile, overlap=overlap,
+        instances = segment_tiled(image, guarded(engine.segment, deadline), tile=tile, overlap=overlap,
                                   progress=False)
         scores = None
-        if self.prelabel_scores and instances.any() and time.monotonic() < deadline:
+        if self.prelabel_scores and instances.any() and not deadline.passed():
             scores = self._tessera_scores(engine, image, instances, tile, overlap)
         return instances, scores
 

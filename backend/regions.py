@@ -127,6 +127,8 @@ def _box(at: str, value: dict, x: float, y: float, width: int, height: int) -> n
     corners = np.array([[0, 0], [wx, 0], [wx, hy], [0, hy]], np.float64)
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     corners = corners @ rot.T + [x / 100 * width, y / 100 * height]
+    if not np.isfinite(corners).all():  # e.g. a width of 1e308 %: infinite in pixels
+        raise BackendError(f"{at}: the box ({x:g}%, {y:g}%, {w:g}% x {h:g}%) is out of range")
     x0, y0 = corners.min(0)
     x1, y1 = corners.max(0)
     if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:

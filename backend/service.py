@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 import msgspec
 import numpy as np
@@ -26,10 +27,10 @@ from mosaic_toolkit.core.errors import MosaicError
 from . import __version__
 from .config import Settings
 from .errors import BackendError
-from .images import ImageFetcher, LabelStudioLink
+from .images import ByteLRU, ImageFetcher, LabelStudioLink
 from .labelconfig import LabelConfig, parse_label_config
 from .metrics import Metrics
-from .predict import Predictor
+from .predict import Deadline, Predictor
 from .regions import brush_region, instance_regions, mean_score, parse_context, polygon_region
 from .jobs import ANNOTATION_ACTIONS, TrainingManager
 from .versions import EngineManager, ModelStore, engine_version
@@ -37,6 +38,7 @@ from .versions import EngineManager, ModelStore, engine_version
 log = logging.getLogger(__name__)
 
 MODEL_CLASS = "MosaicBackend"
+SCHEMA_CACHE_BYTES = 8 * 2**20  # label configs sent to /setup, kept per project
 
 
 class _Task(msgspec.Struct):
@@ -86,8 +88,9 @@ def _project_id(value: Any) -> int | None:
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.split(".", 1)[0].isdigit():
-        return int(value.split(".", 1)[0])
+    head = value.split(".", 1)[0] if isinstance(value, str) else ""
+    if head.isascii() and head.isdigit() and len(head) < 20:  # not "²", which isdigit() too
+        return int(head)
     return None
 
 
@@ -97,15 +100,27 @@ class Backend:
     def __init__(self, settings: Settings, engines: EngineManager | None = None) -> None:
         self.settings = settings
         self.link = LabelStudioLink(settings.label_studio_url, settings.label_studio_api_key)
+        if settings.label_studio_api_key and not settings.label_studio_url:
+            log.warning("LABEL_STUDIO_API_KEY is set without LABEL_STUDIO_URL: the key is only ever "
+                        "sent to LABEL_STUDIO_URL, so it is not used; set LABEL_STUDIO_URL")
         self.fetcher = ImageFetcher(settings, self.link)
         self.store = ModelStore(settings.models_dir)
         self.engines = engines or EngineManager(settings, self.store)
         self.predictor = Predictor(settings.image_cache_mb * 2**20, settings.prelabel_scores)
         self.metrics = Metrics()
         self.training = TrainingManager(settings, self.store, self.engines, self.link, self.metrics)
-        self.schemas: dict[int, str] = {}  # project id -> label config sent to /setup
+        # project id -> label config sent to /setup (bounded: least recently used go first)
+        self.schemas: ByteLRU[str] = ByteLRU(SCHEMA_CACHE_BYTES, len)
+        self.stopping = threading.Event()  # set on SIGTERM: running requests stop (503)
+
+    def stop(self) -> None:
+        """The server is shutting down: running requests stop at their next check."""
+        if not self.stopping.is_set():
+            self.stopping.set()
+            log.info("shutting down: running requests stop now")
 
     def close(self) -> None:
+        self.stop()
         self.training.close()
         self.fetcher.close()
 
@@ -125,13 +140,17 @@ class Backend:
         self.link.update_from_setup(body.get("hostname"), body.get("access_token"))
         project = _project_id(body.get("project"))
         if project is not None and isinstance(body.get("schema"), str):
-            self.schemas[project] = body["schema"]
+            self.schemas.put(str(project), body["schema"])
         return {"model_version": self.engines.active_version}
 
     def versions(self) -> dict[str, Any]:
         rows = self.engines.versions()
-        return {"versions": [r["version"] for r in rows], "current": self.engines.active_version,
-                "pinned": self.settings.model_version, "models": rows}
+        answer = {"versions": [r["version"] for r in rows], "current": self.engines.active_version,
+                  "pinned": self.settings.model_version, "models": rows,
+                  "broken": {r["version"]: r["broken"] for r in rows if r.get("broken")}}
+        if self.engines.last_error:
+            answer["warning"] = self.engines.last_error
+        return answer
 
     def select_version(self, body: Any) -> dict[str, Any]:
         version = body.get("version") if isinstance(body, dict) else None
@@ -146,13 +165,38 @@ class Backend:
     # ---------------------------------------------------------------- predictions
     def predict(self, body: Any) -> dict[str, Any]:
         """Answer /predict: clicks when ``params.context`` is given, else pre-labels."""
+        return {"results": list(self._results(body))}
+
+    def predict_json(self, body: Any) -> bytes:
+        """``predict`` as JSON bytes, each task's result encoded as soon as it is made (the
+        regions as Python objects take several times their JSON size); a 413 error when the
+        answer would pass MOSAIC_BACKEND_MAX_ANSWER_MB."""
+        limit = self.settings.max_answer_mb * 2**20
+        parts, total = [], 0
+        for result in self._results(body):
+            part = msgspec.json.encode(result)
+            total += len(part) + 1
+            if total > limit:
+                raise BackendError(
+                    f"predict: the answer passed {self.settings.max_answer_mb:g} MiB after "
+                    f"{len(parts)} task(s) (MOSAIC_BACKEND_MAX_ANSWER_MB); ask for fewer tasks "
+                    "per request", 413)
+            parts.append(part)
+        return b'{"results":[' + b",".join(parts) + b"]}"
+
+    def _results(self, body: Any) -> Iterator[dict[str, Any]]:
+        """One result per task, within the request's deadline (MOSAIC_BACKEND_PREDICT_TIMEOUT,
+        checked before every task, between tiles and before a click's model call)."""
         started = time.monotonic()
-        deadline = started + self.settings.predict_timeout
+        deadline = Deadline.after(self.settings.predict_timeout, "predict", self.stopping)
         if not isinstance(body, dict):
             raise BackendError("predict: expected a JSON object with 'tasks'")
         tasks = body.get("tasks")
         if not isinstance(tasks, list) or not tasks:
             raise BackendError("predict: 'tasks' must be a non-empty list of tasks")
+        if len(tasks) > self.settings.max_tasks:
+            raise BackendError(f"predict: {len(tasks)} tasks in one request, more than "
+                               f"{self.settings.max_tasks} (MOSAIC_BACKEND_MAX_TASKS)", 413)
         params = body.get("params") or {}
         if not isinstance(params, dict):
             raise BackendError("predict: 'params' must be an object")
@@ -162,28 +206,28 @@ class Backend:
         context = params.get("context")
         if context is not None and len(tasks) != 1:
             raise BackendError(f"predict: an interactive request (with context) takes one task, got {len(tasks)}")
-        results = []
         for raw in tasks:
+            deadline.check()
             task = self._task(raw)
-            what = f"task {task.get('id')}"
+            what = f"task {str(task.get('id'))[:50]}"
+            deadline.what = what
             image, key = self._image(task, config)
             try:
                 if context is not None:
-                    results.append(self._click(engine, config, task, image, key, context))
+                    yield self._click(engine, config, task, image, key, context, deadline)
                 else:
-                    results.append(self._prelabel(engine, config, image, key, deadline, what))
+                    yield self._prelabel(engine, config, image, key, deadline)
             except BackendError:
                 raise
             except MosaicError as exc:
                 raise BackendError(f"{what}: {exc}") from exc
         self.metrics.observe("click" if context is not None else "prelabel",
                              (time.monotonic() - started) / (1 if context is not None else len(tasks)))
-        return {"results": results}
 
     def _label_config(self, body: dict[str, Any]) -> LabelConfig:
         text = body.get("label_config")
         if not text:
-            text = self.schemas.get(_project_id(body.get("project")) or -1)
+            text = self.schemas.get(str(_project_id(body.get("project"))))
         return parse_label_config(text)
 
     def _task(self, raw: Any) -> dict[str, Any]:
@@ -203,11 +247,11 @@ class Backend:
         return self.fetcher.image(reference, task.get("id"))
 
     def _click(self, engine, config: LabelConfig, task: dict[str, Any], image: np.ndarray, key: str,
-               context: Any) -> dict[str, Any]:
+               context: Any, deadline: Deadline | None = None) -> dict[str, Any]:
         height, width = image.shape[:2]
         prompt = parse_context(context, config, width, height, task.get("id"))
         control = config.region_control
-        mask, score = self.predictor.click(engine, image, key, prompt)
+        mask, score = self.predictor.click(engine, image, key, prompt, deadline)
         label = control.label_for(prompt.label)
         region = None
         if mask.any():
@@ -216,10 +260,10 @@ class Backend:
         return {"result": [region] if region else [], "score": None if score is None else round(score, 4),
                 "model_version": engine_version(engine)}
 
-    def _prelabel(self, engine, config: LabelConfig, image: np.ndarray, key: str, deadline: float,
-                  what: str) -> dict[str, Any]:
+    def _prelabel(self, engine, config: LabelConfig, image: np.ndarray, key: str,
+                  deadline: Deadline) -> dict[str, Any]:
         control = config.prelabel_control
-        instances, scores = self.predictor.prelabel(engine, image, key, deadline, what)
+        instances, scores = self.predictor.prelabel(engine, image, key, deadline)
         regions = instance_regions(config, control, instances, control.label_for(None), scores)
         return {"result": regions, "score": mean_score(scores), "model_version": engine_version(engine)}
 

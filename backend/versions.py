@@ -6,12 +6,17 @@ The models folder (``MOSAIC_BACKEND_MODELS``)::
                                    atomically (written aside, then renamed)
     versions/<version>/finetune.pt a fine-tune file (prompt encoder + mask decoder)
     versions/<version>/version.json  when and how it was made: run, project, validation Dice
-    runs/<run id>/                 training runs (see trainer.py)
+    runs/<run id>/                 training runs (see jobs.py)
 
 A version's name is the model version the toolkit gives its weights
 (``mosaic_toolkit.sam.models.model_version``: ``<base>+ft-<sha256 prefix>``). The base model itself
 (the ``--model`` the server started with, or ``classical``) is always a version too; with no
 ``current`` file it is the one served.
+
+A broken version (a ``version.json`` that is not a JSON object, a fine-tune file that cannot
+be loaded) or a broken ``current`` pointer (not UTF-8 text, a folder, not a version name) is
+skipped with a one-line warning in the log and in ``/health``; the server then starts on (or
+keeps) the model it can serve, and ``GET /versions`` says which versions are broken and why.
 
 ``EngineManager`` loads the base engine at start-up, then serves the version named by
 ``current`` (or pinned by ``MOSAIC_BACKEND_MODEL_VERSION``). When ``current`` changes (a
@@ -44,13 +49,20 @@ POINTER = "current"
 FINETUNE = "finetune.pt"
 METADATA = "version.json"
 MAX_LOADED = 3  # engines kept in memory: the active one, the base, one more asked for by name
+MAX_POINTER_BYTES = 1024  # a ``current`` file larger than this is not a version name
 
 
 
 def valid_version_name(name: str) -> bool:
     """A version name that is safe as a folder name (no separators, not hidden)."""
     return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".") \
-        and name == name.strip() and len(name) <= 200
+        and name == name.strip() and len(name) <= 200 and all(32 <= ord(c) != 127 for c in name)
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """A message on one line (log, /health), at most ``limit`` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -67,13 +79,32 @@ class ModelStore:
     def runs_dir(self) -> Path:
         return self.root / "runs"
 
-    def current(self) -> str | None:
-        """The version named by ``current``, or None when there is no such file."""
+    def read_current(self) -> tuple[str | None, str | None]:
+        """(the version named by ``current`` or None when there is none, None) or, when the
+        file cannot be used, (None, why)."""
+        path = self.root / POINTER
         try:
-            name = (self.root / POINTER).read_text(encoding="utf-8").strip()
+            with open(path, "rb") as f:
+                data = f.read(MAX_POINTER_BYTES + 1)
         except FileNotFoundError:
-            return None
-        return name or None
+            return None, None
+        except OSError as exc:
+            return None, f"{path}: cannot be read ({exc.strerror or type(exc).__name__})"
+        if len(data) > MAX_POINTER_BYTES:
+            return None, f"{path}: more than {MAX_POINTER_BYTES} bytes, not a version name"
+        try:
+            name = data.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return None, f"{path}: not a version name (not UTF-8 text)"
+        if not name:
+            return None, None
+        if not valid_version_name(name):
+            return None, f"{path}: {one_line(repr(name), 80)} is not a valid version name"
+        return name, None
+
+    def current(self) -> str | None:
+        """The version named by ``current``, or None when there is none (or it is broken)."""
+        return self.read_current()[0]
 
     def pointer_stamp(self) -> tuple[int, int] | None:
         """(mtime, inode) of ``current``: changes whenever it is replaced."""
@@ -94,11 +125,24 @@ class ModelStore:
             raise BackendError(f"model version {name!r}: unknown (GET /versions lists them)", 404)
         return path
 
-    def metadata(self, name: str) -> dict[str, Any]:
+    def read_metadata(self, name: str) -> tuple[dict[str, Any], str | None]:
+        """(a version's ``version.json``, None), ({}, None) without one, or ({}, why) when it
+        is broken (unreadable, not JSON, not a JSON object)."""
+        path = self.versions_dir / name / METADATA
         try:
-            return json.loads((self.versions_dir / name / METADATA).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}, None
+        except OSError as exc:
+            return {}, f"{METADATA} cannot be read ({exc.strerror or type(exc).__name__})"
+        except ValueError as exc:  # also UnicodeDecodeError
+            return {}, f"{METADATA} is not valid JSON ({one_line(str(exc), 100)})"
+        if not isinstance(data, dict):
+            return {}, f"{METADATA} is not a JSON object (a {type(data).__name__})"
+        return data, None
+
+    def metadata(self, name: str) -> dict[str, Any]:
+        return self.read_metadata(name)[0]
 
     def names(self) -> list[str]:
         """Stored versions, oldest first."""
@@ -121,14 +165,19 @@ class EngineManager:
         self._lock = threading.RLock()
         self._loading: dict[str, threading.Event] = {}
         self.last_error: str | None = None
+        self.broken: dict[str, str] = {}  # versions that failed to load, and why
         self._stamp = store.pointer_stamp()
-        wanted = settings.model_version or store.current() or self.base_version
         self._active = self.base
+        wanted = settings.model_version
+        if not wanted:
+            wanted, problem = store.read_current()
+            if problem:
+                self._warn(f"{problem}; serving the base model {self.base_version}")
+        wanted = wanted or self.base_version
         try:
             self._active = self.engine_for(wanted)
         except BackendError as exc:  # keep serving the base model, and say why
-            self.last_error = f"cannot serve {wanted!r}: {exc}"
-            log.error("%s; serving the base model %s", self.last_error, self.base_version)
+            self._warn(f"cannot serve {wanted!r}: {exc}; serving the base model {self.base_version}")
 
     @property
     def trainable(self) -> bool:
@@ -150,9 +199,18 @@ class EngineManager:
         active = self.active_version
         rows = [{"version": self.base_version, "base": True, "active": active == self.base_version}]
         for name in self.store.names():
-            rows.append({"version": name, "base": False, "active": active == name,
-                         **self.store.metadata(name)})
+            metadata, problem = self.store.read_metadata(name)
+            row = {**metadata, "version": name, "base": False, "active": active == name}
+            why = problem or self.broken.get(name)
+            if why:
+                row["broken"] = why
+            rows.append(row)
         return rows
+
+    def _warn(self, message: str) -> None:
+        """A problem that does not stop serving: one line in the log and in /health."""
+        self.last_error = one_line(message)
+        log.warning("%s", self.last_error)
 
     def engine_for(self, version: str | None) -> Engine:
         """The engine of ``version`` (the active one for None), loading it if needed."""
@@ -163,6 +221,11 @@ class EngineManager:
             if engine is not None:
                 self._loaded.move_to_end(version)
                 return engine
+        if version != self.base_version and valid_version_name(version):
+            problem = self.store.read_metadata(version)[1] or self.broken.get(version)
+            if problem:
+                raise BackendError(f"model version {version!r} is broken: {problem}", 409)
+        with self._lock:
             event = self._loading.get(version)
             owner = event is None
             if owner:
@@ -175,7 +238,15 @@ class EngineManager:
                 raise BackendError(f"model version {version!r}: could not be loaded (see the log)", 503)
             return engine
         try:
-            engine = self._load(version)
+            try:
+                engine = self._load(version)
+            except BackendError:
+                raise
+            except Exception as exc:  # noqa: BLE001 (a corrupt file: the version is broken)
+                why = one_line(f"cannot be loaded ({type(exc).__name__}: {exc})")
+                self.broken[version] = why
+                log.warning("model version %s %s", version, why)
+                raise BackendError(f"model version {version!r} is broken: {why}", 409) from exc
             with self._lock:
                 self._loaded[version] = engine
                 self._evict()
@@ -235,17 +306,21 @@ class EngineManager:
             if stamp == self._stamp:
                 return
             self._stamp = stamp
-        wanted = self.store.current() or self.base_version
+        wanted, problem = self.store.read_current()
+        if problem:
+            self._warn(f"{problem}; still serving {engine_version(self._active)}")
+            return
+        wanted = wanted or self.base_version
         if wanted == engine_version(self._active):
+            self.last_error = None
             return
         threading.Thread(target=self._adopt, args=(wanted,), name=f"load {wanted}", daemon=True).start()
 
     def _adopt(self, version: str) -> None:
         try:
             engine = self.engine_for(version)
-        except BackendError as exc:
-            self.last_error = f"cannot serve {version!r}: {exc}"
-            log.error("%s; still serving %s", self.last_error, engine_version(self._active))
+        except Exception as exc:  # noqa: BLE001 (runs in a thread: report, never raise)
+            self._warn(f"cannot serve {version!r}: {exc}; still serving {engine_version(self._active)}")
             return
         if (self.store.current() or self.base_version) == version:
             self._active = engine

@@ -14,8 +14,10 @@ Label Studio with ``label-studio-sdk``. Per task:
    later region never cuts an earlier tessera apart.
 
 Bad input (an RLE of the wrong length, a missing or unreadable image, an image whose size differs
-from the annotated one, a polygon outside the image) raises a MosaicError naming the task; the
-output folder is built atomically, so nothing half-written is left.
+from the annotated one, a polygon outside the image, any field of the wrong type) raises a
+MosaicError naming the task; the output folder is built atomically, so nothing half-written is
+left. An RLE's declared length (its 32-bit header) is checked before it is decoded, so a small
+RLE cannot make the decoder allocate gigabytes.
 """
 from __future__ import annotations
 
@@ -58,6 +60,8 @@ TESSERA_TYPES = {
 UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-(.+)$")
 # A polygon vertex may overshoot the image border by this much (rounding in the editor).
 POLYGON_TOLERANCE_PX = 0.5
+# A task id is an integer (Label Studio's) or a plain name: it becomes part of file names.
+PLAIN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 # (task id, image reference from the task data) -> local image file
 ImageResolver = Callable[[Any, str], Path]
@@ -117,7 +121,51 @@ def check_tasks(data: Any, origin: str) -> list[dict[str, Any]]:
             f"{origin}: not a Label Studio JSON export (expected a list of tasks with 'id', 'data' "
             "and 'annotations'; export the project as JSON, not JSON_MIN)"
         )
+    for t in data:
+        tid = t["id"]
+        if not ((isinstance(tid, int) and not isinstance(tid, bool)) or (isinstance(tid, str) and PLAIN_ID.match(tid))):
+            raise MosaicError(f"{origin}: task id {str(tid)[:60]!r} is not an integer (or a plain name of "
+                              "letters, digits, '-' and '_')")
     return data
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def check_annotation(task_id: Any, annotation: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``result`` list of an annotation, with every field the export reads checked for its
+    type; a MosaicError naming the task and the field otherwise."""
+    where = f"task {task_id}: annotation {str(annotation.get('id'))[:40]}"
+    results = annotation.get("result")
+    if results is None:
+        return []
+    if not isinstance(results, list):
+        raise MosaicError(f"{where}: 'result' must be a list, got {_type_name(results)}")
+    for i, r in enumerate(results):
+        at = f"{where}: result {i}"
+        if not isinstance(r, dict):
+            raise MosaicError(f"{at}: expected an object, got {_type_name(r)}")
+        rtype = r.get("type")
+        if rtype is not None and not isinstance(rtype, str):
+            raise MosaicError(f"{at}: 'type' must be a string, got {_type_name(rtype)}")
+        value = r.get("value")
+        if value is not None and not isinstance(value, dict):
+            raise MosaicError(f"{at}: 'value' must be an object, got {_type_name(value)}")
+        value = value or {}
+        keys = (rtype,) if rtype in TESSERA_TYPES and rtype.endswith("labels") else ()
+        for key in keys + ("labels",):
+            names = value.get(key)
+            if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+                raise MosaicError(f"{at}: '{key}' must be a list of label names, got {_type_name(names)}")
+        if rtype in TESSERA_TYPES:
+            for key in ("original_width", "original_height"):
+                size = r.get(key)
+                if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float))
+                                         or not 0 < size < 2**31 or int(size) != size):
+                    raise MosaicError(f"{at}: '{key}' must be a positive whole number of pixels, "
+                                      f"got {str(size)[:40]}")
+    return results
 
 
 def _timestamp(task_id: Any, annotation: dict[str, Any]) -> datetime:
@@ -141,8 +189,13 @@ def choose_annotation(task: dict[str, Any]) -> tuple[dict[str, Any] | None, str 
     equals the most recently updated wins (then the higher annotation id).
     """
     annotations = task.get("annotations") or []
+    if not isinstance(annotations, list):
+        raise MosaicError(f"task {task['id']}: 'annotations' must be a list, got {_type_name(annotations)}")
     if not annotations:
         return None, "no annotation"
+    for i, a in enumerate(annotations):
+        if not isinstance(a, dict):
+            raise MosaicError(f"task {task['id']}: annotation {i} is not an object ({_type_name(a)})")
     usable = [a for a in annotations if not a.get("was_cancelled")]
     if not usable:
         return None, "all annotations cancelled"
@@ -260,9 +313,21 @@ def rasterise_region(task_id: Any, region: dict[str, Any], width: int, height: i
         rle = value.get("rle", region.get("rle"))
         if not rle:
             raise MosaicError(f"{where}: brush region without RLE data")
+        if not isinstance(rle, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in rle
+        ):
+            raise MosaicError(f"{where}: brush RLE must be a list of byte values (0-255)")
+        if len(rle) < 7:
+            raise MosaicError(f"{where}: brush RLE is {len(rle)} bytes, shorter than its header")
+        declared = int.from_bytes(bytes(rle[:4]), "big")  # the first 32 bits: the value count
+        if declared != width * height * 4:
+            raise MosaicError(
+                f"{where}: brush RLE declares {declared} values, expected {width * height * 4} "
+                f"(width {width} x height {height} x 4 channels)"
+            )
         try:
             flat = decode_rle(rle)
-        except (ValueError, IndexError, TypeError) as exc:
+        except (ValueError, IndexError, TypeError, OverflowError) as exc:
             raise MosaicError(f"{where}: cannot decode the brush RLE ({exc})") from exc
         if flat.size != width * height * 4:
             raise MosaicError(
@@ -405,21 +470,30 @@ def export_dataset(
     with atomic_output_dir(out, overwrite=overwrite) as root:
         for task in tqdm(tasks, desc="export", unit="task", disable=None):
             task_id = task["id"]
-            annotation, reason = choose_annotation(task)
-            regions = tessera_regions(annotation.get("result") or [], labels) if annotation else []
+            try:
+                annotation, reason = choose_annotation(task)
+                regions = tessera_regions(check_annotation(task_id, annotation), labels) if annotation else []
+            except (TypeError, AttributeError, ValueError, KeyError, OverflowError) as exc:  # a backstop
+                raise MosaicError(f"task {task_id}: malformed annotation ({type(exc).__name__}: {exc})") from exc
             if annotation is not None and not regions:
                 reason = "no tessera regions" + (f" labelled {', '.join(labels)}" if labels else "")
             if reason:
                 summary.skipped.append(Skipped(task_id, reason))
                 continue
             reference = image_reference(task, image_key)
-            name = reference_name(reference)
+            try:
+                name = reference_name(reference)
+            except ValueError as exc:  # urllib: e.g. "http://[::1"
+                raise MosaicError(f"task {task_id}: image reference {reference[:200]!r} is not a URL ({exc})") from exc
             path = resolve_image(task_id, reference)
             try:
                 height, width = read_image(path).shape[:2]
             except MosaicError as exc:
                 raise MosaicError(f"task {task_id}: {exc}") from exc
-            instances = annotation_instances(task_id, regions, width, height, name)
+            try:
+                instances = annotation_instances(task_id, regions, width, height, name)
+            except (TypeError, AttributeError, ValueError, KeyError, OverflowError, IndexError) as exc:
+                raise MosaicError(f"task {task_id}: malformed region ({type(exc).__name__}: {exc})") from exc
             if not instances.any():
                 summary.skipped.append(Skipped(task_id, "tessera regions are empty"))
                 continue
