@@ -6,8 +6,12 @@ DATASET/
   masks/<stem>.png          8-bit, same size: tesserae 0 (black), background 255 (white)
   instances/<stem>.png      16-bit, 0 = background, 1..N one id per tessera
   points/<stem>.json        {"points": [[x, y], ...]} pixel coordinates, one per tessera, in id order
-  manifest.json             per sample: stem, source, size, tesserae, split
+  manifest.json             per sample: stem, source, size, orientation, tesserae, split
 ```
+
+Images are read in their displayed orientation (``imageio``: the EXIF orientation applied, as
+browsers and Label Studio's editor show them); masks, instances, points and the manifest's
+size are in that frame, and ``orientation`` records the EXIF value that was applied.
 
 Points are integer pixel indices ``[column, row]`` that always lie inside their tessera: the
 centroid when the (rounded) centroid is inside, otherwise the interior pixel farthest from the
@@ -31,6 +35,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
+from . import imageio
 from .errors import MosaicError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
@@ -141,35 +146,18 @@ def tessera_points(instances: np.ndarray) -> list[list[int]]:
 # Image and file I/O
 # --------------------------------------------------------------------------------------------
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An RGB uint8 array; a clear MosaicError naming the file when it cannot be read."""
-    path = Path(path)
-    if not path.is_file():
-        raise MosaicError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as im:
-            return pil_to_rgb(im)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise MosaicError(f"{path}: cannot read image ({exc})") from exc
+    """RGB uint8 pixels in the displayed frame (EXIF orientation applied); ``imageio.read_image``."""
+    return imageio.read_image(path)
 
 
 def pil_to_rgb(im: Image.Image) -> np.ndarray:
-    """RGB uint8 pixels of an opened PIL image (16-bit and float greys are scaled to 0..255)."""
-    im.load()
-    if im.mode in ("I;16", "I;16B", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        peak = arr.max() if arr.size and arr.max() > 0 else 1.0
-        arr = (arr / peak * 255).astype(np.uint8)
-        return np.repeat(arr[..., None], 3, axis=2)
-    return np.asarray(im.convert("RGB"))
+    """RGB uint8 pixels of an opened PIL image, displayed frame; ``imageio.pil_to_rgb``."""
+    return imageio.pil_to_rgb(im)
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) without decoding the pixels."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (OSError, ValueError) as exc:
-        raise MosaicError(f"{path}: cannot read image ({exc})") from exc
+    """(width, height) as displayed, without decoding the pixels; ``imageio.image_size``."""
+    return imageio.image_size(path)
 
 
 def write_image(path: str | os.PathLike, image: np.ndarray, quality: int = 95) -> None:
@@ -289,6 +277,9 @@ class Sample:
     tesserae: int
     split: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
+    # EXIF/TIFF orientation of the image file, applied when it is read (1: stored upright);
+    # width, height, masks, instances and points are all in the displayed frame.
+    orientation: int = 1
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -296,6 +287,7 @@ class Sample:
             "image": self.image,
             "width": self.width,
             "height": self.height,
+            "orientation": self.orientation,
             "tesserae": self.tesserae,
             "split": self.split,
             "source": self.source,
@@ -311,6 +303,7 @@ class Sample:
             tesserae=int(d["tesserae"]),
             split=d.get("split"),
             source=d.get("source") or {},
+            orientation=int(d.get("orientation", 1)),
         )
 
 
@@ -334,13 +327,15 @@ def write_sample(
     root = Path(root)
     if relabel:
         instances = relabel_sequential(instances)
+    orientation = 1
     if isinstance(image, np.ndarray):
         height, width = image.shape[:2]
         rel = f"images/{stem}{image_ext}"
         write_image(root / rel, image)
     else:
         src = Path(image)
-        width, height = image_size(src)
+        info = imageio.image_info(src)
+        width, height, orientation = info.width, info.height, info.orientation
         rel = f"images/{stem}{src.suffix.lower()}"
         (root / "images").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, root / rel)
@@ -361,6 +356,7 @@ def write_sample(
         tesserae=len(points),
         split=split,
         source=source or {},
+        orientation=orientation,
     )
 
 
