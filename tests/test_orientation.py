@@ -15,7 +15,7 @@ positions go through the stage's inverse transform (``fixZoomedCoords``) and
 (web/dist/apps/labelstudio/358.js) holds ``image_rotation`` exactly once: written, never read.
 Results saved while rotated are therefore shaped as here: the same values, ``image_rotation``
 90, 180 or 270 (the rotate button turns by 90 degrees; other angles can only come through the
-API, and are stored the same way). tests/test_browser_labelstudio.py checks it in the editor.
+API, and are stored the same way). tests/test_browser_rotation.py checks it in the real editor.
 """
 from __future__ import annotations
 
