@@ -471,11 +471,12 @@ def image_size(source: Source) -> tuple[int, int]:
     return image_info(source).size
 
 
-def open_image(path: str | os.PathLike, stream_pixels: int = STREAM_PIXELS) -> np.ndarray | ImageTiles:
+def open_image(path: str | os.PathLike, stream_pixels: int | None = None) -> np.ndarray | ImageTiles:
     """The image for segmentation: an ``ImageTiles`` for a TIFF larger than ``stream_pixels``
-    (read tile by tile), otherwise the decoded array (``read_image``)."""
+    (default ``STREAM_PIXELS``; read tile by tile), otherwise the decoded array (``read_image``)."""
     info = image_info(path)
-    if info.format == "TIFF" and info.width * info.height > stream_pixels:
+    limit = STREAM_PIXELS if stream_pixels is None else stream_pixels
+    if info.format == "TIFF" and info.width * info.height > limit:
         try:
             return ImageTiles(path)
         except Exception as exc:

@@ -29,7 +29,6 @@ from .classical import ClassicalEngine, estimate_tessera_size
 from .dataset import (
     IMAGE_EXTENSIONS,
     atomic_output_dir,
-    write_image,
     write_instances,
     write_json,
     write_mask,
@@ -178,12 +177,15 @@ def write_outputs(folder: Path, stem: str, image: np.ndarray | imageio.ImageTile
     write_instances(folder / "instances" / f"{stem}.png", instances)
     width = outline_width(instances.shape)
     halo = width + 2
-    drawn = np.empty((*instances.shape, 3), np.uint8)
+    bgr = np.empty((*instances.shape, 3), np.uint8)  # OpenCV's order: encoded without a copy
     for y in range(0, height, BAND_ROWS):
         y0, y1 = max(0, y - halo), min(height, y + BAND_ROWS + halo)
         band = overlay(np.asarray(image[y0:y1]), instances[y0:y1], width)
-        drawn[y:y + BAND_ROWS] = band[y - y0:y - y0 + min(BAND_ROWS, height - y)]
-    write_image(folder / "overlays" / f"{stem}.jpg", drawn, quality=90)
+        bgr[y:y + BAND_ROWS] = band[y - y0:y - y0 + min(BAND_ROWS, height - y), :, ::-1]
+    path = folder / "overlays" / f"{stem}.jpg"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), bgr, [cv2.IMWRITE_JPEG_QUALITY, 90]):
+        raise MosaicError(f"{path}: cannot write overlay")
 
 
 # --------------------------------------------------------------------------------------------
