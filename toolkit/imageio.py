@@ -161,7 +161,12 @@ def _open_pil(source: Source) -> Image.Image:
 
 
 def pil_orientation(im: Image.Image) -> int:
-    """The EXIF (or TIFF tag) orientation of an opened PIL image, 1 when absent or invalid."""
+    """The EXIF (or TIFF tag) orientation of an opened PIL image, 1 when absent or invalid.
+
+    A PNG's eXIf chunk counts only before the pixel data (where the PNG specification puts
+    it): looking further would make Pillow decode the whole image just to read the header."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1
     try:
         value = im.getexif().get(ORIENTATION_TAG, 1)
     except Exception:  # a broken EXIF block never stops reading the pixels
