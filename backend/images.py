@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import logging
 import posixpath
@@ -47,10 +46,10 @@ from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 import httpx
 import numpy as np
-from PIL import Image
 
+from mosaic_toolkit.core import imageio
 from mosaic_toolkit.core.cache import ByteLRU
-from mosaic_toolkit.core.io import pil_to_rgb
+from mosaic_toolkit.core.errors import MosaicError
 
 from .config import Settings
 from .errors import BackendError
@@ -228,20 +227,20 @@ def local_files_path(url: str) -> str:
 
 
 def decode_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:
-    """RGB uint8 pixels of an image file's bytes (``mosaic_toolkit.core.dataset.pil_to_rgb``, as for
-    files); 413 when it has more than ``max_pixels``."""
+    """RGB uint8 pixels of an image file's bytes in the displayed frame (EXIF orientation
+    applied, as Label Studio's editor shows it), read by ``mosaic_toolkit.core.imageio`` like every
+    command reads files; 413 when it has more than ``max_pixels``."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-            if width * height > max_pixels:
-                raise BackendError(
-                    f"{name}: image is {width}x{height} = {width * height / 1e6:.1f} MP, more than "
-                    f"the limit of {max_pixels / 1e6:.1f} MP (MOSAIC_BACKEND_MAX_IMAGE_PIXELS)", 413)
-            return pil_to_rgb(im)
-    except Image.DecompressionBombError as exc:
-        raise BackendError(f"{name}: image too large to decode ({exc})", 413) from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise BackendError(f"{name}: not a readable image ({exc})", 400) from exc
+        info = imageio.image_info(data, name)
+        if info.width * info.height > max_pixels:
+            raise BackendError(
+                f"{name}: image is {info.width}x{info.height} = {info.width * info.height / 1e6:.1f} MP, "
+                f"more than the limit of {max_pixels / 1e6:.1f} MP (MOSAIC_BACKEND_MAX_IMAGE_PIXELS)", 413)
+        return imageio.read_image(data, name)
+    except BackendError:
+        raise
+    except MosaicError as exc:
+        raise BackendError(f"{name}: not a readable image ({str(exc).removeprefix(f'{name}: ')})", 400) from exc
 
 
 def _task_number(task_id: Any) -> int:

@@ -7,7 +7,11 @@ Output folder (usable directly as ``eval --pred OUT``)::
     OUT/overlays/<stem>.jpg     tessera outlines drawn over the image
     OUT/segment.json            engine, model version, parameters, per-image tesserae and seconds
 
-Large images are segmented tile by tile at native resolution (``tiling.segment_tiled``).
+Images are read in their displayed orientation (``imageio``: EXIF orientation applied, as Label
+Studio's editor shows them); all outputs are in that frame and segment.json records the
+orientation applied per image. Large images are segmented tile by tile at native resolution
+(``tiling.segment_tiled``); a TIFF larger than ``imageio.STREAM_PIXELS`` is never decoded whole:
+tiles are read from the file as they are segmented and the outputs are written in row bands.
 """
 from __future__ import annotations
 
@@ -20,16 +24,18 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .classical import ClassicalEngine
+from .classical import ClassicalEngine, estimate_tessera_size
+from .core import imageio
 from .core.dataset import IMAGE_EXTENSIONS
-from .core.io import atomic_output_dir, image_size, read_image
 from .core.errors import MosaicError
+from .core.io import atomic_output_dir, write_instances, write_mask
+from .core.predictions import INSTANCES_DIR, OVERLAYS_DIR, RESULT_FILE, write_result
 from .core.tiling import MAX_TILE, segment_tiled
-from .core.predictions import write_prediction, write_result
 from .engines import Engine, engine_info
 
 CLASSICAL_TILE = MAX_TILE  # the classical engine adapts to any tile; large tiles waste least
 OUTLINE_RGB = (255, 0, 255)  # magenta: rare in stone and glass, visible on light and dark tiles
+BAND_ROWS = 1024  # rows of the outputs built at once (bounded memory on very large images)
 
 
 # --------------------------------------------------------------------------------------------
@@ -45,16 +51,27 @@ def segment_image(
     engine adapts to any tessera size and runs on CLASSICAL_TILE tiles, which waste the least
     work on overlaps.
     """
+    tessera_size = None
+    if not isinstance(image, np.ndarray):  # imageio.ImageTiles: estimate on a crop, never read all
+        h, w = image.shape[:2]
+        top, left = max(0, (h - MAX_TILE) // 2), max(0, (w - MAX_TILE) // 2)
+        tessera_size = estimate_tessera_size(image[top:top + MAX_TILE, left:left + MAX_TILE])
     if isinstance(engine, ClassicalEngine):
-        return segment_tiled(image, engine.segment, tile=tile or CLASSICAL_TILE, progress=progress)
-    return segment_tiled(image, engine.segment, tile=tile, progress=progress)
+        return segment_tiled(image, engine.segment, tile=tile or CLASSICAL_TILE, progress=progress,
+                             tessera_size=tessera_size)
+    return segment_tiled(image, engine.segment, tile=tile, progress=progress, tessera_size=tessera_size)
 
 
-def overlay(image: np.ndarray, instances: np.ndarray) -> np.ndarray:
+def outline_width(shape: tuple[int, ...]) -> int:
+    """Outline thickness (px) for an image of ``shape``: visible when viewed scaled down."""
+    return max(1, round(max(shape[:2]) / 2000))
+
+
+def overlay(image: np.ndarray, instances: np.ndarray, width: int | None = None) -> np.ndarray:
     """RGB copy of ``image`` with every tessera's outline drawn in OUTLINE_RGB.
 
     The outline is the tessera's inner border (pixels with a 4-neighbour of another id),
-    thickened on large images so it stays visible when the picture is viewed scaled down.
+    thickened on large images (``outline_width``) so it stays visible when viewed scaled down.
     """
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
@@ -67,12 +84,38 @@ def overlay(image: np.ndarray, instances: np.ndarray) -> np.ndarray:
     edge[1:] |= dv
     edge[:-1] |= dv
     edge &= instances > 0
-    width = max(1, round(max(instances.shape) / 2000))
+    width = outline_width(instances.shape) if width is None else width
     if width > 1:
         grown = cv2.dilate(edge.view(np.uint8), np.ones((width, width), np.uint8))
         edge = grown.view(bool) & (instances > 0)
     out[edge] = OUTLINE_RGB
     return out
+
+
+def write_outputs(folder: Path, stem: str, image: np.ndarray | imageio.ImageTiles,
+                  instances: np.ndarray) -> None:
+    """The mask, instance map and overlay of one image, built in bands of BAND_ROWS rows so that
+    no full-size temporary beyond the outputs themselves is needed (same pixels as
+    ``instances_to_mask`` and ``overlay`` on the whole image)."""
+    height = instances.shape[0]
+    mask = np.empty(instances.shape, np.uint8)
+    for y in range(0, height, BAND_ROWS):
+        band = instances[y:y + BAND_ROWS]
+        mask[y:y + BAND_ROWS] = np.where(band > 0, 0, 255)
+    write_mask(folder / f"{stem}.png", mask)
+    del mask
+    write_instances(folder / INSTANCES_DIR / f"{stem}.png", instances)
+    width = outline_width(instances.shape)
+    halo = width + 2
+    bgr = np.empty((*instances.shape, 3), np.uint8)  # OpenCV's order: encoded without a copy
+    for y in range(0, height, BAND_ROWS):
+        y0, y1 = max(0, y - halo), min(height, y + BAND_ROWS + halo)
+        band = overlay(np.asarray(image[y0:y1]), instances[y0:y1], width)
+        bgr[y:y + BAND_ROWS] = band[y - y0:y - y0 + min(BAND_ROWS, height - y), :, ::-1]
+    path = folder / OVERLAYS_DIR / f"{stem}.jpg"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), bgr, [cv2.IMWRITE_JPEG_QUALITY, 90]):
+        raise MosaicError(f"{path}: cannot write overlay")
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,27 +170,31 @@ def segment_paths(
 
     Every input is checked to be a readable image before any work starts; any failure leaves no
     output (the folder is built aside and moved into place at the end). Returns the per-image
-    records of segment.json (stem, image, width, height, tesserae, seconds).
+    records of segment.json (stem, image, width, height, orientation, tesserae, seconds).
     """
     paths = collect_images(inputs)
-    for path in paths:
-        image_size(path)  # header check: a non-image fails now, not after hours of work
+    # header check: a non-image fails now, not after hours of work
+    infos = {path: imageio.image_info(path) for path in paths}
     records = []
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         bar = tqdm(paths, desc="segment", unit="image", disable=None if progress else True)
         for path in bar:
             bar.set_postfix_str(path.name)
-            image = read_image(path)
-            start = time.perf_counter()
-            instances = segment_image(engine, image, tile=tile, progress=progress)
-            seconds = time.perf_counter() - start
-            stem = path.stem
-            write_prediction(tmp, stem, instances, overlay(image, instances))
+            image = imageio.open_image(path)
+            try:
+                start = time.perf_counter()
+                instances = segment_image(engine, image, tile=tile, progress=progress)
+                seconds = time.perf_counter() - start
+                write_outputs(tmp, path.stem, image, instances)
+            finally:
+                if isinstance(image, imageio.ImageTiles):
+                    image.close()
             records.append({
-                "stem": stem, "image": str(path), "width": int(image.shape[1]),
-                "height": int(image.shape[0]), "tesserae": int(instances.max(initial=0)),
-                "seconds": round(seconds, 3),
+                "stem": path.stem, "image": str(path), "width": int(instances.shape[1]),
+                "height": int(instances.shape[0]), "orientation": infos[path].orientation,
+                "tesserae": int(instances.max(initial=0)), "seconds": round(seconds, 3),
             })
+            del image, instances
         write_result(tmp, {
             "version": 1, **engine_info(engine), "tile": tile or "auto", "images": records,
         })

@@ -6,8 +6,12 @@ DATASET/
   masks/<stem>.png          8-bit, same size: tesserae 0 (black), background 255 (white)
   instances/<stem>.png      16-bit, 0 = background, 1..N one id per tessera
   points/<stem>.json        {"points": [[x, y], ...]} pixel coordinates, one per tessera, in id order
-  manifest.json             per sample: stem, source, size, tesserae, split
+  manifest.json             per sample: stem, source, size, orientation, tesserae, split
 ```
+
+Images are read in their displayed orientation (``imageio``: the EXIF orientation applied, as
+browsers and Label Studio's editor show them); masks, instances, points and the manifest's
+size are in that frame, and ``orientation`` records the EXIF value that was applied.
 
 Points are integer pixel indices ``[column, row]`` that always lie inside their tessera: the
 centroid when the (rounded) centroid is inside, otherwise the interior pixel farthest from the
@@ -27,6 +31,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from . import imageio
 from .errors import MosaicError
 from .io import (
     MAX_INSTANCES,
@@ -157,6 +162,9 @@ class Sample:
     tesserae: int
     split: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
+    # EXIF/TIFF orientation of the image file, applied when it is read (1: stored upright);
+    # width, height, masks, instances and points are all in the displayed frame.
+    orientation: int = 1
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -164,6 +172,7 @@ class Sample:
             "image": self.image,
             "width": self.width,
             "height": self.height,
+            "orientation": self.orientation,
             "tesserae": self.tesserae,
             "split": self.split,
             "source": self.source,
@@ -179,6 +188,7 @@ class Sample:
             tesserae=int(d["tesserae"]),
             split=d.get("split"),
             source=d.get("source") or {},
+            orientation=int(d.get("orientation", 1)),
         )
 
 
@@ -202,13 +212,15 @@ def write_sample(
     root = Path(root)
     if relabel:
         instances = relabel_sequential(instances)
+    orientation = 1
     if isinstance(image, np.ndarray):
         height, width = image.shape[:2]
         rel = f"images/{stem}{image_ext}"
         write_image(root / rel, image)
     else:
         src = Path(image)
-        width, height = image_size(src)
+        info = imageio.image_info(src)
+        width, height, orientation = info.width, info.height, info.orientation
         rel = f"images/{stem}{src.suffix.lower()}"
         (root / "images").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, root / rel)
@@ -229,6 +241,7 @@ def write_sample(
         tesserae=len(points),
         split=split,
         source=source or {},
+        orientation=orientation,
     )
 
 

@@ -1,4 +1,4 @@
-"""Image and file I/O: reading images (the one image reader), masks, instance maps, JSON, and
+"""Image and file I/O: reading images (through ``imageio``, the one image reader), masks, instance maps, JSON, and
 atomic writes (a temporary sibling renamed into place, so an output is complete or absent).
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from . import imageio
 from .errors import MosaicError
 
 MAX_INSTANCES = 65535
@@ -24,35 +25,18 @@ MAX_INSTANCES = 65535
 # Image and file I/O
 # --------------------------------------------------------------------------------------------
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An RGB uint8 array; a clear MosaicError naming the file when it cannot be read."""
-    path = Path(path)
-    if not path.is_file():
-        raise MosaicError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as im:
-            return pil_to_rgb(im)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise MosaicError(f"{path}: cannot read image ({exc})") from exc
+    """RGB uint8 pixels in the displayed frame (EXIF orientation applied); ``imageio.read_image``."""
+    return imageio.read_image(path)
 
 
 def pil_to_rgb(im: Image.Image) -> np.ndarray:
-    """RGB uint8 pixels of an opened PIL image (16-bit and float greys are scaled to 0..255)."""
-    im.load()
-    if im.mode in ("I;16", "I;16B", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        peak = arr.max() if arr.size and arr.max() > 0 else 1.0
-        arr = (arr / peak * 255).astype(np.uint8)
-        return np.repeat(arr[..., None], 3, axis=2)
-    return np.asarray(im.convert("RGB"))
+    """RGB uint8 pixels of an opened PIL image, displayed frame; ``imageio.pil_to_rgb``."""
+    return imageio.pil_to_rgb(im)
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) without decoding the pixels."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (OSError, ValueError) as exc:
-        raise MosaicError(f"{path}: cannot read image ({exc})") from exc
+    """(width, height) as displayed, without decoding the pixels; ``imageio.image_size``."""
+    return imageio.image_size(path)
 
 
 def write_image(path: str | os.PathLike, image: np.ndarray, quality: int = 95) -> None:

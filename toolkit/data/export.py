@@ -386,14 +386,23 @@ def annotation_instances(
 ) -> np.ndarray:
     """The instance map of a task's tessera regions on a width x height image.
 
-    Checks that every region was drawn on an image of that size.
+    Checks that every region was drawn on an image of that size. Sizes, percentages and RLE are
+    in the displayed frame (EXIF orientation applied: ``imageio``), as the editor shows the
+    image. ``image_rotation`` (the editor's rotate button) needs no mapping: Label Studio 1.23
+    rotates only the view (its canvas; clicks are mapped back through the inverse transform)
+    and stores every result in the image's own frame, recording the view's angle in
+    ``image_rotation`` without ever reading it back (label-studio
+    web/libs/editor/src/tags/object/Image/Image.js, ``createSerializedResult``).
     """
     for r in regions:
         ow, oh = r.get("original_width"), r.get("original_height")
         if ow is not None and oh is not None and (int(ow), int(oh)) != (width, height):
+            turned = (int(ow), int(oh)) == (height, width)
             raise MosaicError(
                 f"task {task_id}: region {r.get('id')} was drawn on a {ow}x{oh} image but "
                 f"{image_name} is {width}x{height}"
+                + (" (turned by 90 degrees: this image file's EXIF orientation differs from the "
+                   "one Label Studio showed)" if turned else "")
             )
     masks = (rasterise_region(task_id, r, width, height) for r in regions)
     return assemble_instances(masks, (height, width))
