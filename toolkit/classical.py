@@ -4,9 +4,11 @@ It needs no model weights, so it is the default engine when no SAM 2 checkpoint 
 it is the baseline row of every evaluation (the mosaic literature's TOS approach is a watershed
 of the same family). The pipeline, all on Lab colour:
 
-0. *Working scale*: large tesserae (over ~50 px) are textured enough to fragment the maps
-   below, so stage 1 (steps 1-3) runs on a copy shrunk until tiles measure ~35 px; stage 2
-   (steps 4-6) always runs at full resolution, on the regions scaled back up.
+0. *Scale and working scale*: the tessera size comes from ``scale.estimate_scale`` (the period
+   of the grout network, independent of any segmentation) unless the caller gives it. Stage 1
+   (steps 1-3) runs on a copy shrunk until tiles measure ~35 px, or ~20 px when the tiles are
+   textured (their interiors, step 2, are fragmented to under half a tessera); stage 2
+   (steps 4-7) always runs at full resolution, on the regions scaled back up.
 1. *Boundary map*: colour gradient magnitude plus a thin-line (Hessian ridge) strength, so that
    grout lines one or two pixels wide show up even where the two tiles have the same colour.
 2. *Tile interiors*: pixels below a threshold of the boundary map (Otsu's threshold of its
@@ -28,6 +30,10 @@ of the same family). The pipeline, all on Lab colour:
    bevel of a tile or the shadow in the grout).
 6. *Clean-up*: touching tiles are separated by one grout pixel (the more grout-like of the two),
    every tile keeps its largest 4-connected piece with holes filled, and slivers are dropped.
+7. *Fragment merging* (``merge_fragments``): a region adjacency graph of the tiles that face
+   each other across a one-pixel separation; pairs whose separation is tile-coloured rather
+   than grout-coloured and whose colours agree are joined, most tile-like first, while the
+   union stays under 1.3 median tessera areas (texture and highlights split real tiles).
 
 Output: an int32 instance map, 0 = grout / background, ids 1..N in raster order, every id one
 4-connected component, no two tiles 4-adjacent. A 1024x1024 image takes 1-2 s on one core.
@@ -49,6 +55,7 @@ from skimage.segmentation import watershed
 
 from .dataset import FOUR_CONNECTED, relabel_sequential
 from .errors import MosaicError
+from .scale import estimate_scale
 
 
 @dataclass
@@ -56,7 +63,9 @@ class ClassicalParams:
     """Tunable knobs of the classical engine. Lengths marked "fraction" are relative to the
     estimated tessera size, so the defaults work from tiny to large tesserae."""
 
-    work_size: float = 35.0  # tiles found larger than ~1.5x this are segmented at a reduced scale
+    work_size: float = 35.0  # tesserae larger than ~1.5x this (px) are segmented shrunk
+    textured_work_size: float = 20.0  # the same for textured tesserae (fragmented interiors)
+    fragmented: float = 0.5  # interiors narrower than this fraction of a tessera: textured
     sigma: float = 1.0  # Gaussian sigma (px) before the colour gradient of the boundary map
     ridge_weight: float = 1.0  # weight of the thin-line (Hessian) strength in the boundary map
     ridge_sigma: float = 1.0  # scale (px) of the thin-line detector, about half a grout width
@@ -74,6 +83,9 @@ class ClassicalParams:
     background_area: float = 3.0  # flat grout-coloured areas above this many typical areas: bg
     min_roundness: float = 0.2  # grout-coloured regions less round than this are grout (bg)
     min_area: float = 0.05  # fraction of the squared tessera size: smaller tiles are dropped
+    merge_colour: float = 18.0  # Lab distance: fragments of one tile differ less than this
+    merge_score: float = -0.3  # mean grout score between fragments below this: no grout there
+    merge_area: float = 1.3  # merged fragments stay under this many median tessera areas
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -404,6 +416,101 @@ def _flat_background(
     return background
 
 
+
+def _touching_pairs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Background pixels between two tiles: (row-major pixel index, smaller id, larger id).
+
+    A pixel of 0 whose 3x3 neighbourhood holds two different tile ids separates those two
+    tiles by that one pixel (with several, the smallest and the largest id count).
+    """
+    h, w = labels.shape
+    pad = np.pad(labels, 1)
+    big = np.iinfo(np.int32).max
+    lo = np.full((h, w), big, np.int32)
+    hi = np.zeros((h, w), np.int32)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            nb = pad[dy:dy + h, dx:dx + w]
+            np.maximum(hi, nb, out=hi)
+            np.minimum(lo, np.where(nb > 0, nb, big), out=lo)
+    sep = (labels == 0) & (hi > 0) & (lo < hi)
+    idx = np.flatnonzero(sep)
+    return idx, lo.ravel()[idx], hi.ravel()[idx]
+
+
+def merge_fragments(
+    labels: np.ndarray,
+    colour: np.ndarray,
+    score: np.ndarray,
+    tessera_area: float,
+    p: ClassicalParams,
+) -> np.ndarray:
+    """Join tiles that are fragments of one tessera: a region adjacency graph, merged greedily.
+
+    Texture, stains and highlights inside a tessera can split it; the fragments then face each
+    other across a one-pixel separation (``_separate``) that is *not* grout. Two tiles are
+    joined when, along the pixels separating them, the colour is the tiles' own rather than the
+    grout's (mean ``score`` below ``p.merge_score``: -1 tile colour, +1 grout colour), their
+    mean colours differ by less than ``p.merge_colour`` (Lab), and the result stays under
+    ``p.merge_area`` times ``tessera_area`` (the median tessera area at the estimated scale).
+    Pairs with the most tile-like separation merge first. Two tesserae with grout between them
+    are never joined: a grout line of one pixel or more is grout-coloured or, when grout and
+    tile colours are alike (``score`` near 0), the pair's score stays at or above the bar.
+
+    ``labels``: tiles 1..N, none 4-adjacent; ``colour``: Lab image; ``score``: per pixel grout
+    score. Returns the merged map (separating pixels filled, holes closed), tiles 1..M.
+    """
+    n = int(labels.max())
+    if n < 2:
+        return labels
+    idx, a, b = _touching_pairs(labels)
+    if idx.size == 0:
+        return labels
+    key = a.astype(np.int64) * (n + 1) + b
+    pairs, inverse = np.unique(key, return_inverse=True)
+    count = np.bincount(inverse)
+    mean_score = np.bincount(inverse, weights=score.ravel()[idx]) / count
+    pa, pb = (pairs // (n + 1)).astype(np.int64), (pairs % (n + 1)).astype(np.int64)
+
+    area = np.bincount(labels.ravel(), minlength=n + 1).astype(np.float64)
+    flat = labels.ravel()
+    mean_c = np.stack([np.bincount(flat, weights=colour[..., c].ravel(), minlength=n + 1)
+                       for c in range(3)], 1) / np.maximum(area, 1)[:, None]
+    delta = np.linalg.norm(mean_c[pa] - mean_c[pb], axis=1)
+    # A contact of a couple of pixels (corners meeting) says nothing about the border.
+    side = np.sqrt(np.minimum(area[pa], area[pb]))
+    ok = (mean_score < p.merge_score) & (delta < p.merge_colour) & (count >= 0.25 * side)
+    order = np.argsort(mean_score[ok], kind="stable")
+    cand = np.flatnonzero(ok)[order]
+
+    parent = np.arange(n + 1)
+    size = area.copy()
+    cap = p.merge_area * tessera_area
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = int(parent[x])
+        return x
+
+    merged = False
+    for e in cand.tolist():
+        ra, rb = find(int(pa[e])), find(int(pb[e]))
+        if ra == rb or size[ra] + size[rb] > cap:
+            continue
+        parent[max(ra, rb)] = min(ra, rb)
+        size[min(ra, rb)] += size[max(ra, rb)]
+        merged = True
+    if not merged:
+        return labels
+    root = np.array([find(k) for k in range(n + 1)])
+    out = root[labels].astype(np.int32)
+    # Fill the separating pixels of joined pairs.
+    joined = root[a] == root[b]
+    out.ravel()[idx[joined]] = root[a[joined]]
+    _separate(out, score)  # a filled pixel may touch a third tile
+    return relabel_sequential(_keep_solid(out, 0))
+
 # --------------------------------------------------------------------------------------------
 # The two stages
 # --------------------------------------------------------------------------------------------
@@ -451,25 +558,6 @@ def _shrink(lab: np.ndarray, factor: int) -> np.ndarray:
     return cv2.resize(lab, size, interpolation=cv2.INTER_AREA)
 
 
-def _working_factor(lab: np.ndarray, full_size: float, p: ClassicalParams) -> int:
-    """How much to shrink the image so that tesserae are about ``work_size`` pixels.
-
-    Large tesserae are textured: at full resolution their mottling breaks the interior map into
-    fragments (and a tiny size estimate, ``full_size``). Seen at 1/2 and 1/4 scale the texture
-    averages out; when both views agree that tiles are large, the image is segmented shrunk.
-    Tiny tesserae alias at 1/4 scale (a large, wrong estimate), so the smaller view decides.
-    A half-scale estimate far above the full-scale one is the signature of fragmentation: then
-    at least half scale.
-    """
-    if min(lab.shape[:2]) < 64:
-        return 1
-    half, quarter = (_interior_maps(_shrink(lab, f), p)[4] * f for f in (2, 4))
-    factor = max(1, int(round(min(half, quarter) / p.work_size)))
-    if factor == 1 and half > 2.5 * full_size:
-        factor = 2
-    return factor
-
-
 def _find_regions(
     lab: np.ndarray, p: ClassicalParams, maps: tuple | None = None
 ) -> _Regions | None:
@@ -495,7 +583,9 @@ def _find_regions(
     return _Regions(regions, n, boundary, threshold, interior, dist, size)
 
 
-def _split_tiles(lab: np.ndarray, r: _Regions, p: ClassicalParams) -> np.ndarray:
+def _split_tiles(
+    lab: np.ndarray, r: _Regions, p: ClassicalParams, tessera_area: float | None = None
+) -> np.ndarray:
     """Stage 2: within every region, the tile and the grout around it (0), touching tiles apart."""
     regions, n = r.regions, r.n
     idx = np.arange(1, n + 1)
@@ -537,7 +627,10 @@ def _split_tiles(lab: np.ndarray, r: _Regions, p: ClassicalParams) -> np.ndarray
 
     # Separate touching tiles, keep solid pieces, drop slivers.
     _separate(labels, score)
-    return _keep_solid(labels, p.min_area * r.size * r.size)
+    labels = _keep_solid(labels, p.min_area * r.size * r.size)
+    if tessera_area and p.merge_area > 0:
+        labels = merge_fragments(labels, colour, score, tessera_area, p)
+    return labels
 
 
 def _score(
@@ -553,21 +646,13 @@ def _score(
 # The engine
 # --------------------------------------------------------------------------------------------
 def estimate_tessera_size(image: np.ndarray, params: ClassicalParams | None = None) -> float:
-    """Typical tessera diameter in pixels (equivalent-circle diameter of the median tile).
+    """Typical tessera diameter in pixels (median equivalent-circle diameter).
 
-    Measured on a classical segmentation of (at most a 1024x1024 centre crop of) the image, so
-    it costs about a second; when nothing is segmented, the cruder interior-map estimate
-    (inscribed diameters, at least 4 px).
+    Measured without segmenting, from the period of the grout network (``scale``); ``params``
+    is accepted for compatibility and unused.
     """
-    image = _check_image(image)
-    h, w = image.shape[:2]
-    top, left = max(0, (h - 1024) // 2), max(0, (w - 1024) // 2)
-    crop = image[top:top + 1024, left:left + 1024]
-    engine = ClassicalEngine(params)
-    size = _median_diameter(engine.segment(crop))
-    if size is None:
-        size = _interior_maps(_lab(crop), engine.params)[4]
-    return size
+    del params
+    return estimate_scale(_check_image(image)).diameter
 
 
 def _median_diameter(instances: np.ndarray) -> float | None:
@@ -589,22 +674,34 @@ class ClassicalEngine:
         self._cache: tuple[np.ndarray, np.ndarray, np.ndarray, float] | None = None
 
     # ----------------------------------------------------------------------------------------
-    def segment(self, image: np.ndarray) -> np.ndarray:
-        """Instance map (int32, 0 = grout/background, ids 1..N, each one 4-connected tile)."""
+    def segment(self, image: np.ndarray, tessera_size: float | None = None) -> np.ndarray:
+        """Instance map (int32, 0 = grout/background, ids 1..N, each one 4-connected tile).
+
+        ``tessera_size``: median tessera diameter (px) when known (e.g. estimated once for a
+        whole photograph that is segmented tile by tile); else estimated on ``image``. Every
+        length of the engine follows from it: the working scale (tesserae shrunk to about
+        ``work_size`` px), the marker spacing and the area cap of fragment merging.
+        """
         p = self.params
         image = _check_image(image)
+        if tessera_size is None:
+            tessera_size = estimate_scale(image).diameter
+        if not tessera_size > 0:
+            raise MosaicError(f"classical engine: tessera size must be positive, got {tessera_size}")
         lab = _lab(image)
         maps = _interior_maps(lab, p)
-        factor = _working_factor(lab, maps[4], p)
-        if factor == 1:
-            found = _find_regions(lab, p, maps)
-        else:
-            found = _find_regions(_shrink(lab, factor), p)
+        # Texture, stains and highlights break tile interiors into fragments much narrower than
+        # a tessera; seen shrunk, they average out (a clean tile is better seen sharp).
+        work_size = p.textured_work_size if maps[4] < p.fragmented * tessera_size else p.work_size
+        factor = max(1, int(round(tessera_size / work_size)))
+        factor = min(factor, max(1, min(image.shape[:2]) // 16))
+        found = _find_regions(lab, p, maps) if factor == 1 else _find_regions(_shrink(lab, factor), p)
         if found is None:
             return np.zeros(image.shape[:2], np.int32)
         if factor > 1:
             found = found.upsampled(factor, image.shape[:2])
-        return relabel_sequential(_split_tiles(lab, found, p))
+        area = np.pi / 4 * tessera_size ** 2
+        return relabel_sequential(_split_tiles(lab, found, p, area))
 
     # ----------------------------------------------------------------------------------------
     def predict_point(self, image: np.ndarray, x: int, y: int) -> np.ndarray | None:
