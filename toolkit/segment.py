@@ -11,6 +11,7 @@ Large images are segmented tile by tile at native resolution (``tiling.segment_t
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -34,7 +35,8 @@ from .dataset import (
     write_mask,
 )
 from .errors import MosaicError
-from .tiling import MAX_TILE, segment_tiled
+from .scale import estimate_tessera_size
+from .tiling import MAX_TILE, resolve_tiling, segment_tiled
 
 if TYPE_CHECKING:
     from .engine import Sam2Engine
@@ -111,18 +113,51 @@ def describe_engine(engine: Engine) -> str:
 # One image
 # --------------------------------------------------------------------------------------------
 def segment_image(
-    engine: Engine, image: np.ndarray, *, tile: int | None = None, progress: bool = False
+    engine: Engine,
+    image: np.ndarray,
+    *,
+    tile: int | None = None,
+    tessera_size: float | None = None,
+    progress: bool = False,
 ) -> np.ndarray:
     """Instance map (int32, ids 1..N in raster order) of every tessera in ``image``.
 
-    Goes through ``segment_tiled``. ``tile`` None picks the tile side: for SAM 2 from the
-    estimated tessera size (about 100 tesserae per tile, as the model was trained); the classical
-    engine adapts to any tessera size and runs on CLASSICAL_TILE tiles, which waste the least
-    work on overlaps.
+    See ``segment_image_info``, which also says which scale and tiles were used.
     """
+    return segment_image_info(engine, image, tile=tile, tessera_size=tessera_size,
+                              progress=progress)[0]
+
+
+def segment_image_info(
+    engine: Engine,
+    image: np.ndarray,
+    *,
+    tile: int | None = None,
+    tessera_size: float | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, dict]:
+    """(instance map, {"tessera_size_px", "tile", "overlap"}) of ``image``.
+
+    The tessera size (median equivalent diameter, px) is ``tessera_size`` when given, else
+    estimated once for the whole image (``scale.estimate_tessera_size``). It sets the tiles of
+    ``segment_tiled``: for SAM 2 about 100 tesserae per tile (as the model was trained) unless
+    ``tile`` is given; the classical engine adapts to any tile and runs on CLASSICAL_TILE tiles,
+    which waste the least work on overlaps, and is told the size so every tile is segmented at
+    the same scale. The overlap is about two tessera diameters.
+    """
+    if tessera_size is None:
+        tessera_size = estimate_tessera_size(image)
+    elif not tessera_size > 0:
+        raise MosaicError(f"tessera size must be positive, got {tessera_size}")
     if isinstance(engine, ClassicalEngine):
-        return segment_tiled(image, engine.segment, tile=tile or CLASSICAL_TILE, progress=progress)
-    return segment_tiled(image, engine.segment, tile=tile, progress=progress)
+        tile = tile or CLASSICAL_TILE
+        segment_fn = functools.partial(engine.segment, tessera_size=tessera_size)
+    else:
+        segment_fn = engine.segment
+    tile, overlap = resolve_tiling(image, tile, None, tessera_size)
+    instances = segment_tiled(image, segment_fn, tile=tile, overlap=overlap, progress=progress)
+    info = {"tessera_size_px": round(float(tessera_size), 2), "tile": tile, "overlap": overlap}
+    return instances, info
 
 
 def overlay(image: np.ndarray, instances: np.ndarray) -> np.ndarray:
@@ -196,13 +231,15 @@ def segment_paths(
     *,
     overwrite: bool = False,
     tile: int | None = None,
+    tessera_size: float | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """Segment the images named by ``inputs`` into the folder ``out`` (module docstring).
 
     Every input is checked to be a readable image before any work starts; any failure leaves no
     output (the folder is built aside and moved into place at the end). Returns the per-image
-    records of segment.json (stem, image, width, height, tesserae, seconds).
+    records of segment.json (stem, image, width, height, tesserae, seconds, tessera_size_px,
+    tile, overlap). ``tessera_size`` (px) overrides the per-image estimate of the scale.
     """
     paths = collect_images(inputs)
     for path in paths:
@@ -214,7 +251,8 @@ def segment_paths(
             bar.set_postfix_str(path.name)
             image = read_image(path)
             start = time.perf_counter()
-            instances = segment_image(engine, image, tile=tile, progress=progress)
+            instances, info = segment_image_info(engine, image, tile=tile,
+                                                 tessera_size=tessera_size, progress=progress)
             seconds = time.perf_counter() - start
             stem = path.stem
             write_mask(tmp / f"{stem}.png", instances_to_mask(instances))
@@ -223,9 +261,10 @@ def segment_paths(
             records.append({
                 "stem": stem, "image": str(path), "width": int(image.shape[1]),
                 "height": int(image.shape[0]), "tesserae": int(instances.max(initial=0)),
-                "seconds": round(seconds, 3),
+                "seconds": round(seconds, 3), **info,
             })
         write_json(tmp / RESULT_FILE, {
-            "version": 1, **engine_info(engine), "tile": tile or "auto", "images": records,
+            "version": 1, **engine_info(engine), "tile": tile or "auto",
+            "tessera_size": tessera_size or "auto", "images": records,
         })
     return records
