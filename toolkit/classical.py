@@ -86,6 +86,11 @@ class ClassicalParams:
     merge_colour: float = 18.0  # Lab distance: fragments of one tile differ less than this
     merge_score: float = -0.3  # mean grout score between fragments below this: no grout there
     merge_area: float = 1.3  # merged fragments stay under this many median tessera areas
+    close_radius: float = 0.12  # tessera diameters: notches narrower than ~twice this close
+    open_radius: float = 0.05  # tessera diameters: spurs narrower than ~twice this are cut
+    min_tile_area: float = 0.12  # median tessera areas: smaller tiles are crumbs
+    grout_speck_area: float = 0.5  # median tessera areas: grout-coloured tiles under it: grout
+    min_inradius: float = 0.1  # tessera diameters: thinner tiles are strips of grout
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -511,6 +516,72 @@ def merge_fragments(
     _separate(out, score)  # a filled pixel may touch a third tile
     return relabel_sequential(_keep_solid(out, 0))
 
+def _tidy(
+    labels: np.ndarray,
+    colour: np.ndarray,
+    grout_c: np.ndarray,
+    score: np.ndarray,
+    tessera_area: float,
+    p: ClassicalParams,
+) -> np.ndarray:
+    """Tiles at the estimated scale: notches closed, grout specks and crumbs dropped.
+
+    * Every tile is closed with a disc of ``p.close_radius`` tessera diameters, on grout pixels
+      only: a stain or highlight at a tile's edge coloured like the grout leaves a notch.
+    * Tiles smaller than ``p.min_tile_area`` median tessera areas go, and so do tiles under
+      ``p.grout_speck_area`` areas whose colour is the grout's (a wide grout junction) and
+      tiles whose inscribed circle is under ``p.min_inradius`` tessera diameters (a stretch
+      of grout line); tiles cut by the image border may be small, not that thin.
+    """
+    n = int(labels.max())
+    if n == 0:
+        return labels
+    diameter = 2 * np.sqrt(tessera_area / np.pi)
+    radius = int(round(p.close_radius * diameter))
+    out = labels.copy()
+    if radius >= 1:
+        disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+        r_open = int(round(p.open_radius * diameter))
+        open_disc = (cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_open + 1,) * 2)
+                     if r_open >= 1 else None)
+        h, w = labels.shape
+        for k, sl in enumerate(ndi.find_objects(labels), start=1):
+            if sl is None:
+                continue
+            y0, y1 = max(0, sl[0].start - radius), min(h, sl[0].stop + radius)
+            x0, x1 = max(0, sl[1].start - radius), min(w, sl[1].stop + radius)
+            obj = (labels[y0:y1, x0:x1] == k).view(np.uint8)
+            closed = cv2.morphologyEx(obj, cv2.MORPH_CLOSE, disc, borderType=cv2.BORDER_CONSTANT,
+                                      borderValue=0) | obj
+            if open_disc is not None:
+                closed = cv2.morphologyEx(closed, cv2.MORPH_OPEN, open_disc,
+                                          borderType=cv2.BORDER_REPLICATE)
+            closed = closed.view(bool)
+            view = out[y0:y1, x0:x1]
+            view[(view == k) & ~closed] = 0
+            view[closed & (view == 0)] = k
+        _separate(out, score)
+    area = np.bincount(out.ravel(), minlength=n + 1).astype(np.float64)
+    idx = np.arange(1, n + 1)
+    flat, safe = out.ravel(), np.maximum(area, 1)
+    diff = colour - grout_c
+    mean = np.stack([np.bincount(flat, diff[..., c].ravel(), n + 1) for c in range(3)], 1)
+    contrast = np.linalg.norm(mean / safe[:, None], axis=1)  # tile colour minus grout colour
+    edge = np.zeros(n + 1, bool)  # tiles cut by the image border may be small
+    edge[np.concatenate([out[0], out[-1], out[:, 0], out[:, -1]])] = True
+    drop = (area < p.min_tile_area * tessera_area) & ~edge
+    drop |= (area < p.grout_speck_area * tessera_area) & (contrast < 0.5 * p.min_contrast)
+    # Strips thinner than a fraction of a tessera are stretches of grout, not tiles
+    inner = np.zeros(n + 1)
+    solid = np.pad((out > 0).view(np.uint8), 1)  # outside the image is not tile either
+    inner[1:] = ndi.maximum(cv2.distanceTransform(solid, cv2.DIST_L2, 3)[1:-1, 1:-1], out, idx)
+    # (a tile cut by the image border may be that thin, unless it has the grout's colour).
+    drop |= (inner < p.min_inradius * diameter) & (~edge | (contrast < p.min_contrast))
+    drop[0] = True
+    out[drop[out]] = 0
+    return relabel_sequential(_keep_solid(out, 0))
+
+
 # --------------------------------------------------------------------------------------------
 # The two stages
 # --------------------------------------------------------------------------------------------
@@ -630,6 +701,8 @@ def _split_tiles(
     labels = _keep_solid(labels, p.min_area * r.size * r.size)
     if tessera_area and p.merge_area > 0:
         labels = merge_fragments(labels, colour, score, tessera_area, p)
+    if tessera_area:
+        labels = _tidy(labels, colour, grout_c, score, tessera_area, p)
     return labels
 
 
