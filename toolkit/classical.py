@@ -6,7 +6,7 @@ of the same family). The pipeline, all on Lab colour:
 
 0. *Scale and working scale*: the tessera size comes from ``scale.estimate_scale`` (the period
    of the grout network, independent of any segmentation) unless the caller gives it. Stage 1
-   (steps 1-3) runs on a copy shrunk until tiles measure ~35 px, or ~20 px when the tiles are
+   (steps 1-3) runs on a copy shrunk until tiles measure ~45 px, or ~20 px when the tiles are
    textured (their interiors, step 2, are fragmented to under half a tessera); stage 2
    (steps 4-7) always runs at full resolution, on the regions scaled back up.
 1. *Boundary map*: colour gradient magnitude plus a thin-line (Hessian ridge) strength, so that
@@ -63,7 +63,7 @@ class ClassicalParams:
     """Tunable knobs of the classical engine. Lengths marked "fraction" are relative to the
     estimated tessera size, so the defaults work from tiny to large tesserae."""
 
-    work_size: float = 35.0  # tesserae larger than ~1.5x this (px) are segmented shrunk
+    work_size: float = 45.0  # tesserae larger than ~1.5x this (px) are segmented shrunk
     textured_work_size: float = 20.0  # the same for textured tesserae (fragmented interiors)
     fragmented: float = 0.5  # interiors narrower than this fraction of a tessera: textured
     sigma: float = 1.0  # Gaussian sigma (px) before the colour gradient of the boundary map
@@ -83,8 +83,9 @@ class ClassicalParams:
     background_area: float = 3.0  # flat grout-coloured areas above this many typical areas: bg
     min_roundness: float = 0.2  # grout-coloured regions less round than this are grout (bg)
     min_area: float = 0.05  # fraction of the squared tessera size: smaller tiles are dropped
+    merge_reach: int = 1  # px: grout evidence is taken this far around the separation
     merge_colour: float = 18.0  # Lab distance: fragments of one tile differ less than this
-    merge_score: float = -0.3  # mean grout score between fragments below this: no grout there
+    merge_score: float = -0.1  # mean grout score between fragments below this: no grout there
     merge_area: float = 1.3  # merged fragments stay under this many median tessera areas
     close_radius: float = 0.12  # tessera diameters: notches narrower than ~twice this close
     open_radius: float = 0.05  # tessera diameters: spurs narrower than ~twice this are cut
@@ -449,13 +450,15 @@ def merge_fragments(
     score: np.ndarray,
     tessera_area: float,
     p: ClassicalParams,
+    grout_c: np.ndarray | None = None,
 ) -> np.ndarray:
     """Join tiles that are fragments of one tessera: a region adjacency graph, merged greedily.
 
     Texture, stains and highlights inside a tessera can split it; the fragments then face each
     other across a one-pixel separation (``_separate``) that is *not* grout. Two tiles are
     joined when, along the pixels separating them, the colour is the tiles' own rather than the
-    grout's (mean ``score`` below ``p.merge_score``: -1 tile colour, +1 grout colour), their
+    grout's (mean of the highest ``score`` within ``p.merge_reach`` px of each separating pixel
+    below ``p.merge_score``: -1 tile colour, +1 grout colour), their
     mean colours differ by less than ``p.merge_colour`` (Lab), and the result stays under
     ``p.merge_area`` times ``tessera_area`` (the median tessera area at the estimated scale).
     Pairs with the most tile-like separation merge first. Two tesserae with grout between them
@@ -463,7 +466,8 @@ def merge_fragments(
     tile colours are alike (``score`` near 0), the pair's score stays at or above the bar.
 
     ``labels``: tiles 1..N, none 4-adjacent; ``colour``: Lab image; ``score``: per pixel grout
-    score. Returns the merged map (separating pixels filled, holes closed), tiles 1..M.
+    score; ``grout_c``: the grout colour map, when given tiles whose mean colour is within
+    ``p.min_contrast`` of it are never joined (dark tiles on dark grout). Returns the merged map (separating pixels filled, holes closed), tiles 1..M.
     """
     n = int(labels.max())
     if n < 2:
@@ -474,7 +478,13 @@ def merge_fragments(
     key = a.astype(np.int64) * (n + 1) + b
     pairs, inverse = np.unique(key, return_inverse=True)
     count = np.bincount(inverse)
-    mean_score = np.bincount(inverse, weights=score.ravel()[idx]) / count
+    # The strongest grout evidence within a pixel of the separation: where the tile borders are
+    # a pixel off the grout line, the line runs beside the separating pixel, not through it.
+    if p.merge_reach > 0:
+        near = ndi.maximum_filter(score, size=2 * p.merge_reach + 1)
+    else:
+        near = score
+    mean_score = np.bincount(inverse, weights=near.ravel()[idx]) / count
     pa, pb = (pairs // (n + 1)).astype(np.int64), (pairs % (n + 1)).astype(np.int64)
 
     area = np.bincount(labels.ravel(), minlength=n + 1).astype(np.float64)
@@ -485,6 +495,12 @@ def merge_fragments(
     # A contact of a couple of pixels (corners meeting) says nothing about the border.
     side = np.sqrt(np.minimum(area[pa], area[pb]))
     ok = (mean_score < p.merge_score) & (delta < p.merge_colour) & (count >= 0.25 * side)
+    if grout_c is not None:
+        # Tiles coloured like the grout: the score cannot tell grout from tile there.
+        diff = colour - grout_c
+        off = np.linalg.norm(np.stack([np.bincount(flat, diff[..., c].ravel(), n + 1)
+                                       for c in range(3)], 1) / np.maximum(area, 1)[:, None], axis=1)
+        ok &= np.minimum(off[pa], off[pb]) >= p.min_contrast
     order = np.argsort(mean_score[ok], kind="stable")
     cand = np.flatnonzero(ok)[order]
 
@@ -700,7 +716,7 @@ def _split_tiles(
     _separate(labels, score)
     labels = _keep_solid(labels, p.min_area * r.size * r.size)
     if tessera_area and p.merge_area > 0:
-        labels = merge_fragments(labels, colour, score, tessera_area, p)
+        labels = merge_fragments(labels, colour, score, tessera_area, p, grout_c)
     if tessera_area:
         labels = _tidy(labels, colour, grout_c, score, tessera_area, p)
     return labels
