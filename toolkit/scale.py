@@ -15,10 +15,12 @@ the rows run. The estimate is the dominant period of that network:
 3. *Dominant period*: the most prominent local maximum of that profile (on a log-lag axis,
    lightly smoothed), between 4 px and a fifth of the analysed window: texture and noise only
    shape the profile at lags of a pixel or two, highlights at a fraction of a tessera, and a
-   design's colour areas give broad, weak bumps at many tesserae.
+   design's colour areas give broad, weak bumps at many tesserae. A clear peak at half the
+   winner's lag is taken instead (the winner was the second harmonic).
 4. *Equivalent diameter*: the period is a tessera plus a grout line; the median equivalent
    diameter of the tesserae is PERIOD_TO_DIAMETER times it (calibrated on synthetic mosaics of
-   known size and a real photograph: the ratio is 0.85-1.15 across them, 0.91 on the photograph).
+   known size, clean and photographic, and a real photograph: 0.85-1.2 across them, 0.91 on
+   the photograph).
 
 The window is the central ``WINDOW`` x ``WINDOW`` pixels; a larger image is also measured at
 half resolution over twice the window (large tesserae), and the more prominent period wins.
@@ -38,7 +40,8 @@ from .errors import MosaicError
 WINDOW = 1024  # side of the analysed central window (px)
 MIN_PERIOD = 4.0  # px: smaller tesserae cannot be told from noise
 MAX_PERIODS_ACROSS = 5  # the window must hold at least this many periods across
-PERIOD_TO_DIAMETER = 1.0  # median equivalent tessera diameter per grout-network period
+PERIOD_TO_DIAMETER = 0.95  # median equivalent tessera diameter per grout-network period
+HARMONIC_SHARE = 0.4  # a peak at half the lag this prominent (relative) is the fundamental
 FALLBACK_FRACTION = 0.05  # no periodic structure at all: a twentieth of the shorter side
 _LOG_STEP = 0.02  # resolution of the log-lag axis (2 %)
 _SMOOTH = 2.0  # Gaussian smoothing of the profile, in log-lag steps
@@ -126,6 +129,12 @@ def _dominant_period(image: np.ndarray) -> tuple[float, float]:
         return 0.0, 0.0
     peaks, prominence = peaks[keep], props["prominences"][keep]
     best = int(np.argmax(prominence))
+    # A lattice also correlates at twice its period: a clear peak at half the winner's lag is
+    # the fundamental (texture can blur the first peak more than the second).
+    half = np.abs(lags[peaks] / lags[peaks[best]] - 0.5) < 0.07
+    half &= prominence >= HARMONIC_SHARE * prominence[best]
+    if half.any():
+        best = int(np.flatnonzero(half)[np.argmax(prominence[half])])
     return float(lags[peaks[best]]), float(prominence[best])
 
 
