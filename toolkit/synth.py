@@ -578,7 +578,7 @@ def _photographic_tiles(
     offset = s * rng.uniform(0.1, 0.3, n)
     hx = (cx + offset * math.cos(light_angle) + rng.normal(0, 0.08 * s, n)).astype(np.float32)
     hy = (cy + offset * math.sin(light_angle) + rng.normal(0, 0.08 * s, n)).astype(np.float32)
-    sigma = (s * rng.uniform(0.05, 0.14, n)).astype(np.float32)
+    sigma = (s * rng.uniform(0.08, 0.2, n)).astype(np.float32)
     d2 = (xx - hx[cells]) ** 2 + (yy - hy[cells]) ** 2
     spot = np.exp(-d2 / (2 * sigma[cells] ** 2)) * (glossy[cells] & tile_mask)
     spot *= k * np.float32(rng.uniform(0.5, 1.0))
