@@ -34,6 +34,8 @@ of the same family). The pipeline, all on Lab colour:
    each other across a one-pixel separation; pairs whose separation is tile-coloured rather
    than grout-coloured and whose colours agree are joined, most tile-like first, while the
    union stays under 1.3 median tessera areas (texture and highlights split real tiles).
+8. *Tidy at the scale* (``_tidy``): notches closed, grout junction specks, strips of grout
+   line and crumbs dropped, all lengths in estimated tessera diameters.
 
 Output: an int32 instance map, 0 = grout / background, ids 1..N in raster order, every id one
 4-connected component, no two tiles 4-adjacent. A 1024x1024 image takes 1-2 s on one core.
@@ -467,7 +469,8 @@ def merge_fragments(
 
     ``labels``: tiles 1..N, none 4-adjacent; ``colour``: Lab image; ``score``: per pixel grout
     score; ``grout_c``: the grout colour map, when given tiles whose mean colour is within
-    ``p.min_contrast`` of it are never joined (dark tiles on dark grout). Returns the merged map (separating pixels filled, holes closed), tiles 1..M.
+    ``p.min_contrast`` of it are never joined (dark tiles on dark grout). Returns the merged
+    map (separating pixels filled, holes closed), tiles 1..M.
     """
     n = int(labels.max())
     if n < 2:
@@ -587,11 +590,11 @@ def _tidy(
     edge[np.concatenate([out[0], out[-1], out[:, 0], out[:, -1]])] = True
     drop = (area < p.min_tile_area * tessera_area) & ~edge
     drop |= (area < p.grout_speck_area * tessera_area) & (contrast < 0.5 * p.min_contrast)
-    # Strips thinner than a fraction of a tessera are stretches of grout, not tiles
+    # Strips thinner than a fraction of a tessera are stretches of grout, not tiles (a tile cut
+    # by the image border may be that thin, unless it has the grout's colour).
     inner = np.zeros(n + 1)
     solid = np.pad((out > 0).view(np.uint8), 1)  # outside the image is not tile either
     inner[1:] = ndi.maximum(cv2.distanceTransform(solid, cv2.DIST_L2, 3)[1:-1, 1:-1], out, idx)
-    # (a tile cut by the image border may be that thin, unless it has the grout's colour).
     drop |= (inner < p.min_inradius * diameter) & (~edge | (contrast < p.min_contrast))
     drop[0] = True
     out[drop[out]] = 0
@@ -767,9 +770,9 @@ class ClassicalEngine:
         """Instance map (int32, 0 = grout/background, ids 1..N, each one 4-connected tile).
 
         ``tessera_size``: median tessera diameter (px) when known (e.g. estimated once for a
-        whole photograph that is segmented tile by tile); else estimated on ``image``. Every
-        length of the engine follows from it: the working scale (tesserae shrunk to about
-        ``work_size`` px), the marker spacing and the area cap of fragment merging.
+        whole photograph that is segmented tile by tile); else estimated on ``image``. The
+        engine's lengths follow from it: the working scale (tesserae shrunk to about
+        ``work_size`` px), the area cap of fragment merging and the tidying radii and areas.
         """
         p = self.params
         image = _check_image(image)
