@@ -38,7 +38,7 @@ of the same family). The pipeline, all on Lab colour:
    line and crumbs dropped, all lengths in estimated tessera diameters.
 
 Output: an int32 instance map, 0 = grout / background, ids 1..N in raster order, every id one
-4-connected component, no two tiles 4-adjacent. A 1024x1024 image takes 1-2 s on one core.
+4-connected component, no two tiles 4-adjacent. A 1024x1024 image takes 2-4 s on one core.
 """
 from __future__ import annotations
 
