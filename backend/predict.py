@@ -4,10 +4,16 @@ Clicks (``Predictor.click``):
 
 * SAM 2: the prompts go to ``Sam2Engine.predict_points``, whose embedding cache makes the first
   click on an image run the image encoder and later ones only the prompt encoder and mask
-  decoder. An image up to ``CLICK_WINDOW`` pixels a side is encoded whole; on a larger one the
-  click is answered inside a fixed grid of ``CLICK_WINDOW``-pixel windows (overlapping by
-  ``CLICK_OVERLAP``), the window that holds all prompts farthest from its inner borders, so
-  tesserae keep their native resolution and clicks in the same window share one encoding.
+  decoder. *Clicks are decoded at the training scale*: the windows are the pre-label tiles,
+  ``tiling.resolve_tiling`` of the image (tiles of about 100 tesserae at the tessera size
+  estimated from the grout period, overlapping by two diameters, cut by ``plan_tiles``), and a
+  click is answered in the window of that grid holding all its prompts farthest from the
+  window's inner borders. The model was fine-tuned on crops of ~100 tesserae resized to its
+  input size, and pre-labels are decoded on exactly these crops, so a click sees a tessera at
+  the scale the model learned and pre-labels saw, and a click after a pre-label of the same
+  image runs no encoder (the window's features are cached by content). An image that fits in
+  one tile is used whole (as pre-labels do); prompts spread wider than any tile fall back to
+  ``CLICK_WINDOW``-pixel windows (overlapping by ``CLICK_OVERLAP``), then the whole image.
   Of the mask only the pieces under positive clicks are kept (the largest piece for a box).
 * Classical (no weights): the image is segmented once (tile by tile, cached per image) and a
   click selects the tessera under it or, on grout, the nearest one within two tessera
@@ -30,6 +36,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -39,6 +46,7 @@ from scipy import ndimage as ndi
 from mosaic_toolkit.classical import ClassicalEngine
 from mosaic_toolkit.core.cache import ByteLRU
 from mosaic_toolkit.core.dataset import tessera_points
+from mosaic_toolkit.core.scale import estimate_tessera_size
 from mosaic_toolkit.segment import CLASSICAL_TILE
 from mosaic_toolkit.core.tiling import MAX_TILE, plan_tiles, resolve_tiling, segment_tiled
 from mosaic_toolkit.engines import Engine
@@ -50,8 +58,9 @@ from .regions import Prompt
 if TYPE_CHECKING:
     from mosaic_toolkit.sam.engine import Sam2Engine
 
-CLICK_WINDOW = MAX_TILE  # px: SAM 2's input size, so a window is encoded at native resolution
-CLICK_OVERLAP = 256  # px: neighbouring click windows overlap by this much
+CLICK_WINDOW = MAX_TILE  # px: fallback windows, SAM 2's input size (native resolution)
+CLICK_OVERLAP = 256  # px: neighbouring fallback windows overlap by this much
+TILING_CACHE = 1024  # images whose (tile, overlap) are remembered
 NEAREST_SIZES = 2.0  # classical: a click on grout takes a tessera within this many diameters
 BOX_INSIDE = 0.5  # classical: a tessera belongs to a box when this part of it lies inside
 
@@ -105,10 +114,15 @@ class ClassicalIndex:
         return chosen
 
 
-def click_window(shape: tuple[int, int], prompt: Prompt) -> tuple[int, int, int, int]:
-    """(y0, x0, y1, x1) of the window a SAM 2 click is answered in (module docstring)."""
+def click_window(
+    shape: tuple[int, int], prompt: Prompt, tile: int = CLICK_WINDOW, overlap: int = CLICK_OVERLAP
+) -> tuple[int, int, int, int]:
+    """(y0, x0, y1, x1) of the window a SAM 2 click is answered in (module docstring).
+
+    ``tile`` and ``overlap``: the pre-label tiling of the image; the windows are its tiles.
+    """
     h, w = shape
-    if h <= CLICK_WINDOW and w <= CLICK_WINDOW:
+    if h <= tile and w <= tile:
         return 0, 0, h, w
     xs = list(prompt.points[:, 0])
     ys = list(prompt.points[:, 1])
@@ -116,8 +130,8 @@ def click_window(shape: tuple[int, int], prompt: Prompt) -> tuple[int, int, int,
         xs += [prompt.box[0], prompt.box[2]]
         ys += [prompt.box[1], prompt.box[3]]
     lo_x, hi_x, lo_y, hi_y = min(xs), max(xs), min(ys), max(ys)
-    best, best_margin = (0, 0, h, w), -1.0
-    for y0, x0, y1, x1 in plan_tiles(h, w, CLICK_WINDOW, CLICK_OVERLAP):
+    best, best_margin = None, -1.0
+    for y0, x0, y1, x1 in plan_tiles(h, w, tile, overlap):
         if not (x0 <= lo_x and hi_x <= x1 and y0 <= lo_y and hi_y <= y1):
             continue
         # distance to the window's inner borders (a border on the image border does not count)
@@ -125,15 +139,16 @@ def click_window(shape: tuple[int, int], prompt: Prompt) -> tuple[int, int, int,
                    lo_y - y0 if y0 > 0 else math.inf, y1 - hi_y if y1 < h else math.inf]
         if min(margins) > best_margin:
             best, best_margin = (y0, x0, y1, x1), min(margins)
-    return best
+    if best is None and tile < CLICK_WINDOW:  # prompts wider than a tile: larger windows
+        return click_window(shape, prompt, CLICK_WINDOW, CLICK_OVERLAP)
+    return best or (0, 0, h, w)
 
 
-def guarded(segment: Callable[[np.ndarray], np.ndarray], deadline: Deadline
-            ) -> Callable[[np.ndarray], np.ndarray]:
+def guarded(segment: Callable[..., np.ndarray], deadline: Deadline) -> Callable[..., np.ndarray]:
     """``segment`` that first checks ``deadline`` (so a tiled segmentation stops between tiles)."""
-    def run(crop: np.ndarray) -> np.ndarray:
+    def run(crop: np.ndarray, **kwargs) -> np.ndarray:
         deadline.check()
-        return segment(writable(crop))
+        return segment(writable(crop), **kwargs)
     return run
 
 
@@ -193,6 +208,21 @@ class Predictor:
         # image once under its own lock, the others then find it in its cache)
         self._segmenting = SingleFlight()
         self.prelabel_scores = prelabel_scores
+        self._tilings: OrderedDict[str, tuple[int, int]] = OrderedDict()
+
+    def tiling(self, image: np.ndarray, key: str) -> tuple[int, int]:
+        """(tile, overlap) of SAM 2 pre-labels and click windows for ``image`` (content ``key``):
+        ``resolve_tiling``, i.e. about 100 tesserae per tile at the estimated scale; remembered
+        per image, so clicks and pre-labels of one image always use the same grid."""
+        found = self._tilings.get(key)
+        if found is None:
+            found = resolve_tiling(image)
+            self._tilings[key] = found
+            while len(self._tilings) > TILING_CACHE:
+                self._tilings.popitem(last=False)
+        else:
+            self._tilings.move_to_end(key)
+        return found
 
     # ---------------------------------------------------------------- clicks
     def click(self, engine: Engine, image: np.ndarray, key: str, prompt: Prompt,
@@ -206,7 +236,7 @@ class Predictor:
             return self._classical_click(engine, image, key, prompt, deadline), None
         if deadline is not None:
             deadline.check()
-        y0, x0, y1, x1 = click_window(image.shape[:2], prompt)
+        y0, x0, y1, x1 = click_window(image.shape[:2], prompt, *self.tiling(image, key))
         box = None if prompt.box is None else prompt.box - [x0, y0, x0, y0]
         local, score = engine.predict_points(
             writable(image[y0:y1, x0:x1]), prompt.points - [x0, y0], prompt.labels, box)
@@ -218,7 +248,8 @@ class Predictor:
     def classical_index(self, engine: ClassicalEngine, image: np.ndarray, key: str,
                         deadline: Deadline | None = None) -> ClassicalIndex:
         """The classical segmentation of ``image`` (cached by its content ``key``; computed
-        once for concurrent requests), within ``deadline``."""
+        once for concurrent requests), within ``deadline``. One scale for the whole image, as
+        `segment` does: every tile is cut alike."""
         index = self.classical_cache.get(key)
         if index is not None:
             return index
@@ -227,8 +258,10 @@ class Predictor:
             found = self.classical_cache.get(key)
             if found is not None:
                 return found
+            size = estimate_tessera_size(image)
             segment = engine.segment if deadline is None else guarded(engine.segment, deadline)
-            made = ClassicalIndex.of(segment_tiled(image, segment, tile=CLASSICAL_TILE, progress=False))
+            made = ClassicalIndex.of(segment_tiled(
+                image, lambda crop: segment(crop, tessera_size=size), tile=CLASSICAL_TILE, progress=False))
             self.classical_cache.put(key, made)
             return made
 
@@ -252,7 +285,7 @@ class Predictor:
         """(instance map, per-tessera scores or None) of the whole image, within ``deadline``."""
         if isinstance(engine, ClassicalEngine):
             return self.classical_index(engine, image, key, deadline).instances, None
-        tile, overlap = resolve_tiling(image)
+        tile, overlap = self.tiling(image, key)
         instances = segment_tiled(image, guarded(engine.segment, deadline), tile=tile, overlap=overlap,
                                   progress=False)
         scores = None

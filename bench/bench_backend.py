@@ -2,7 +2,7 @@
 
 The backend runs as its own process (``python -m mosaic_backend``), as it does for Label Studio;
 a small HTTP server in this process plays the Label Studio host and serves synthetic mosaics
-(toolkit/synth.py) as ``/data/upload/...`` files, with the API token check. Per engine:
+(toolkit/data/synth.py) as ``/data/upload/...`` files, with the API token check. Per engine:
 
 * clicks: ``POST /predict`` with a keypoint context, as Label Studio sends it. ``cold`` is the
   first click on an image (download, decode, and the image encoder or the classical

@@ -1,7 +1,8 @@
 """Accuracy and speed of the classical engine on seeded synthetic mosaics; prints one JSON object.
 
 The images are exactly those of ``mosaic-toolkit synth --n N --seed SEED --min-size MIN
---max-size MAX`` (both styles mixed, every degradation the generator draws), written to a
+--max-size MAX [--realism R]`` (both styles mixed, every degradation the generator draws;
+``--realism 0`` gives the clean renderings of earlier versions), written to a
 temporary folder and read back. ``--data DIR`` scores a dataset folder instead (e.g. an export
 of real annotations). Per image: segmentation time on one core, pixel Dice / IoU and the
 per-tessera metrics of the mosaic literature; then their means. ``seconds`` is wall time,
@@ -54,6 +55,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2024, help="seed of the synthetic mosaics")
     parser.add_argument("--min-size", type=int, default=400, help="shortest longest side (px)")
     parser.add_argument("--max-size", type=int, default=1024, help="longest longest side (px)")
+    parser.add_argument("--realism", type=float, default=None,
+                        help="synth realism 0..1 (0: clean tiles; default: the default mix)")
     parser.add_argument("--data", type=Path, help="score this dataset folder instead")
     args = parser.parse_args()
 
@@ -66,10 +69,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp) / "synthetic"
             synth_dataset(root, args.n, seed=args.seed, min_size=args.min_size,
-                          max_size=args.max_size)
+                          max_size=args.max_size, realism=args.realism)
             rows = score_dataset(root, engine)
         source = {"synthetic": {"n": args.n, "seed": args.seed, "min_size": args.min_size,
-                                "max_size": args.max_size}}
+                                "max_size": args.max_size,
+                                "realism": "mixed" if args.realism is None else args.realism}}
     means = mean_metrics(rows)
     result = {
         "engine": engine.name,

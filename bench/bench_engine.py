@@ -3,7 +3,7 @@
 * Click latency: a cold click (image encoder + decoder) against warm clicks on the same image
   (embedding cache hit: prompt encoder + mask decoder only), median of several clicks.
 * Full-image segmentation: the stock generator path against the fast path on the same synthetic
-  mosaic (toolkit/synth.py), time and pixel Dice / per-tessera F against its ground truth.
+  mosaic (toolkit/data/synth.py), time and pixel Dice / per-tessera F against its ground truth.
 
 Without ``--model`` a SAM 2.1 tiny with RANDOM weights is used (no weights can be downloaded
 here): timings are representative of tiny, but Dice and F are meaningless, and the thresholds are
@@ -108,7 +108,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "load_average": [round(x, 2) for x in os.getloadavg()],  # other work slows the timings
         "model_input": engine.model.image_size,
-        "image": {"width": args.size, "height": args.size, "tesserae": int(gt.max()), "source": "toolkit/synth.py"},
+        "image": {"width": args.size, "height": args.size, "tesserae": int(gt.max()), "source": "toolkit/data/synth.py"},
         "click": {
             "cold_median_s": round(statistics.median(cold), 3),
             "warm_median_s": round(statistics.median(warm), 3),

@@ -13,7 +13,7 @@ Two modes:
 
 The mosaic is written piece by piece in a separate process, so writing it costs little memory
 and none of it counts here: in TIFF mode tifffile writes the file tile by tile from a generator
-(``--piece``-pixel tiles, each one of a small pool of synthetic mosaics from toolkit/synth.py,
+(``--piece``-pixel tiles, each one of a small pool of synthetic mosaics from toolkit/data/synth.py,
 scaled to 16 bits by x257); in array mode into a memory-mapped .npy file. Piece borders are
 straight cuts through tesserae, harmless here: this measures memory and time, not quality.
 

@@ -1,6 +1,6 @@
 """Benchmark fine-tuning: an epoch with the embedding cache against one re-encoding every image.
 
-Same run, same model, same data: synthetic mosaics (toolkit/synth.py), one Trainer; after the
+Same run, same model, same data: synthetic mosaics (toolkit/data/synth.py), one Trainer; after the
 cache is built (timed separately) training epochs alternate between reading the cached
 features and running the frozen image encoder on every image at every step (what the thesis's
 code did). Each variant runs ``--repeats`` times; the fastest of each is reported, with the

@@ -5,7 +5,7 @@ it (``tune.score_images``). With the memo (``tune.CachedSegmenter``) the image e
 mask decoder run in the first trial only; later trials filter, upsample, paint and post-process.
 The baseline re-runs ``Sam2Engine.segment`` (encoder, decoder, everything) in every trial, as
 the thesis's tuning did. Both run the same parameter sets on the same synthetic mosaics
-(toolkit/synth.py), and the instance maps are checked to be identical.
+(toolkit/data/synth.py), and the instance maps are checked to be identical.
 
 Without ``--model`` a SAM 2.1 tiny with RANDOM weights is used (no weights can be downloaded
 here): the timings are real, the scores meaningless. Its quality filters are opened
@@ -137,7 +137,7 @@ def main() -> None:
         "load_average": [round(x, 2) for x in os.getloadavg()],  # other work slows the timings
         "model_input": engine.model.image_size,
         "images": {"n": args.n, "width": args.size, "height": args.size,
-                   "tesserae": [int(item.gt_instances.max()) for item in images], "source": "toolkit/synth.py"},
+                   "tesserae": [int(item.gt_instances.max()) for item in images], "source": "toolkit/data/synth.py"},
         "points_per_side": args.points_per_side,
         "seconds_per_trial": {
             "memo_first_trial": round(cached[0][0], 3),  # encodes and decodes: fills the memo

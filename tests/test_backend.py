@@ -36,7 +36,7 @@ from mosaic_backend.errors import BackendError
 from mosaic_backend.images import LabelStudioLink, local_files_path
 from mosaic_backend.labelconfig import parse_label_config
 from mosaic_backend.metrics import percentile
-from mosaic_backend.predict import CLICK_WINDOW, click_window
+from mosaic_backend.predict import CLICK_WINDOW, Deadline, click_window
 from mosaic_backend.regions import Prompt
 from mosaic_backend.service import Backend
 from mosaic_backend.jobs import should_promote
@@ -443,6 +443,38 @@ def test_click_window_on_large_images() -> None:
     assert click_window((600, 1700), boxed) == (0, 0, 600, 1024)
     too_wide = Prompt(np.array([[10.0, 10.0], [1690.0, 10.0]]), np.array([1, 1]), None, None)
     assert click_window((600, 1700), too_wide) == (0, 0, 600, 1700)  # no window holds both
+
+
+def test_sam2_clicks_use_the_prelabel_tiles_and_their_encodings(sam2_engine) -> None:
+    """On an image larger than one pre-label tile, a click is decoded in a tile of the pre-label
+    grid (about 100 tesserae at the estimated scale): after a pre-label, clicks anywhere run no
+    image encoder; the click's window is one of the tiles and holds the click."""
+    from mosaic_backend.predict import Predictor
+    from mosaic_toolkit.core.tiling import plan_tiles, resolve_tiling
+
+    image, truth = synth_mosaic(np.random.default_rng(4), 900, 420, style="irregular",
+                                tessera_size=24)
+    tile, overlap = resolve_tiling(image)
+    assert tile < 900  # several tiles: ~100 tesserae of ~24 px need ~240-300 px
+    tiles = plan_tiles(420, 900, tile, overlap)
+    predictor = Predictor(cache_bytes=1 << 26, prelabel_scores=False)
+    assert predictor.tiling(image, "img") == (tile, overlap)
+    sam2_engine.clear_cache()
+    predictor.prelabel(sam2_engine, image, "img", Deadline.after(600, "task 1"))
+    encoded = set(sam2_engine.cached_keys())
+    assert len(encoded) == len(tiles)
+    for k in (1, truth.max() // 2, truth.max()):
+        x, y = centre(truth, int(k))
+        prompt = Prompt(np.array([[x, y]]), np.array([1]), None, None)
+        window = click_window(image.shape[:2], prompt, tile, overlap)
+        assert window in tiles
+        y0, x0, y1, x1 = window
+        assert x0 <= x < x1 and y0 <= y < y1
+        mask, score = predictor.click(sam2_engine, image, "img", prompt)
+        assert mask.shape == truth.shape and isinstance(score, float)
+        assert not mask[:y0].any() and not mask[y1:].any()
+        assert not mask[:, :x0].any() and not mask[:, x1:].any()
+        assert set(sam2_engine.cached_keys()) == encoded  # no encoder run for the click
 
 
 def test_prelabel_timeout_is_a_clear_error(tmp_path_factory, hosts) -> None:

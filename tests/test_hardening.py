@@ -375,10 +375,10 @@ def test_concurrent_first_clicks_compute_once(tmp_path_factory, hosts) -> None:
         engine = client.app.state.backend.engines.base
         segment, calls = engine.segment, []
 
-        def counted(image: np.ndarray) -> np.ndarray:
+        def counted(image: np.ndarray, **kwargs) -> np.ndarray:
             calls.append(image.shape)
             time.sleep(0.2)  # widen the window in which the others arrive
-            return segment(image)
+            return segment(image, **kwargs)
 
         engine.segment = counted
         hosts["requests"].clear()

@@ -127,6 +127,34 @@ def test_segment_classical_writes_outputs_that_eval_scores(dataset: Path, tmp_pa
     assert metrics["mean"]["pixel"]["dice"] > 0.8
 
 
+def test_segment_records_the_scale_and_tessera_size_overrides_it(
+    dataset: Path, tmp_path: Path, no_weights
+):
+    auto = tmp_path / "auto"
+    result = run("segment", dataset, "--out", auto, "--engine", "classical")
+    assert result.exit_code == 0, result.output
+    for record in json.loads((auto / "segment.json").read_text())["images"]:
+        gt = read_instances(dataset / "instances" / f"{record['stem']}.png")
+        areas = np.bincount(gt.ravel())[1:]
+        diameter = 2 * np.sqrt(np.median(areas[areas > 0]) / np.pi)
+        assert record["tessera_size_px"] == pytest.approx(diameter, rel=0.15)
+        assert record["tile"] == 1024 and record["overlap"] == 0  # one tile holds the image
+
+    forced = tmp_path / "forced"
+    result = run("segment", dataset, "--out", forced, "--engine", "classical",
+                 "--tessera-size", 20, "--tile", 128)
+    assert result.exit_code == 0, result.output
+    info = json.loads((forced / "segment.json").read_text())
+    assert info["tessera_size"] == 20
+    for record in info["images"]:
+        assert record["tessera_size_px"] == 20 and record["tile"] == 128
+        assert record["overlap"] == 40  # two diameters
+
+    result = run("segment", dataset, "--out", tmp_path / "bad", "--tessera-size", 0)
+    assert result.exit_code != 0 and "--tessera-size" in result.output
+    assert not (tmp_path / "bad").exists()
+
+
 def test_unreadable_image_fails_cleanly_without_output(dataset: Path, tmp_path: Path, no_weights):
     broken = tmp_path / "broken"
     broken.mkdir()

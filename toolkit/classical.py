@@ -4,9 +4,11 @@ It needs no model weights, so it is the default engine when no SAM 2 checkpoint 
 it is the baseline row of every evaluation (the mosaic literature's TOS approach is a watershed
 of the same family). The pipeline, all on Lab colour:
 
-0. *Working scale*: large tesserae (over ~50 px) are textured enough to fragment the maps
-   below, so stage 1 (steps 1-3) runs on a copy shrunk until tiles measure ~35 px; stage 2
-   (steps 4-6) always runs at full resolution, on the regions scaled back up.
+0. *Scale and working scale*: the tessera size comes from ``scale.estimate_scale`` (the period
+   of the grout network, independent of any segmentation) unless the caller gives it. Stage 1
+   (steps 1-3) runs on a copy shrunk until tiles measure ~45 px, or ~20 px when the tiles are
+   textured (their interiors, step 2, are fragmented to under half a tessera); stage 2
+   (steps 4-7) always runs at full resolution, on the regions scaled back up.
 1. *Boundary map*: colour gradient magnitude plus a thin-line (Hessian ridge) strength, so that
    grout lines one or two pixels wide show up even where the two tiles have the same colour.
 2. *Tile interiors*: pixels below a threshold of the boundary map (Otsu's threshold of its
@@ -28,9 +30,15 @@ of the same family). The pipeline, all on Lab colour:
    bevel of a tile or the shadow in the grout).
 6. *Clean-up*: touching tiles are separated by one grout pixel (the more grout-like of the two),
    every tile keeps its largest 4-connected piece with holes filled, and slivers are dropped.
+7. *Fragment merging* (``merge_fragments``): a region adjacency graph of the tiles that face
+   each other across a one-pixel separation; pairs whose separation is tile-coloured rather
+   than grout-coloured and whose colours agree are joined, most tile-like first, while the
+   union stays under 1.3 median tessera areas (texture and highlights split real tiles).
+8. *Tidy at the scale* (``_tidy``): notches closed, grout junction specks, strips of grout
+   line and crumbs dropped, all lengths in estimated tessera diameters.
 
 Output: an int32 instance map, 0 = grout / background, ids 1..N in raster order, every id one
-4-connected component, no two tiles 4-adjacent. A 1024x1024 image takes 1-2 s on one core.
+4-connected component, no two tiles 4-adjacent. A 1024x1024 image takes 2-4 s on one core.
 """
 from __future__ import annotations
 
@@ -49,6 +57,7 @@ from skimage.segmentation import watershed
 
 from .core.dataset import FOUR_CONNECTED, relabel_sequential
 from .core.errors import MosaicError
+from .core.scale import estimate_scale
 
 
 @dataclass
@@ -56,7 +65,9 @@ class ClassicalParams:
     """Tunable knobs of the classical engine. Lengths marked "fraction" are relative to the
     estimated tessera size, so the defaults work from tiny to large tesserae."""
 
-    work_size: float = 35.0  # tiles found larger than ~1.5x this are segmented at a reduced scale
+    work_size: float = 45.0  # tesserae larger than ~1.5x this (px) are segmented shrunk
+    textured_work_size: float = 20.0  # the same for textured tesserae (fragmented interiors)
+    fragmented: float = 0.5  # interiors narrower than this fraction of a tessera: textured
     sigma: float = 1.0  # Gaussian sigma (px) before the colour gradient of the boundary map
     ridge_weight: float = 1.0  # weight of the thin-line (Hessian) strength in the boundary map
     ridge_sigma: float = 1.0  # scale (px) of the thin-line detector, about half a grout width
@@ -74,6 +85,15 @@ class ClassicalParams:
     background_area: float = 3.0  # flat grout-coloured areas above this many typical areas: bg
     min_roundness: float = 0.2  # grout-coloured regions less round than this are grout (bg)
     min_area: float = 0.05  # fraction of the squared tessera size: smaller tiles are dropped
+    merge_reach: int = 1  # px: grout evidence is taken this far around the separation
+    merge_colour: float = 18.0  # Lab distance: fragments of one tile differ less than this
+    merge_score: float = -0.1  # mean grout score between fragments below this: no grout there
+    merge_area: float = 1.3  # merged fragments stay under this many median tessera areas
+    close_radius: float = 0.12  # tessera diameters: notches narrower than ~twice this close
+    open_radius: float = 0.05  # tessera diameters: spurs narrower than ~twice this are cut
+    min_tile_area: float = 0.12  # median tessera areas: smaller tiles are crumbs
+    grout_speck_area: float = 0.5  # median tessera areas: grout-coloured tiles under it: grout
+    min_inradius: float = 0.1  # tessera diameters: thinner tiles are strips of grout
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -404,6 +424,183 @@ def _flat_background(
     return background
 
 
+
+def _touching_pairs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Background pixels between two tiles: (row-major pixel index, smaller id, larger id).
+
+    A pixel of 0 whose 3x3 neighbourhood holds two different tile ids separates those two
+    tiles by that one pixel (with several, the smallest and the largest id count).
+    """
+    h, w = labels.shape
+    pad = np.pad(labels, 1)
+    big = np.iinfo(np.int32).max
+    lo = np.full((h, w), big, np.int32)
+    hi = np.zeros((h, w), np.int32)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            nb = pad[dy:dy + h, dx:dx + w]
+            np.maximum(hi, nb, out=hi)
+            np.minimum(lo, np.where(nb > 0, nb, big), out=lo)
+    sep = (labels == 0) & (hi > 0) & (lo < hi)
+    idx = np.flatnonzero(sep)
+    return idx, lo.ravel()[idx], hi.ravel()[idx]
+
+
+def merge_fragments(
+    labels: np.ndarray,
+    colour: np.ndarray,
+    score: np.ndarray,
+    tessera_area: float,
+    p: ClassicalParams,
+    grout_c: np.ndarray | None = None,
+) -> np.ndarray:
+    """Join tiles that are fragments of one tessera: a region adjacency graph, merged greedily.
+
+    Texture, stains and highlights inside a tessera can split it; the fragments then face each
+    other across a one-pixel separation (``_separate``) that is *not* grout. Two tiles are
+    joined when, along the pixels separating them, the colour is the tiles' own rather than the
+    grout's (mean of the highest ``score`` within ``p.merge_reach`` px of each separating pixel
+    below ``p.merge_score``: -1 tile colour, +1 grout colour), their
+    mean colours differ by less than ``p.merge_colour`` (Lab), and the result stays under
+    ``p.merge_area`` times ``tessera_area`` (the median tessera area at the estimated scale).
+    Pairs with the most tile-like separation merge first. Two tesserae with grout between them
+    are never joined: a grout line of one pixel or more is grout-coloured or, when grout and
+    tile colours are alike (``score`` near 0), the pair's score stays at or above the bar.
+
+    ``labels``: tiles 1..N, none 4-adjacent; ``colour``: Lab image; ``score``: per pixel grout
+    score; ``grout_c``: the grout colour map, when given tiles whose mean colour is within
+    ``p.min_contrast`` of it are never joined (dark tiles on dark grout). Returns the merged
+    map (separating pixels filled, holes closed), tiles 1..M.
+    """
+    n = int(labels.max())
+    if n < 2:
+        return labels
+    idx, a, b = _touching_pairs(labels)
+    if idx.size == 0:
+        return labels
+    key = a.astype(np.int64) * (n + 1) + b
+    pairs, inverse = np.unique(key, return_inverse=True)
+    count = np.bincount(inverse)
+    # The strongest grout evidence within a pixel of the separation: where the tile borders are
+    # a pixel off the grout line, the line runs beside the separating pixel, not through it.
+    if p.merge_reach > 0:
+        near = ndi.maximum_filter(score, size=2 * p.merge_reach + 1)
+    else:
+        near = score
+    mean_score = np.bincount(inverse, weights=near.ravel()[idx]) / count
+    pa, pb = (pairs // (n + 1)).astype(np.int64), (pairs % (n + 1)).astype(np.int64)
+
+    area = np.bincount(labels.ravel(), minlength=n + 1).astype(np.float64)
+    flat = labels.ravel()
+    mean_c = np.stack([np.bincount(flat, weights=colour[..., c].ravel(), minlength=n + 1)
+                       for c in range(3)], 1) / np.maximum(area, 1)[:, None]
+    delta = np.linalg.norm(mean_c[pa] - mean_c[pb], axis=1)
+    # A contact of a couple of pixels (corners meeting) says nothing about the border.
+    side = np.sqrt(np.minimum(area[pa], area[pb]))
+    ok = (mean_score < p.merge_score) & (delta < p.merge_colour) & (count >= 0.25 * side)
+    if grout_c is not None:
+        # Tiles coloured like the grout: the score cannot tell grout from tile there.
+        diff = colour - grout_c
+        off = np.linalg.norm(np.stack([np.bincount(flat, diff[..., c].ravel(), n + 1)
+                                       for c in range(3)], 1) / np.maximum(area, 1)[:, None], axis=1)
+        ok &= np.minimum(off[pa], off[pb]) >= p.min_contrast
+    order = np.argsort(mean_score[ok], kind="stable")
+    cand = np.flatnonzero(ok)[order]
+
+    parent = np.arange(n + 1)
+    size = area.copy()
+    cap = p.merge_area * tessera_area
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = int(parent[x])
+        return x
+
+    merged = False
+    for e in cand.tolist():
+        ra, rb = find(int(pa[e])), find(int(pb[e]))
+        if ra == rb or size[ra] + size[rb] > cap:
+            continue
+        parent[max(ra, rb)] = min(ra, rb)
+        size[min(ra, rb)] += size[max(ra, rb)]
+        merged = True
+    if not merged:
+        return labels
+    root = np.array([find(k) for k in range(n + 1)])
+    out = root[labels].astype(np.int32)
+    # Fill the separating pixels of joined pairs.
+    joined = root[a] == root[b]
+    out.ravel()[idx[joined]] = root[a[joined]]
+    _separate(out, score)  # a filled pixel may touch a third tile
+    return relabel_sequential(_keep_solid(out, 0))
+
+def _tidy(
+    labels: np.ndarray,
+    colour: np.ndarray,
+    grout_c: np.ndarray,
+    score: np.ndarray,
+    tessera_area: float,
+    p: ClassicalParams,
+) -> np.ndarray:
+    """Tiles at the estimated scale: notches closed, grout specks and crumbs dropped.
+
+    * Every tile is closed with a disc of ``p.close_radius`` tessera diameters, on grout pixels
+      only: a stain or highlight at a tile's edge coloured like the grout leaves a notch.
+    * Tiles smaller than ``p.min_tile_area`` median tessera areas go, and so do tiles under
+      ``p.grout_speck_area`` areas whose colour is the grout's (a wide grout junction) and
+      tiles whose inscribed circle is under ``p.min_inradius`` tessera diameters (a stretch
+      of grout line); tiles cut by the image border may be small, not that thin.
+    """
+    n = int(labels.max())
+    if n == 0:
+        return labels
+    diameter = 2 * np.sqrt(tessera_area / np.pi)
+    radius = int(round(p.close_radius * diameter))
+    out = labels.copy()
+    if radius >= 1:
+        disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+        r_open = int(round(p.open_radius * diameter))
+        open_disc = (cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_open + 1,) * 2)
+                     if r_open >= 1 else None)
+        h, w = labels.shape
+        for k, sl in enumerate(ndi.find_objects(labels), start=1):
+            if sl is None:
+                continue
+            y0, y1 = max(0, sl[0].start - radius), min(h, sl[0].stop + radius)
+            x0, x1 = max(0, sl[1].start - radius), min(w, sl[1].stop + radius)
+            obj = (labels[y0:y1, x0:x1] == k).view(np.uint8)
+            closed = cv2.morphologyEx(obj, cv2.MORPH_CLOSE, disc, borderType=cv2.BORDER_CONSTANT,
+                                      borderValue=0) | obj
+            if open_disc is not None:
+                closed = cv2.morphologyEx(closed, cv2.MORPH_OPEN, open_disc,
+                                          borderType=cv2.BORDER_REPLICATE)
+            closed = closed.view(bool)
+            view = out[y0:y1, x0:x1]
+            view[(view == k) & ~closed] = 0
+            view[closed & (view == 0)] = k
+        _separate(out, score)
+    area = np.bincount(out.ravel(), minlength=n + 1).astype(np.float64)
+    idx = np.arange(1, n + 1)
+    flat, safe = out.ravel(), np.maximum(area, 1)
+    diff = colour - grout_c
+    mean = np.stack([np.bincount(flat, diff[..., c].ravel(), n + 1) for c in range(3)], 1)
+    contrast = np.linalg.norm(mean / safe[:, None], axis=1)  # tile colour minus grout colour
+    edge = np.zeros(n + 1, bool)  # tiles cut by the image border may be small
+    edge[np.concatenate([out[0], out[-1], out[:, 0], out[:, -1]])] = True
+    drop = (area < p.min_tile_area * tessera_area) & ~edge
+    drop |= (area < p.grout_speck_area * tessera_area) & (contrast < 0.5 * p.min_contrast)
+    # Strips thinner than a fraction of a tessera are stretches of grout, not tiles (a tile cut
+    # by the image border may be that thin, unless it has the grout's colour).
+    inner = np.zeros(n + 1)
+    solid = np.pad((out > 0).view(np.uint8), 1)  # outside the image is not tile either
+    inner[1:] = ndi.maximum(cv2.distanceTransform(solid, cv2.DIST_L2, 3)[1:-1, 1:-1], out, idx)
+    drop |= (inner < p.min_inradius * diameter) & (~edge | (contrast < p.min_contrast))
+    drop[0] = True
+    out[drop[out]] = 0
+    return relabel_sequential(_keep_solid(out, 0))
+
+
 # --------------------------------------------------------------------------------------------
 # The two stages
 # --------------------------------------------------------------------------------------------
@@ -451,25 +648,6 @@ def _shrink(lab: np.ndarray, factor: int) -> np.ndarray:
     return cv2.resize(lab, size, interpolation=cv2.INTER_AREA)
 
 
-def _working_factor(lab: np.ndarray, full_size: float, p: ClassicalParams) -> int:
-    """How much to shrink the image so that tesserae are about ``work_size`` pixels.
-
-    Large tesserae are textured: at full resolution their mottling breaks the interior map into
-    fragments (and a tiny size estimate, ``full_size``). Seen at 1/2 and 1/4 scale the texture
-    averages out; when both views agree that tiles are large, the image is segmented shrunk.
-    Tiny tesserae alias at 1/4 scale (a large, wrong estimate), so the smaller view decides.
-    A half-scale estimate far above the full-scale one is the signature of fragmentation: then
-    at least half scale.
-    """
-    if min(lab.shape[:2]) < 64:
-        return 1
-    half, quarter = (_interior_maps(_shrink(lab, f), p)[4] * f for f in (2, 4))
-    factor = max(1, int(round(min(half, quarter) / p.work_size)))
-    if factor == 1 and half > 2.5 * full_size:
-        factor = 2
-    return factor
-
-
 def _find_regions(
     lab: np.ndarray, p: ClassicalParams, maps: tuple | None = None
 ) -> _Regions | None:
@@ -495,7 +673,9 @@ def _find_regions(
     return _Regions(regions, n, boundary, threshold, interior, dist, size)
 
 
-def _split_tiles(lab: np.ndarray, r: _Regions, p: ClassicalParams) -> np.ndarray:
+def _split_tiles(
+    lab: np.ndarray, r: _Regions, p: ClassicalParams, tessera_area: float | None = None
+) -> np.ndarray:
     """Stage 2: within every region, the tile and the grout around it (0), touching tiles apart."""
     regions, n = r.regions, r.n
     idx = np.arange(1, n + 1)
@@ -537,7 +717,12 @@ def _split_tiles(lab: np.ndarray, r: _Regions, p: ClassicalParams) -> np.ndarray
 
     # Separate touching tiles, keep solid pieces, drop slivers.
     _separate(labels, score)
-    return _keep_solid(labels, p.min_area * r.size * r.size)
+    labels = _keep_solid(labels, p.min_area * r.size * r.size)
+    if tessera_area and p.merge_area > 0:
+        labels = merge_fragments(labels, colour, score, tessera_area, p, grout_c)
+    if tessera_area:
+        labels = _tidy(labels, colour, grout_c, score, tessera_area, p)
+    return labels
 
 
 def _score(
@@ -553,21 +738,13 @@ def _score(
 # The engine
 # --------------------------------------------------------------------------------------------
 def estimate_tessera_size(image: np.ndarray, params: ClassicalParams | None = None) -> float:
-    """Typical tessera diameter in pixels (equivalent-circle diameter of the median tile).
+    """Typical tessera diameter in pixels (median equivalent-circle diameter).
 
-    Measured on a classical segmentation of (at most a 1024x1024 centre crop of) the image, so
-    it costs about a second; when nothing is segmented, the cruder interior-map estimate
-    (inscribed diameters, at least 4 px).
+    Measured without segmenting, from the period of the grout network (``scale``); ``params``
+    is accepted for compatibility and unused.
     """
-    image = _check_image(image)
-    h, w = image.shape[:2]
-    top, left = max(0, (h - 1024) // 2), max(0, (w - 1024) // 2)
-    crop = image[top:top + 1024, left:left + 1024]
-    engine = ClassicalEngine(params)
-    size = _median_diameter(engine.segment(crop))
-    if size is None:
-        size = _interior_maps(_lab(crop), engine.params)[4]
-    return size
+    del params
+    return estimate_scale(_check_image(image)).diameter
 
 
 def _median_diameter(instances: np.ndarray) -> float | None:
@@ -589,22 +766,34 @@ class ClassicalEngine:
         self._cache: tuple[np.ndarray, np.ndarray, np.ndarray, float] | None = None
 
     # ----------------------------------------------------------------------------------------
-    def segment(self, image: np.ndarray) -> np.ndarray:
-        """Instance map (int32, 0 = grout/background, ids 1..N, each one 4-connected tile)."""
+    def segment(self, image: np.ndarray, tessera_size: float | None = None) -> np.ndarray:
+        """Instance map (int32, 0 = grout/background, ids 1..N, each one 4-connected tile).
+
+        ``tessera_size``: median tessera diameter (px) when known (e.g. estimated once for a
+        whole photograph that is segmented tile by tile); else estimated on ``image``. The
+        engine's lengths follow from it: the working scale (tesserae shrunk to about
+        ``work_size`` px), the area cap of fragment merging and the tidying radii and areas.
+        """
         p = self.params
         image = _check_image(image)
+        if tessera_size is None:
+            tessera_size = estimate_scale(image).diameter
+        if not tessera_size > 0:
+            raise MosaicError(f"classical engine: tessera size must be positive, got {tessera_size}")
         lab = _lab(image)
         maps = _interior_maps(lab, p)
-        factor = _working_factor(lab, maps[4], p)
-        if factor == 1:
-            found = _find_regions(lab, p, maps)
-        else:
-            found = _find_regions(_shrink(lab, factor), p)
+        # Texture, stains and highlights break tile interiors into fragments much narrower than
+        # a tessera; seen shrunk, they average out (a clean tile is better seen sharp).
+        work_size = p.textured_work_size if maps[4] < p.fragmented * tessera_size else p.work_size
+        factor = max(1, int(round(tessera_size / work_size)))
+        factor = min(factor, max(1, min(image.shape[:2]) // 16))
+        found = _find_regions(lab, p, maps) if factor == 1 else _find_regions(_shrink(lab, factor), p)
         if found is None:
             return np.zeros(image.shape[:2], np.int32)
         if factor > 1:
             found = found.upsampled(factor, image.shape[:2])
-        return relabel_sequential(_split_tiles(lab, found, p))
+        area = np.pi / 4 * tessera_size ** 2
+        return relabel_sequential(_split_tiles(lab, found, p, area))
 
     # ----------------------------------------------------------------------------------------
     def predict_point(self, image: np.ndarray, x: int, y: int) -> np.ndarray | None:

@@ -15,6 +15,7 @@ tiles are read from the file as they are segmented and the outputs are written i
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -24,13 +25,14 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .classical import ClassicalEngine, estimate_tessera_size
+from .classical import ClassicalEngine
 from .core import imageio
 from .core.dataset import IMAGE_EXTENSIONS
 from .core.errors import MosaicError
 from .core.io import atomic_output_dir, write_instances, write_mask
 from .core.predictions import INSTANCES_DIR, OVERLAYS_DIR, RESULT_FILE, write_result
-from .core.tiling import MAX_TILE, segment_tiled
+from .core.scale import estimate_tessera_size
+from .core.tiling import MAX_TILE, resolve_tiling, segment_tiled
 from .engines import Engine, engine_info
 
 CLASSICAL_TILE = MAX_TILE  # the classical engine adapts to any tile; large tiles waste least
@@ -42,24 +44,58 @@ BAND_ROWS = 1024  # rows of the outputs built at once (bounded memory on very la
 # One image
 # --------------------------------------------------------------------------------------------
 def segment_image(
-    engine: Engine, image: np.ndarray, *, tile: int | None = None, progress: bool = False
+    engine: Engine,
+    image: np.ndarray | imageio.ImageTiles,
+    *,
+    tile: int | None = None,
+    tessera_size: float | None = None,
+    progress: bool = False,
 ) -> np.ndarray:
     """Instance map (int32, ids 1..N in raster order) of every tessera in ``image``.
 
-    Goes through ``segment_tiled``. ``tile`` None picks the tile side: for SAM 2 from the
-    estimated tessera size (about 100 tesserae per tile, as the model was trained); the classical
-    engine adapts to any tessera size and runs on CLASSICAL_TILE tiles, which waste the least
-    work on overlaps.
+    See ``segment_image_info``, which also says which scale and tiles were used.
     """
-    tessera_size = None
-    if not isinstance(image, np.ndarray):  # imageio.ImageTiles: estimate on a crop, never read all
-        h, w = image.shape[:2]
-        top, left = max(0, (h - MAX_TILE) // 2), max(0, (w - MAX_TILE) // 2)
-        tessera_size = estimate_tessera_size(image[top:top + MAX_TILE, left:left + MAX_TILE])
+    return segment_image_info(engine, image, tile=tile, tessera_size=tessera_size,
+                              progress=progress)[0]
+
+
+def segment_image_info(
+    engine: Engine,
+    image: np.ndarray | imageio.ImageTiles,
+    *,
+    tile: int | None = None,
+    tessera_size: float | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, dict]:
+    """(instance map, {"tessera_size_px", "tile", "overlap"}) of ``image``.
+
+    The tessera size (median equivalent diameter, px) is ``tessera_size`` when given, else
+    estimated once for the whole image (``core.scale.estimate_tessera_size``; on a streamed TIFF,
+    ``imageio.ImageTiles``, on a central crop so the image is never read whole). It sets the
+    tiles of ``segment_tiled``: for SAM 2 about 100 tesserae per tile (as the model was trained)
+    unless ``tile`` is given; the classical engine adapts to any tile and runs on CLASSICAL_TILE
+    tiles, which waste the least work on overlaps, and is told the size so every tile is
+    segmented at the same scale. The overlap is about two tessera diameters.
+    """
+    if tessera_size is None:
+        if isinstance(image, np.ndarray):
+            tessera_size = estimate_tessera_size(image)
+        else:
+            h, w = image.shape[:2]
+            side = 2 * MAX_TILE
+            top, left = max(0, (h - side) // 2), max(0, (w - side) // 2)
+            tessera_size = estimate_tessera_size(np.asarray(image[top:top + side, left:left + side]))
+    elif not tessera_size > 0:
+        raise MosaicError(f"tessera size must be positive, got {tessera_size}")
     if isinstance(engine, ClassicalEngine):
-        return segment_tiled(image, engine.segment, tile=tile or CLASSICAL_TILE, progress=progress,
-                             tessera_size=tessera_size)
-    return segment_tiled(image, engine.segment, tile=tile, progress=progress, tessera_size=tessera_size)
+        tile = tile or CLASSICAL_TILE
+        segment_fn = functools.partial(engine.segment, tessera_size=tessera_size)
+    else:
+        segment_fn = engine.segment
+    tile, overlap = resolve_tiling(image, tile, None, tessera_size)
+    instances = segment_tiled(image, segment_fn, tile=tile, overlap=overlap, progress=progress)
+    info = {"tessera_size_px": round(float(tessera_size), 2), "tile": tile, "overlap": overlap}
+    return instances, info
 
 
 def outline_width(shape: tuple[int, ...]) -> int:
@@ -164,13 +200,15 @@ def segment_paths(
     *,
     overwrite: bool = False,
     tile: int | None = None,
+    tessera_size: float | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """Segment the images named by ``inputs`` into the folder ``out`` (module docstring).
 
     Every input is checked to be a readable image before any work starts; any failure leaves no
     output (the folder is built aside and moved into place at the end). Returns the per-image
-    records of segment.json (stem, image, width, height, orientation, tesserae, seconds).
+    records of segment.json (stem, image, width, height, orientation, tesserae, seconds,
+    tessera_size_px, tile, overlap). ``tessera_size`` (px) overrides the per-image estimate.
     """
     paths = collect_images(inputs)
     # header check: a non-image fails now, not after hours of work
@@ -183,7 +221,8 @@ def segment_paths(
             image = imageio.open_image(path)
             try:
                 start = time.perf_counter()
-                instances = segment_image(engine, image, tile=tile, progress=progress)
+                instances, info = segment_image_info(engine, image, tile=tile,
+                                                     tessera_size=tessera_size, progress=progress)
                 seconds = time.perf_counter() - start
                 write_outputs(tmp, path.stem, image, instances)
             finally:
@@ -192,10 +231,11 @@ def segment_paths(
             records.append({
                 "stem": path.stem, "image": str(path), "width": int(instances.shape[1]),
                 "height": int(instances.shape[0]), "orientation": infos[path].orientation,
-                "tesserae": int(instances.max(initial=0)), "seconds": round(seconds, 3),
+                "tesserae": int(instances.max(initial=0)), "seconds": round(seconds, 3), **info,
             })
             del image, instances
         write_result(tmp, {
-            "version": 1, **engine_info(engine), "tile": tile or "auto", "images": records,
+            "version": 1, **engine_info(engine), "tile": tile or "auto",
+            "tessera_size": tessera_size or "auto", "images": records,
         })
     return records

@@ -46,6 +46,12 @@ MIN_TILE_OPTION = 64  # smaller tiles hold too little context to segment anythin
     help="Tile side in pixels for large images; 0 = automatic (about 100 tesserae per tile for "
     "SAM 2, 1024 for the classical engine).",
 )
+@click.option(
+    "--tessera-size", type=click.FloatRange(min=0, min_open=True), default=None,
+    help="Typical tessera diameter in pixels (median equivalent diameter), for every image "
+    "[default: estimated per image from the period of the grout network]. Sets the tile size "
+    "(about 100 tesserae for SAM 2) and the classical engine's scale; recorded in segment.json.",
+)
 @overwrite_option
 @handle_errors
 def command(
@@ -56,6 +62,7 @@ def command(
     device: str | None,
     method: str | None,
     tile: int,
+    tessera_size: float | None,
     overwrite: bool,
 ) -> None:
     """Segment every tessera of IMAGES (image files, folders of images, or dataset folders).
@@ -73,7 +80,8 @@ def command(
         click.echo(f"No SAM 2 weights are installed (to use SAM 2: `{FETCH_COMMAND}`).", err=True)
     if chosen.name == "classical" and (device or method):
         click.echo("Note: --device and --method apply to SAM 2 only; ignored.", err=True)
-    records = segment_paths(images, out, chosen, overwrite=overwrite, tile=tile or None)
+    records = segment_paths(images, out, chosen, overwrite=overwrite, tile=tile or None,
+                            tessera_size=tessera_size)
     total = sum(r["tesserae"] for r in records)
     seconds = sum(r["seconds"] for r in records)
     click.echo(f"{len(records)} images, {total} tesserae in {seconds:.1f} s -> {out}")

@@ -37,6 +37,12 @@ from .options import handle_errors, overwrite_option, seed_option
     "[default: about 1.8*sqrt(longest side), varied per image].",
 )
 @click.option(
+    "--realism", type=click.FloatRange(0, 1), default=None,
+    help="Strength of the photographic effects (texture, bevels, highlights, glass, uneven and "
+    "recessed grout, mixed sizes, perspective, vignetting, camera noise), 0 = clean tiles "
+    "[default: drawn per mosaic, 0.5-1 for most].",
+)
+@click.option(
     "--format", "image_format", type=click.Choice(IMAGE_FORMATS), default="png",
     show_default=True,
     help="Image file format (jpg is ~10x smaller; the JPEG noise is simulated in both).",
@@ -51,6 +57,7 @@ def command(
     max_size: int,
     style: str,
     tessera_size: float | None,
+    realism: float | None,
     image_format: str,
     overwrite: bool,
 ) -> None:
@@ -69,6 +76,7 @@ def command(
         max_size=max_size,
         style=None if style == "mixed" else style,
         tessera_size=tessera_size,
+        realism=realism,
         image_format=image_format,
         overwrite=overwrite,
     )

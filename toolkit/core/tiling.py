@@ -122,15 +122,16 @@ def resolve_tiling(
 ) -> tuple[int, int]:
     """(tile, overlap) for ``image``: given values win, the rest follows the tessera size.
 
-    The tessera size is estimated (classical engine on a centre crop, about a second) only when
-    it is needed: a missing tile size, or a missing overlap for an image larger than the tile.
+    The tessera size is estimated (``scale.estimate_tessera_size``: the grout network's period,
+    a fraction of a second) only when it is needed: a missing tile size, or a missing overlap
+    for an image larger than the tile.
     """
     height, width = image.shape[:2]
 
     def size() -> float:
         nonlocal tessera_size
         if tessera_size is None:
-            from ..classical import estimate_tessera_size
+            from .scale import estimate_tessera_size
 
             tessera_size = estimate_tessera_size(image)
         return tessera_size

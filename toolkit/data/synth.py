@@ -15,6 +15,14 @@ A mosaic is built in three steps, all vectorised (no per-pixel Python loops):
    colour), rough mortar where tiles are missing, then a lighting gradient, blur, sensor noise
    and JPEG compression. The degradations only touch the image, so the instance map stays exact.
 
+*Realism* (``MosaicParams.realism``, 0.5-1 for most mosaics of the default mix, 0 = clean): what
+photographs of real mosaics show and clean renderings lack, so that engines do not score better
+on synthetic data than on photographs. Geometry, applied to the cell partition before the grout
+is cut (the ground truth stays exact): a border band of smaller tesserae (mixed sizes), a slight
+perspective, grout of uneven width. Image: colour variation inside tiles, rounded edges shaded
+by the light's direction, stone grain or glass streaks and bubbles, glossy specular highlights,
+uneven and sometimes recessed (dark) grout, vignetting and signal-dependent camera noise.
+
 Everything is a function of a ``numpy.random.Generator``: the same seed gives the same arrays
 and byte-identical files.
 """
@@ -80,6 +88,7 @@ class MosaicParams:
     blur_sigma: float
     noise_sigma: float
     jpeg_quality: int | None
+    realism: float = 0.0  # 0: clean tiles; up to 1: the photographic effects at full strength
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -103,8 +112,12 @@ def draw_params(
     *,
     style: str | None = None,
     tessera_size: float | None = None,
+    realism: float | None = None,
 ) -> MosaicParams:
-    """Draw one mosaic's style, sizes, colours and degradations (``style`` None: either style)."""
+    """Draw one mosaic's style, sizes, colours and degradations (``style`` None: either style).
+
+    ``realism`` None draws it: the default mix is mostly photographic (0.5-1 for 85 % of the
+    mosaics, 0 for the rest); 0 gives the clean rendering of earlier versions."""
     if style is None:
         style = str(rng.choice(STYLES))
     if style not in STYLES:
@@ -131,6 +144,13 @@ def draw_params(
         lightness = rng.uniform(50, 225)
         grout = lightness * np.array([1.0, 0.97, 0.9]) + rng.normal(0, 6, size=3)
     grout_rgb = tuple(int(c) for c in np.clip(grout, 0, 255))
+    if realism is None:
+        drawn = float(rng.uniform(0.5, 1.0)) if rng.random() < 0.85 else 0.0
+    else:
+        if not 0 <= realism <= 1:
+            raise MosaicError(f"synth: realism {realism:g} must be between 0 and 1")
+        drawn = float(realism)
+        rng.uniform(), rng.uniform()
     return MosaicParams(
         width=int(width),
         height=int(height),
@@ -146,6 +166,7 @@ def draw_params(
         blur_sigma=float(rng.uniform(0.3, 1.5)) if rng.random() < 0.5 else 0.0,
         noise_sigma=float(rng.uniform(0.0, 5.0)),
         jpeg_quality=int(rng.integers(35, 96)) if rng.random() < 0.8 else None,
+        realism=drawn,
     )
 
 
@@ -156,9 +177,11 @@ def synth_mosaic(
     *,
     style: str | None = None,
     tessera_size: float | None = None,
+    realism: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic mosaic: (RGB uint8 image HxWx3, int32 instance map HxW with ids 1..N)."""
-    params = draw_params(rng, width, height, style=style, tessera_size=tessera_size)
+    params = draw_params(rng, width, height, style=style, tessera_size=tessera_size,
+                         realism=realism)
     return render_mosaic(rng, params)
 
 
@@ -167,10 +190,10 @@ def render_mosaic(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Build the partition, cut it into tesserae and render the degraded photograph of it."""
     h, w, s = params.height, params.width, params.tessera_size
-    if params.style == "opus":
-        cells = _opus_partition(rng, h, w, s)
-    else:
-        cells = _irregular_partition(rng, h, w, s)
+    partition = _opus_partition if params.style == "opus" else _irregular_partition
+    cells = partition(rng, h, w, s)
+    if params.realism > 0:
+        cells = _realistic_geometry(rng, cells, partition, params)
     n_cells = int(cells.max())
 
     tiles = _cut_grout(rng, cells, params)
@@ -272,6 +295,41 @@ def _opus_partition(rng: np.random.Generator, h: int, w: int, s: float) -> np.nd
     return _compact(np.searchsorted(flat_cuts, keys).astype(np.int64) + 1)
 
 
+def _realistic_geometry(rng: np.random.Generator, cells: np.ndarray, partition, params: MosaicParams
+                        ) -> np.ndarray:
+    """Mixed tessera sizes and a slight perspective, applied to the cell partition (before the
+    grout is cut, so the ground truth stays exact).
+
+    * Half of the mosaics more than 16 tesserae across get a border band along one or two
+      image edges, 1.5-3 rows of tesserae 50-70 % the field's size (borders vs field).
+    * 60 % are seen with a slight perspective: a homography whose source corners move inwards
+      by up to 5 % of the image side, sampled nearest-neighbour (a partition stays one).
+    """
+    h, w, s = params.height, params.width, params.tessera_size
+    if rng.random() < 0.5 and min(h, w) > 16 * s:
+        ratio = rng.uniform(0.5, 0.7)
+        small = partition(rng, h, w, s * ratio)
+        yy, xx = np.indices((h, w), dtype=np.float32)
+        edges = rng.permutation(4)[: int(rng.integers(1, 3))]
+        dist = np.full((h, w), np.inf, np.float32)
+        for e in edges:
+            dist = np.minimum(dist, (yy, h - 1 - yy, xx, w - 1 - xx)[e])
+        width = rng.uniform(1.5, 3) * ratio * s  # a few rows of the smaller tesserae
+        band = dist + _smooth_noise(rng, h, w, 3 * s) * np.float32(0.2 * s) < width
+        cells = _compact(np.where(band, small.astype(np.int64) + int(cells.max()), cells))
+    if rng.random() < 0.6:
+        side = min(h, w)
+        dst = np.float32([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]])
+        inward = np.float32([[1, 1], [-1, 1], [-1, -1], [1, -1]])
+        src = dst + inward * rng.uniform(0, 0.05 * side, (4, 1)).astype(np.float32)
+        matrix = cv2.getPerspectiveTransform(dst, src)  # output pixel -> source pixel
+        warped = cv2.warpPerspective(cells.astype(np.float32), matrix, (w, h),
+                                     flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+                                     borderMode=cv2.BORDER_REPLICATE)
+        cells = _compact(np.rint(warped).astype(np.int64))
+    return cells
+
+
 def _compact(labels: np.ndarray) -> np.ndarray:
     """Renumber positive labels to 1..N (order preserved) as int32."""
     present = np.zeros(int(labels.max()) + 1, dtype=bool)
@@ -297,6 +355,8 @@ def _cut_grout(rng: np.random.Generator, cells: np.ndarray, params: MosaicParams
     half = (params.grout_width - 1) / 2 * rng.uniform(0.5, 1.5, int(cells.max()) + 1)
     local = half.astype(np.float32)[cells]
     local += _smooth_noise(rng, h, w, max(2.0, s / 5)) * np.float32(rng.uniform(0.005, 0.025) * s)
+    if params.realism > 0:  # uneven grout: wider and narrower stretches along the lines
+        local += np.abs(_smooth_noise(rng, h, w, s)) * np.float32(params.realism * 0.04 * s)
     return np.where(dist > np.maximum(local, 0.5), cells, 0).astype(np.int32)
 
 
@@ -411,6 +471,9 @@ def _render(
     tiles = colour[cells]
     tiles *= shade[..., None]
     tiles += texture[..., None]
+    light_angle = rng.uniform(0, 2 * math.pi)
+    if params.realism > 0:
+        _photographic_tiles(rng, params, tiles, cells, tile_mask, inner, cy, cx, light_angle)
 
     # Grout: textured, darker in the shadow of the tiles; rough darker mortar where tiles are gone.
     outer = cv2.distanceTransform((~tile_mask).astype(np.uint8), cv2.DIST_L2, 3)
@@ -420,6 +483,8 @@ def _render(
     roughness = np.where(missing_mask, np.float32(12), np.float32(5)) * grain
     grout = np.asarray(params.grout_rgb, dtype=np.float32) * grout_shade[..., None]
     grout += roughness[..., None]
+    if params.realism > 0:
+        _photographic_grout(rng, params, grout, outer)
     image = tiles
     np.copyto(image, grout, where=~tile_mask[..., None])
     del grout
@@ -431,11 +496,18 @@ def _render(
     light = 1 + params.light_strength * ramp
     light += 0.3 * params.light_strength * _smooth_noise(rng, h, w, max(h, w) / 2)
     image *= light[..., None]
+    if params.realism > 0:  # vignetting: the corners of the frame darker
+        r2 = ((xx - w / 2) / (w / 2)) ** 2 + ((yy - h / 2) / (h / 2)) ** 2
+        image *= (1 - np.float32(rng.uniform(0.05, 0.35) * params.realism) * r2 / 2)[..., None]
 
     if params.blur_sigma > 0:
         image = cv2.GaussianBlur(image, (0, 0), params.blur_sigma)
     if params.noise_sigma > 0:
         noise = rng.standard_normal(image.shape, dtype=np.float32)
+        if params.realism > 0:  # camera noise: grows with the signal, partly shared (luma)
+            luma = rng.standard_normal((h, w, 1), dtype=np.float32)
+            noise = 0.6 * noise + 0.8 * luma
+            noise *= np.sqrt(np.clip(image, 8, 255) / 128)
         image += noise * np.float32(params.noise_sigma)
     image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     if params.jpeg_quality is not None:
@@ -446,6 +518,84 @@ def _render(
             raise MosaicError("synth: JPEG encoding failed")
         image = cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1]
     return np.ascontiguousarray(image)
+
+
+def _photographic_tiles(
+    rng: np.random.Generator,
+    params: MosaicParams,
+    tiles: np.ndarray,
+    cells: np.ndarray,
+    tile_mask: np.ndarray,
+    inner: np.ndarray,
+    cy: np.ndarray,
+    cx: np.ndarray,
+    light_angle: float,
+) -> None:
+    """What photographs of real tesserae show, drawn into ``tiles`` (float RGB) in place.
+
+    Colour variation inside a tile (mottled hue), rounded or bevelled edges lit from one side
+    (bright where the edge faces the light, dark opposite), stone grain or glass (streaks along
+    a direction per tile, small bubbles), and glossy specular highlights offset towards the
+    light. ``realism`` scales every strength; surface detail also fades below ~24 px tesserae.
+    """
+    h, w = cells.shape
+    s, k = params.tessera_size, np.float32(params.realism)
+    n = len(cy)
+    # Small tesserae are photographed from afar: their surface detail is not resolved.
+    fine = k * np.float32(min(1.0, s / 24))
+    # Colour variation inside a tile: a smooth field per channel.
+    for c in range(3):
+        tiles[..., c] += _smooth_noise(rng, h, w, max(2.0, s / 3)) * (k * np.float32(rng.uniform(3, 10)))
+    # Bevels: the slope of a rounded edge, shaded by its direction to the light.
+    bevel = np.float32(max(1.5, s * rng.uniform(0.06, 0.16)))
+    height = np.minimum(inner, bevel)
+    gx = cv2.Sobel(height, cv2.CV_32F, 1, 0, ksize=3) / 8
+    gy = cv2.Sobel(height, cv2.CV_32F, 0, 1, ksize=3) / 8
+    facing = -(gx * np.float32(math.cos(light_angle)) + gy * np.float32(math.sin(light_angle)))
+    tiles *= (1 + k * np.float32(rng.uniform(0.2, 0.6)) * np.clip(facing, -1, 1))[..., None]
+    # Glass: streaks along a direction per tile, and bubbles; the rest is stone grain.
+    glass = rng.random(n) < rng.uniform(0.2, 0.7)
+    theta = rng.uniform(0, math.pi, n).astype(np.float32)
+    yy = np.arange(h, dtype=np.float32)[:, None]
+    xx = np.arange(w, dtype=np.float32)[None, :]
+    along = xx * np.cos(theta)[cells] + yy * np.sin(theta)[cells]
+    wobble = _smooth_noise(rng, h, w, max(2.0, s / 2)) * np.float32(2.5)
+    streak = np.sin(along * np.float32(2 * math.pi / max(3.0, s / 5)) + wobble)
+    glass_px = glass[cells] & tile_mask
+    tiles[glass_px] += (streak[glass_px] * fine * np.float32(rng.uniform(3, 9)))[:, None]
+    bubbles = (rng.random((h, w)) < 1.5 / max(s, 4.0) ** 2 * 3) & glass_px
+    if bubbles.any():
+        radius = max(1, int(round(s / 25)))
+        spots = cv2.dilate(bubbles.view(np.uint8), np.ones((2 * radius + 1,) * 2, np.uint8)).view(bool)
+        spots &= glass_px
+        tiles[spots] += np.float32(rng.choice([-1, 1]) * 40) * fine
+    grain = cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (0, 0), 0.8)
+    stone_px = ~glass[cells] & tile_mask
+    tiles[stone_px] += (grain[stone_px] * fine * np.float32(rng.uniform(4, 12)))[:, None]
+    # Specular highlights: a bright blur offset from the centre towards the light.
+    glossy = rng.random(n) < rng.uniform(0.3, 1.0)
+    offset = s * rng.uniform(0.1, 0.3, n)
+    hx = (cx + offset * math.cos(light_angle) + rng.normal(0, 0.08 * s, n)).astype(np.float32)
+    hy = (cy + offset * math.sin(light_angle) + rng.normal(0, 0.08 * s, n)).astype(np.float32)
+    sigma = (s * rng.uniform(0.08, 0.2, n)).astype(np.float32)
+    d2 = (xx - hx[cells]) ** 2 + (yy - hy[cells]) ** 2
+    spot = np.exp(-d2 / (2 * sigma[cells] ** 2)) * (glossy[cells] & tile_mask)
+    spot *= k * np.float32(rng.uniform(0.5, 1.0))
+    tiles += spot[..., None] * (np.float32(255) - tiles) * np.float32(0.85)
+
+
+def _photographic_grout(
+    rng: np.random.Generator, params: MosaicParams, grout: np.ndarray, outer: np.ndarray
+) -> None:
+    """Grout as photographed, in place: uneven colour (a smooth field per channel) and, for a
+    third of the mosaics, recessed grout in deep shadow (dark tiles then sit on dark grout)."""
+    h, w = outer.shape
+    k = np.float32(params.realism)
+    for c in range(3):
+        grout[..., c] += _smooth_noise(rng, h, w, max(2.0, params.tessera_size / 2)) * (k * 6)
+    if rng.random() < 0.35:
+        depth = np.float32(rng.uniform(0.3, 0.6)) * k
+        grout *= (1 - depth * np.exp(-(outer - 1) / 3))[..., None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,13 +610,15 @@ def synth_dataset(
     *,
     style: str | None = None,
     tessera_size: float | None = None,
+    realism: float | None = None,
     image_format: str = "png",
     overwrite: bool = False,
 ) -> list[Sample]:
     """Write ``n`` synthetic mosaics as a dataset folder (built atomically) and its manifest.
 
     The longest side of each image is drawn uniformly from ``min_size..max_size``, the other
-    side from 60-100 % of it. ``style`` None mixes both styles. Sample ``i`` depends only on
+    side from 60-100 % of it. ``style`` None mixes both styles; ``realism`` None draws the
+    photographic effects per mosaic (the default mix), 0 renders clean tiles. Sample ``i`` depends only on
     ``(seed, i)``: the same seed gives byte-identical files, and a larger ``n`` extends a set.
     """
     if n < 1:
@@ -499,7 +651,8 @@ def synth_dataset(
             longest = int(rng.integers(min_size, max_size + 1))
             shorter = max(16, int(round(longest * rng.uniform(0.6, 1.0))))
             width, height = (longest, shorter) if rng.random() < 0.5 else (shorter, longest)
-            params = draw_params(rng, width, height, style=style, tessera_size=tessera_size)
+            params = draw_params(rng, width, height, style=style, tessera_size=tessera_size,
+                                 realism=realism)
             image, instances = render_mosaic(rng, params)
             source = {"synthetic": {"seed": seed, "index": i, **params.to_json()}}
             samples.append(
@@ -513,6 +666,7 @@ def synth_dataset(
             synthetic={
                 "seed": seed, "n": n, "min_size": min_size, "max_size": max_size,
                 "style": style or "mixed", "tessera_size": tessera_size,
+                "realism": "mixed" if realism is None else realism,
             },
         )
     return samples

@@ -1,0 +1,87 @@
+"""The tessera scale estimator: the grout network's period, on mosaics of known tessera size."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from mosaic_toolkit.core.errors import MosaicError
+from mosaic_toolkit.core.scale import estimate_scale, estimate_tessera_size, radial_autocorrelation
+from mosaic_toolkit.data.synth import STYLES, synth_mosaic
+
+
+def median_diameter(instances: np.ndarray) -> float:
+    areas = np.bincount(instances.ravel())[1:]
+    return float(2 * np.sqrt(np.median(areas[areas > 0]) / np.pi))
+
+
+def test_estimate_within_15_percent_on_synthetic_mosaics():
+    """Both styles, 12-80 px tesserae, three seeds each, clean (realism 0) and at full realism
+    (texture, glass, bevels, highlights, mixed sizes, perspective, uneven grout, camera noise;
+    blur and JPEG as drawn): at least 55 of the 60 within 15 %.
+
+    The misses are images of 12-20 px tesserae with 1-px grout under blur and JPEG, where no
+    period or a multiple of it wins (see notes/i10.md for the measured rate)."""
+    misses = []
+    for realism in (0.0, 1.0):
+        for style in STYLES:
+            for size in (12, 20, 35, 55, 80):
+                side = max(600, 12 * size)  # at least 12 tesserae across
+                for seed in (1, 2, 3):
+                    image, instances = synth_mosaic(np.random.default_rng(seed), side,
+                                                    int(side * 0.8), style=style,
+                                                    tessera_size=size, realism=realism)
+                    ratio = estimate_scale(image).diameter / median_diameter(instances)
+                    if abs(ratio - 1) > 0.15:
+                        misses.append((realism, style, size, seed, round(ratio, 2)))
+    assert len(misses) <= 5, misses
+
+
+def test_square_grid_of_known_pitch_any_orientation():
+    """Square tiles of side 26 px on a 30 px pitch: equivalent diameter 29.3 px."""
+    yy, xx = np.mgrid[0:600, 0:600].astype(np.float64)
+    rng = np.random.default_rng(0)
+    colours = rng.integers(40, 230, (60, 60, 3))
+    for angle in (0.0, 0.4, 0.9):
+        u = xx * np.cos(angle) + yy * np.sin(angle)
+        v = yy * np.cos(angle) - xx * np.sin(angle)
+        tile = ((u % 30) < 26) & ((v % 30) < 26)
+        image = colours[(u // 30).astype(int) % 60, (v // 30).astype(int) % 60].astype(np.float64)
+        image[~tile] = (150, 148, 140)
+        image += rng.normal(0, 6, image.shape)  # grain
+        image = np.clip(image, 0, 255).astype(np.uint8)
+        assert estimate_tessera_size(image) == pytest.approx(2 * 26 / np.sqrt(np.pi), rel=0.1)
+
+
+def test_texture_inside_tiles_does_not_shrink_the_estimate():
+    """Strong fine texture (stone grain of a few px, +-25 levels) inside 40 px tiles leaves the
+    estimate alone."""
+    rng = np.random.default_rng(1)
+    image, instances = synth_mosaic(rng, 640, 520, style="irregular", tessera_size=40,
+                                    realism=0.0)
+    grain = cv2.GaussianBlur(rng.normal(0, 1, (520, 640)).astype(np.float32), (0, 0), 1.5)
+    grain = grain[..., None] / grain.std() * 25
+    textured = np.where(instances[..., None] > 0, image + grain, image)
+    textured = np.clip(textured, 0, 255).astype(np.uint8)
+    truth = median_diameter(instances)
+    assert estimate_tessera_size(textured) == pytest.approx(truth, rel=0.15)
+
+
+def test_featureless_image_falls_back_and_bad_input_is_an_error():
+    flat = np.full((200, 300, 3), 128, np.uint8)
+    estimate = estimate_scale(flat)
+    assert not estimate.found and estimate.diameter == pytest.approx(10.0)
+    with pytest.raises(MosaicError, match="too small"):
+        estimate_scale(np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(MosaicError, match="uint8"):
+        estimate_scale(np.zeros((64, 64, 3), np.float32))
+
+
+def test_radial_autocorrelation_peaks_at_the_period():
+    dots = np.zeros((256, 256))
+    for dy in range(3):
+        for dx in range(3):
+            dots[dy::16, dx::16] = 1.0  # 3x3 dots on a 16 px lattice
+    prof = radial_autocorrelation(dots, 40)
+    assert prof[0] == pytest.approx(1.0)
+    assert np.argmax(prof[10:20]) + 10 == 16
