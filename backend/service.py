@@ -30,7 +30,8 @@ from .images import ImageFetcher, LabelStudioLink
 from .labelconfig import LabelConfig, parse_label_config
 from .metrics import Metrics
 from .predict import Predictor
-from .regions import brush_region, instance_regions, mean_score, parse_context, polygon_region
+from .regions import (brush_region, instance_regions, mean_score, parse_context, polygon_regions,
+                      polygon_vertices)
 from .trainer import ANNOTATION_ACTIONS, TrainingManager
 from .versions import EngineManager, ModelStore, engine_version
 
@@ -206,21 +207,24 @@ class Backend:
                context: Any) -> dict[str, Any]:
         height, width = image.shape[:2]
         prompt = parse_context(context, config, width, height, task.get("id"))
-        control = config.region_control
+        control = config.click_control(self.settings.click_region)
         mask, score = self.predictor.click(engine, image, key, prompt)
         label = control.label_for(prompt.label)
-        region = None
+        regions = []
         if mask.any():
-            region = (brush_region(config, control, mask, label, score) if control.tag == "BrushLabels"
-                      else polygon_region(config, control, mask, label, score))
-        return {"result": [region] if region else [], "score": None if score is None else round(score, 4),
+            regions = ([brush_region(config, control, mask, label, score)] if control.tag == "BrushLabels"
+                       else polygon_regions(config, control, mask, label, score, self.settings.polygon_iou))
+        self.metrics.vertices(polygon_vertices(regions))
+        return {"result": regions, "score": None if score is None else round(score, 4),
                 "model_version": engine_version(engine)}
 
     def _prelabel(self, engine, config: LabelConfig, image: np.ndarray, key: str, deadline: float,
                   what: str) -> dict[str, Any]:
         control = config.prelabel_control
         instances, scores = self.predictor.prelabel(engine, image, key, deadline, what)
-        regions = instance_regions(config, control, instances, control.label_for(None), scores)
+        regions = instance_regions(config, control, instances, control.label_for(None), scores,
+                                   self.settings.polygon_iou)
+        self.metrics.vertices(polygon_vertices(regions))
         return {"result": regions, "score": mean_score(scores), "model_version": engine_version(engine)}
 
     # ---------------------------------------------------------------- training
