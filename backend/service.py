@@ -30,6 +30,7 @@ from .images import ImageFetcher, LabelStudioLink
 from .labelconfig import LabelConfig, parse_label_config
 from .metrics import Metrics
 from .predict import Predictor
+from .prelabel_job import PrelabelJobs
 from .regions import (brush_region, instance_regions, mean_score, parse_context, polygon_regions,
                       polygon_vertices)
 from .trainer import ANNOTATION_ACTIONS, TrainingManager
@@ -104,10 +105,12 @@ class Backend:
         self.predictor = Predictor(settings.image_cache_mb * 2**20, settings.prelabel_scores)
         self.metrics = Metrics()
         self.training = TrainingManager(settings, self.store, self.engines, self.link, self.metrics)
+        self.prelabels = PrelabelJobs(settings, self.store, self.engines, self.link, self.metrics)
         self.schemas: dict[int, str] = {}  # project id -> label config sent to /setup
 
     def close(self) -> None:
         self.training.close()
+        self.prelabels.close()
         self.fetcher.close()
 
     # ---------------------------------------------------------------- status
@@ -250,6 +253,10 @@ class Backend:
             return started or {"status": "counted", "project": project,
                                "annotations": self.training.annotations[project]}
         return {"status": "ignored", "action": action}
+
+    def jobs(self) -> dict[str, Any]:
+        """Pre-label jobs (newest first) and the latest training run."""
+        return {"jobs": self.prelabels.jobs(), "training": self.training.status()}
 
     def train_legacy(self, body: Any) -> dict[str, Any]:
         """Older Label Studio versions POST /train {"project": "<id>.<stamp>", ...}."""

@@ -145,3 +145,55 @@ def test_prelabel_errors_are_one_line(label_studio) -> None:
     result = CliRunner().invoke(main, ["prelabel", "--url", label_studio.url, "--api-key", label_studio.token,
                                        "--project", "99999", "--engine", "classical"])
     assert result.exit_code == 1 and "project 99999" in result.output
+
+
+def test_backend_prelabel_job_runs_in_a_worker(label_studio, tmp_path) -> None:
+    """POST /prelabel starts the same job in a worker process; GET /jobs shows its progress;
+    one job at a time; a second job finds nothing left to do."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from mosaic_backend.app import create_app
+    from mosaic_backend.config import Settings
+
+    client = label_studio.client()
+    project = client.projects.create(title="backend prelabel", label_config=LABEL_CONFIG)
+    folder = label_studio.document_root / f"job-{project.id}"
+    label_studio.add_local_storage(project.id, folder)
+    for seed in (41, 42, 43):
+        image, _ = synth_mosaic(np.random.default_rng(seed), 200, 160, tessera_size=26)
+        Image.fromarray(image).save(folder / f"m{seed}.png")
+    ids = client.projects.import_tasks(
+        id=project.id, request=[{"image": label_studio.local_file_url(folder / f"m{s}.png")} for s in (41, 42, 43)],
+        return_task_ids=True).task_ids
+    settings = Settings.from_env({}, engine="classical", models_dir=tmp_path / "models",
+                                 label_studio_url=label_studio.url, label_studio_api_key=label_studio.token)
+
+    def finished(http: TestClient, job: str) -> dict:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            [status] = [j for j in http.get("/jobs").json()["jobs"] if j["job"] == job]
+            if status["state"] != "running":
+                return status
+            time.sleep(0.5)
+        raise AssertionError(f"job {job} still running")
+
+    with TestClient(create_app(settings)) as http:
+        assert http.post("/prelabel", json={"project": "x"}).status_code == 400
+        started = http.post("/prelabel", json={"project": project.id}).json()
+        assert started["status"] == "started" and started["model_version"] == "classical"
+        again = http.post("/prelabel", json={"project": project.id}).json()
+        assert again == {"status": "already running", "job": started["job"]}
+        status = finished(http, started["job"])
+        assert status["state"] == "succeeded", status
+        assert (status["done"], status["skipped"], status["failed"], status["total_tasks"]) == (3, 0, 0, 3)
+        assert "training" in http.get("/jobs").json()
+        stored = client.predictions.list(project=project.id)
+        assert sorted(p.task for p in stored) == sorted(ids)
+        assert all(p.model_version == "classical" and len(p.result) > 10 for p in stored)
+
+        second = http.post("/prelabel", json={"project": project.id}).json()
+        status = finished(http, second["job"])
+        assert (status["state"], status["done"], status["skipped"]) == ("succeeded", 0, 3)
+        assert len(client.predictions.list(project=project.id)) == 3
