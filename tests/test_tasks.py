@@ -17,7 +17,10 @@ from label_studio_sdk.converter.brush import mask2rle
 from PIL import Image
 
 from mosaic_toolkit.cli import main
-from mosaic_toolkit.dataset import Dataset, read_image, relabel_sequential
+from mosaic_toolkit.augment import augment_dataset
+from mosaic_toolkit.dataset import (Dataset, instances_to_mask, read_image, relabel_sequential, write_instances,
+                                    write_mask)
+from mosaic_toolkit.evaluate import evaluate
 from mosaic_toolkit.export import export_dataset, folder_resolver, rasterise_region
 from mosaic_toolkit.tasks import CROP_KEY, crop_instances, crop_layout, make_tasks
 from mosaic_toolkit.synth import synth_mosaic
@@ -132,6 +135,22 @@ def test_unannotated_crop_is_reported_or_exported_as_unknown(mosaic, cut, tmp_pa
     for k in whole[:50]:
         ids = np.unique(instances[truth == k])
         assert len(ids) == 1 and ids[0] > 0 and np.array_equal(instances == ids[0], truth == k)
+
+    # kept out of training: no augmented crop holds any unknown pixel
+    augmented = augment_dataset(tmp_path / "partial", tmp_path / "augmented", tesserae_per_crop=60,
+                                transforms=("identity",))
+    crops = [s.source["crop"] for s in Dataset.open(tmp_path / "augmented").samples]
+    assert crops and augmented.skipped_empty >= 1
+    for x0, y0, x1, y1 in crops:
+        assert not unknown[y0:y1, x0:x1].any()
+    # and out of metrics: a prediction of the whole mosaic (tesserae in the unknown area too)
+    # scores perfectly against the partial ground truth
+    pred = tmp_path / "pred"
+    write_mask(pred / f"{stored.stem}.png", instances_to_mask(relabel_sequential(truth)))
+    write_instances(pred / "instances" / f"{stored.stem}.png", relabel_sequential(truth))
+    report = evaluate(pred, tmp_path / "partial", tmp_path / "eval")
+    scores = report["images"][stored.stem]
+    assert scores["pixel"]["iou"] == 1.0 and scores["tile"]["f_measure"] == 1.0, scores
 
 
 def test_prelabels_are_light_polygons_inside_each_crop(mosaic, tmp_path) -> None:

@@ -20,8 +20,8 @@ most about ``max_tesserae`` tesserae, using the tessera scale estimate:
 ``stitch`` is the inverse used by ``export``: the crops' annotated instance maps are merged by
 ``tiling.segment_tiled``'s core-region rule (a tessera seen by two crops is kept once; a tessera
 cut by crop borders is joined from its parts), so annotating each crop's ground truth gives back
-the mosaic's instance map exactly. An unannotated crop contributes nothing; the part of its core
-that no annotated tessera covers is returned as *unknown*.
+the mosaic's instance map exactly. An unannotated crop contributes nothing; the part of it that
+no annotated tessera covers is returned as *unknown*.
 """
 from __future__ import annotations
 
@@ -251,12 +251,6 @@ def _spans(plan: Sequence[tuple[int, int, int, int]]) -> tuple[list[tuple[int, i
     return sorted({(y0, y1) for y0, _, y1, _ in plan}), sorted({(x0, x1) for _, x0, _, x1 in plan})
 
 
-def _cores(spans: list[tuple[int, int]], length: int) -> list[int]:
-    """Seams between consecutive crops (the middle of their overlap), as ``tiling`` merges:
-    crop i owns ``[bounds[i], bounds[i + 1])``."""
-    return [0, *[(spans[i][0] + spans[i - 1][1]) // 2 for i in range(1, len(spans))], length]
-
-
 def stitch(meta: dict[str, Any], crops: dict[tuple[int, int, int, int], np.ndarray | None]
            ) -> tuple[np.ndarray, np.ndarray]:
     """(instance map of the mosaic, unknown mask) from the crops' annotated instance maps
@@ -271,15 +265,13 @@ def stitch(meta: dict[str, Any], crops: dict[tuple[int, int, int, int], np.ndarr
 
     instances = segment_tiled(np.zeros((height, width), np.uint8), annotated, tile=meta["tile"],
                               overlap=meta["overlap"], progress=False)
+    # unknown: what no tessera covers inside an unannotated crop (its overlaps included: a
+    # tessera there may belong to it and be missing from its annotated neighbour's share)
     unknown = np.zeros((height, width), bool)
-    missing = [box for box in plan if crops.get(box) is None]
-    if missing:
-        spans_y, spans_x = _spans(plan)
-        ys, xs = _cores(spans_y, height), _cores(spans_x, width)
-        for y0, x0, y1, x1 in missing:
-            i, j = spans_y.index((y0, y1)), spans_x.index((x0, x1))
-            unknown[ys[i]:ys[i + 1], xs[j]:xs[j + 1]] = True
-        unknown &= instances == 0
+    for y0, x0, y1, x1 in plan:
+        if crops.get((y0, x0, y1, x1)) is None:
+            unknown[y0:y1, x0:x1] = True
+    unknown &= instances == 0
     return instances, unknown
 
 
