@@ -51,7 +51,7 @@ TASKS_FILE = "tasks.json"
 CROP_KEY = "mosaic_crop"
 DEFAULT_MAX_TESSERAE = 300
 MIN_CROP_DIAMETERS = 6  # a crop is at least this many tesserae wide (room for the overlap)
-SIDE_FACTOR = 0.9  # pieces of tesserae cut by the crop border count too: keep below the maximum
+SIDE_FACTOR = 0.85  # pieces of tesserae cut by the crop border count too: keep below the maximum
 
 
 def tessera_size_of(image: np.ndarray) -> float:
