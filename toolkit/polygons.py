@@ -161,20 +161,37 @@ def percent_snap(width: int, height: int, offset: tuple[float, float] = (0.0, 0.
 
 @dataclass
 class _Fit:
-    """Checks a candidate polygon against one tessera's pixels in a local crop."""
+    """Checks a candidate polygon against one tessera's pixels in a local crop.
+
+    The search uses matplotlib's point-in-polygon test on the pixel centres (compiled, about
+    four times faster than ``rasterise``; the two differ only for a centre exactly on an edge);
+    the polygon kept is checked again with ``rasterise``, the exporter's rule (``exact``).
+    """
 
     mask: np.ndarray  # the tessera, in the crop
     forbidden: np.ndarray | None  # other tesserae's pixels, in the crop
     iou: float
 
-    def fits(self, xy: np.ndarray) -> bool:
-        """IoU and neighbours (the cheap checks; simplicity is checked once at the end)."""
-        if len(xy) < 3:
-            return False
-        pixels = rasterise(xy, self.mask.shape)
+    def __post_init__(self) -> None:
+        rows, cols = np.mgrid[0:self.mask.shape[0], 0:self.mask.shape[1]]
+        self._centres = np.stack([cols.ravel() + 0.5, rows.ravel() + 0.5], axis=1)
+
+    def _check(self, pixels: np.ndarray) -> bool:
         if self.forbidden is not None and np.any(pixels & self.forbidden):
             return False
         return pixel_iou(pixels, self.mask) >= self.iou
+
+    def fits(self, xy: np.ndarray) -> bool:
+        """IoU and neighbours, by the fast test (simplicity is checked once at the end)."""
+        from matplotlib.path import Path as _Path
+
+        if len(xy) < 3:
+            return False
+        return self._check(_Path(xy).contains_points(self._centres).reshape(self.mask.shape))
+
+    def exact(self, xy: np.ndarray) -> bool:
+        """IoU and neighbours by the exporter's rule."""
+        return len(xy) >= 3 and self._check(rasterise(xy, self.mask.shape))
 
 
 def _dp(contour: np.ndarray, eps: float) -> np.ndarray:
@@ -226,7 +243,7 @@ def simplify(mask: np.ndarray, iou: float = DEFAULT_IOU, forbidden: np.ndarray |
                 hi = mid
         passing.append(_remove_greedily(passing[-1], fit))
     for candidate in reversed(passing):
-        if is_simple(candidate):
+        if is_simple(candidate) and fit.exact(candidate):
             return candidate + shift
     best = place(contour)
     return (best if is_simple(best) else dp(MIN_TOLERANCE)) + shift
