@@ -454,13 +454,14 @@ def test_sam2_prelabels_with_scores(sam, mosaic) -> None:
     assert answer["score"] == pytest.approx(np.mean(scores), abs=1e-3)
     from scipy import ndimage as ndi
 
-    exact = 0
+    fine = 0
     for k, region in enumerate(answer["result"], start=1):
         drawn = rasterise_region(1, region, WIDTH, HEIGHT)
         tessera = ndi.binary_fill_holes(expected == k)  # polygons have no holes
         assert (drawn & tessera).sum() / (drawn | tessera).sum() > 0.9
-        exact += np.array_equal(drawn, tessera)
-    assert exact >= 0.8 * len(answer["result"])  # random weights make a few ragged shapes
+        assert not np.any(drawn & (expected > 0) & (expected != k))  # no neighbour's pixel
+        fine += (drawn & tessera).sum() / (drawn | tessera).sum() >= 0.97  # the default fineness
+    assert fine >= 0.8 * len(answer["result"])  # random weights make a few ragged shapes
 
 
 def test_click_window_on_large_images() -> None:
