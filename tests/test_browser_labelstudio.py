@@ -290,7 +290,13 @@ def test_tiled_task_edit_a_vertex_delete_a_region_submit(label_studio, page, tmp
 
     open_task(page, label_studio, project.id, task)
     wait_for_region_count(page, len(regions))
-    page.click("[aria-label=move-tool]")
+    # the editor remembers the last tool (a brush after the other scenarios): take the move tool
+    for _ in range(3):
+        page.click("[aria-label=move-tool]")
+        if page.locator("[aria-label=move-tool].lsf-tool_active").count():
+            break
+        page.wait_for_timeout(500)
+    page.wait_for_selector("[aria-label=move-tool].lsf-tool_active", state="attached")
     screen = image_on_screen(page, width, height)
     points = np.asarray(tessera_points(labels))
     centre = np.array([width / 2, height / 2])
