@@ -94,7 +94,8 @@ def test_oracle_annotations_export_back_to_the_exact_mosaic(mosaic, cut, tmp_pat
     and whose pixels are the mosaic's."""
     path, image, truth = mosaic
     out, tasks = cut
-    summary = export_dataset(annotate(tasks, truth), folder_resolver(out / "images"), tmp_path / "ds")
+    summary = export_dataset(annotate(tasks, truth), folder_resolver(out / "images"), tmp_path / "ds",
+                             coco=tmp_path / "coco.json")
     [sample] = summary.samples
     assert summary.skipped == []
     dataset = Dataset.open(tmp_path / "ds")
@@ -104,6 +105,9 @@ def test_oracle_annotations_export_back_to_the_exact_mosaic(mosaic, cut, tmp_pat
     np.testing.assert_array_equal(dataset.instances(stored), relabel_sequential(truth))
     np.testing.assert_array_equal(dataset.image(stored), image)
     assert sample.tesserae == truth.max()
+    coco = json.loads((tmp_path / "coco.json").read_text())
+    assert [i["file_name"] for i in coco["images"]] == [stored.image]
+    assert len(coco["annotations"]) == truth.max()
 
 
 def test_unannotated_crop_is_reported_or_exported_as_unknown(mosaic, cut, tmp_path) -> None:
