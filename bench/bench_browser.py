@@ -167,6 +167,9 @@ def measure_clicks(page, server: LabelStudioServer, image: np.ndarray, truth: np
                 print(f"click {done + missed}: no answer", file=sys.stderr, flush=True)
                 if in_a_row >= 5:  # the editor has stopped sending clicks: say so, stop
                     out["stalled_after_clicks"] = done
+                    shot = tmp.parent / "bench_browser_stalled.png"
+                    page.screenshot(path=str(shot))
+                    print(f"the editor stopped sending clicks after {done}; screenshot {shot}", file=sys.stderr)
                     break
                 page.keyboard.press("Escape")
                 continue
