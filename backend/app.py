@@ -12,6 +12,8 @@ Endpoints (all JSON unless noted):
 ``GET /versions``           ``{"versions": [...], "current": ..., "models": [...]}``
 ``POST /versions/current``  ``{"version": ...}``: serve that version from now on
 ``GET /train/status``       the latest training run (``?run=<id>`` for another)
+``POST /prelabel``          ``{"project": ID}``: pre-label every task of a project in a worker
+``GET /jobs``               pre-label jobs with their progress, and the latest training run
 ``GET /metrics``            Prometheus text (``?format=json``: JSON summary)
 =======================  =================================================================
 
@@ -293,6 +295,14 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     @app.get("/train/status")
     async def train_status(run: str | None = None) -> dict[str, Any]:
         return await call(backend.training.status, run)
+
+    @app.post("/prelabel")
+    async def prelabel(request: Request) -> dict[str, Any]:
+        return await call(backend.prelabels.start, await read_json(request))
+
+    @app.get("/jobs")
+    async def jobs() -> dict[str, Any]:
+        return await call(backend.jobs)
 
     @app.get("/metrics")
     async def metrics(format: str = "prometheus") -> Response:

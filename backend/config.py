@@ -122,6 +122,15 @@ class Settings:
         "MOSAIC_BACKEND_PRELABEL_SCORES", True,
         "SAM 2 pre-labels: score every tessera with the model's predicted IoU (one more decoder "
         "pass per tessera, about a fifth of the pre-label time on a CPU).", lambda s: _flag(s))
+    polygon_iou: float = _setting(
+        "MOSAIC_BACKEND_POLYGON_IOU", 0.97,
+        "Fineness of polygon regions: each tessera's outline keeps the fewest vertices whose "
+        "polygon still has this IoU with the tessera's pixels (1 = exact pixel outline).", float)
+    click_region: str = _setting(
+        "MOSAIC_BACKEND_CLICK_REGION", "auto",
+        "Region type a click is answered with: auto = a polygon when the labeling config has "
+        "PolygonLabels (light in the editor), else a brush mask; or force polygon or brush.",
+        choices=("auto", "polygon", "brush"))
     predict_timeout: float = _setting(
         "MOSAIC_BACKEND_PREDICT_TIMEOUT", 90.0,
         "Seconds one /predict request may take; a pre-label that would run longer stops with a "
@@ -204,6 +213,7 @@ class Settings:
             ("workers", self.workers >= 1, "at least 1"),
             ("image_size", self.image_size is None or (self.image_size > 0 and self.image_size % 32 == 0),
              "a positive multiple of 32"),
+            ("polygon_iou", 0 < self.polygon_iou <= 1, "in (0, 1]"),
             ("predict_timeout", math.isfinite(self.predict_timeout) and self.predict_timeout > 0, "positive"),
             ("fetch_timeout", math.isfinite(self.fetch_timeout) and self.fetch_timeout > 0, "positive"),
             ("max_image_pixels", self.max_image_pixels > 0, "positive"),

@@ -47,15 +47,28 @@ class LabelConfig:
     polygon: Control | None
     prompt_names: frozenset[str]  # names of the KeyPointLabels / RectangleLabels controls
 
+    def click_control(self, choice: str = "auto") -> Control:
+        """The control an interactive click answers with: ``auto`` takes PolygonLabels when
+        the config has it (a polygon costs the editor far less memory than a brush mask), else
+        BrushLabels; ``polygon`` or ``brush`` asks for that one (MOSAIC_BACKEND_CLICK_REGION)."""
+        if choice == "brush":
+            order = (self.brush,)
+        elif choice == "polygon":
+            order = (self.polygon,)
+        else:
+            order = (self.polygon, self.brush)
+        for control in order:
+            if control is not None:
+                return control
+        wanted = {"brush": "<BrushLabels>", "polygon": "<PolygonLabels>"}.get(
+            choice, "<PolygonLabels> or <BrushLabels>")
+        raise BackendError(f"label config: no {wanted} for image {self.image_name!r}"
+                           + (f" (MOSAIC_BACKEND_CLICK_REGION={choice})" if choice != "auto" else ""))
+
     @property
     def region_control(self) -> Control:
-        """The control an interactive click answers with: BrushLabels, else PolygonLabels."""
-        control = self.brush or self.polygon
-        if control is None:
-            raise BackendError(
-                f"label config: no <BrushLabels> or <PolygonLabels> for image {self.image_name!r}"
-            )
-        return control
+        """The control a click answers with by default (``click_control("auto")``)."""
+        return self.click_control("auto")
 
     @property
     def prelabel_control(self) -> Control:

@@ -2,7 +2,9 @@
 
 Kept in memory per server process (no extra dependency): requests by endpoint and status, and
 for the prediction kinds (``click``, ``prelabel``) the count, total seconds and the 50th/95th
-percentiles of the last ``WINDOW`` durations.
+percentiles of the last ``WINDOW`` durations; and the vertices of the polygon regions answered
+(count, total and percentiles of the last ``VERTEX_WINDOW`` regions), which tell how light the
+regions are that the editor has to draw.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from collections import Counter, defaultdict, deque
 from typing import Any, Iterable
 
 WINDOW = 1000  # recent durations kept per kind for the percentiles
+VERTEX_WINDOW = 10000  # recent polygon regions kept for the vertex percentiles
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:
@@ -34,6 +37,9 @@ class Metrics:
         self.durations: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=WINDOW))
         self.totals: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
+        self.region_vertices: deque[int] = deque(maxlen=VERTEX_WINDOW)
+        self.polygons = 0
+        self.vertices_total = 0
 
     def request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -50,13 +56,31 @@ class Metrics:
             self.totals[kind] += seconds
             self.counts[kind] += 1
 
-    def summary(self) -> dict[str, Any]:
-        """JSON view: per kind count, total, p50 and p95 seconds."""
+    def vertices(self, counts: Iterable[int]) -> None:
+        """Record the vertices of polygon regions sent to Label Studio."""
+        counts = [int(c) for c in counts]
+        if not counts:
+            return
         with self._lock:
-            return {kind: {"count": self.counts[kind], "seconds_total": round(self.totals[kind], 6),
-                           "p50": percentile(self.durations[kind], 50),
-                           "p95": percentile(self.durations[kind], 95)}
-                    for kind in sorted(self.counts)}
+            self.region_vertices.extend(counts)
+            self.polygons += len(counts)
+            self.vertices_total += sum(counts)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON view: per kind count, total, p50 and p95 seconds; ``polygon_vertices``: regions,
+        total vertices, p50 and p95 vertices per region."""
+        with self._lock:
+            out: dict[str, Any] = {
+                kind: {"count": self.counts[kind], "seconds_total": round(self.totals[kind], 6),
+                       "p50": percentile(self.durations[kind], 50),
+                       "p95": percentile(self.durations[kind], 95)}
+                for kind in sorted(self.counts)}
+            if self.polygons:
+                out["polygon_vertices"] = {
+                    "regions": self.polygons, "vertices_total": self.vertices_total,
+                    "p50": percentile(self.region_vertices, 50),
+                    "p95": percentile(self.region_vertices, 95)}
+            return out
 
     def prometheus(self, info: dict[str, str]) -> str:
         """The text exposition format; ``info`` labels the ``mosaic_backend_info`` gauge."""
@@ -81,4 +105,11 @@ class Metrics:
                     lines.append(f'mosaic_backend_predict_seconds{{kind="{kind}",quantile="{q / 100}"}} {value}')
                 lines.append(f'mosaic_backend_predict_seconds_sum{{kind="{kind}"}} {self.totals[kind]:.6f}')
                 lines.append(f'mosaic_backend_predict_seconds_count{{kind="{kind}"}} {self.counts[kind]}')
+            lines += ["# HELP mosaic_backend_polygon_vertices Vertices per polygon region answered.",
+                      "# TYPE mosaic_backend_polygon_vertices summary"]
+            for q in (50, 95):
+                lines.append(f'mosaic_backend_polygon_vertices{{quantile="{q / 100}"}} '
+                             f'{percentile(self.region_vertices, q)}')
+            lines.append(f"mosaic_backend_polygon_vertices_sum {self.vertices_total}")
+            lines.append(f"mosaic_backend_polygon_vertices_count {self.polygons}")
         return "\n".join(lines) + "\n"

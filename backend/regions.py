@@ -6,9 +6,10 @@ coordinates, the convention of the exporter (``mosaic_toolkit.data.export.raster
 polygons written here rasterise back to the same pixels there.
 
 Brush masks are encoded with ``label_studio_sdk.converter.brush.mask2rle`` (never by hand).
-Polygon outlines follow the boundary half way between a tessera's pixel centres and its
-neighbours' (marching squares), so a polygon holds exactly the centres of its tessera's pixels;
-the outline is then simplified by at most ``POLYGON_TOLERANCE`` pixels.
+Polygons are light (``mosaic_toolkit.core.polygons``): each tessera's outline with the fewest
+vertices that keep its IoU with the tessera's pixels at the fineness MOSAIC_BACKEND_POLYGON_IOU
+(0.97: about 8-16 vertices for a 33-px tile instead of ~90), simple, and never holding a
+neighbour's pixel centre.
 """
 from __future__ import annotations
 
@@ -17,17 +18,15 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-import cv2
 import numpy as np
 from label_studio_sdk.converter.brush import mask2rle
+from mosaic_toolkit.core.polygons import DEFAULT_IOU, instance_polygons, to_percent
 from scipy import ndimage as ndi
-from skimage.measure import find_contours
 
 from .errors import BackendError
 from .labelconfig import Control, LabelConfig
 
 PROMPT_TYPES = ("keypointlabels", "rectanglelabels")
-POLYGON_TOLERANCE = 0.35  # px: outline simplification, below the 0.5 px margin to pixel centres
 PERCENT_DIGITS = 4  # decimals of percentages in polygons (1e-4 % of 10 000 px = 0.01 px)
 
 
@@ -160,62 +159,50 @@ def brush_region(config: LabelConfig, control: Control, mask: np.ndarray, label:
                    {"format": "rle", "rle": rle, "brushlabels": [label]}, score)
 
 
-def outline(mask: np.ndarray) -> np.ndarray | None:
-    """The outer outline of a boolean mask as K x 2 continuous [x, y] pixel coordinates (module
-    docstring), or None when it has fewer than three corners."""
-    padded = np.pad(mask.astype(np.float32), 1)
-    contours = find_contours(padded, 0.5)
-    if not contours:
-        return None
-    longest = max(contours, key=len)  # the outer boundary (holes are shorter)
-    xy = np.stack([longest[:, 1], longest[:, 0]], axis=1) - 0.5  # padded index -> continuous
-    simple = cv2.approxPolyDP(xy.astype(np.float32)[:, None, :], POLYGON_TOLERANCE, True)[:, 0, :]
-    return simple.astype(np.float64) if len(simple) >= 3 else None
-
-
-def polygon_value(mask: np.ndarray, offset: tuple[int, int], shape: tuple[int, int], label: str
-                  ) -> dict[str, Any] | None:
-    """A PolygonLabels value for a tessera mask cropped at ``offset`` = (row, col)."""
-    xy = outline(mask)
-    if xy is None:
-        return None
-    height, width = shape
-    xs = np.clip((xy[:, 0] + offset[1]) / width * 100, 0, 100)
-    ys = np.clip((xy[:, 1] + offset[0]) / height * 100, 0, 100)
-    points = [[round(float(x), PERCENT_DIGITS), round(float(y), PERCENT_DIGITS)] for x, y in zip(xs, ys)]
-    return {"points": points, "closed": True, "polygonlabels": [label]}
-
-
-def polygon_region(config: LabelConfig, control: Control, mask: np.ndarray, label: str,
-                   score: float | None = None) -> dict[str, Any] | None:
-    """A PolygonLabels result for the largest piece of a boolean mask of the whole image."""
+def polygon_regions(config: LabelConfig, control: Control, mask: np.ndarray, label: str,
+                    score: float | None = None, iou: float = DEFAULT_IOU) -> list[dict[str, Any]]:
+    """PolygonLabels results for a boolean mask of the whole image: one light polygon per
+    4-connected piece (a box can select several tesserae), none of them taking another
+    piece's pixels."""
     pieces, n = ndi.label(mask)
     if n == 0:
-        return None
-    if n > 1:
-        mask = pieces == 1 + int(np.argmax(np.bincount(pieces.ravel())[1:]))
-    sl = ndi.find_objects(mask.astype(np.int32))[0]
-    value = polygon_value(mask[sl], (sl[0].start, sl[1].start), mask.shape, label)
-    return None if value is None else _region(config, control, "polygonlabels", mask.shape, value, score)
+        return []
+    regions = []
+    for k, xy in instance_polygons(pieces, iou).items():
+        height, width = mask.shape
+        value = {"points": to_percent(xy, width, height, PERCENT_DIGITS), "closed": True,
+                 "polygonlabels": [label]}
+        regions.append(_region(config, control, "polygonlabels", mask.shape, value, score))
+    return regions
 
 
 def instance_regions(config: LabelConfig, control: Control, instances: np.ndarray, label: str,
-                     scores: Sequence[float] | None = None) -> list[dict[str, Any]]:
-    """One region per tessera id 1..N of an instance map: polygons for a PolygonLabels
-    control, brush masks otherwise. ``scores[i]`` belongs to tessera ``i + 1``."""
+                     scores: Sequence[float] | None = None, iou: float = DEFAULT_IOU
+                     ) -> list[dict[str, Any]]:
+    """One region per tessera id 1..N of an instance map: light polygons (no polygon takes a
+    neighbour's pixel) for a PolygonLabels control, brush masks otherwise. ``scores[i]``
+    belongs to tessera ``i + 1``."""
     shape = instances.shape
     regions = []
+    if control.tag == "PolygonLabels":
+        height, width = shape
+        for k, xy in instance_polygons(instances, iou).items():
+            score = None if scores is None else scores[k - 1]
+            value = {"points": to_percent(xy, width, height, PERCENT_DIGITS), "closed": True,
+                     "polygonlabels": [label]}
+            regions.append(_region(config, control, "polygonlabels", shape, value, score))
+        return regions
     for k, sl in enumerate(ndi.find_objects(instances), start=1):
         if sl is None:
             continue
         score = None if scores is None else scores[k - 1]
-        if control.tag == "PolygonLabels":
-            value = polygon_value(instances[sl] == k, (sl[0].start, sl[1].start), shape, label)
-            if value is not None:
-                regions.append(_region(config, control, "polygonlabels", shape, value, score))
-        else:
-            regions.append(brush_region(config, control, instances == k, label, score))
+        regions.append(brush_region(config, control, instances == k, label, score))
     return regions
+
+
+def polygon_vertices(regions: Iterable[dict[str, Any]]) -> list[int]:
+    """Vertices of each polygon region (for the backend's metrics)."""
+    return [len(r["value"]["points"]) for r in regions if r.get("type") == "polygonlabels"]
 
 
 def mean_score(scores: Iterable[float] | None) -> float | None:

@@ -30,9 +30,11 @@ from .errors import BackendError
 from .images import ByteLRU, ImageFetcher, LabelStudioLink
 from .labelconfig import LabelConfig, parse_label_config
 from .metrics import Metrics
-from .predict import Deadline, Predictor
-from .regions import brush_region, instance_regions, mean_score, parse_context, polygon_region
 from .jobs import ANNOTATION_ACTIONS, TrainingManager
+from .predict import Deadline, Predictor
+from .prelabel_job import PrelabelJobs
+from .regions import (brush_region, instance_regions, mean_score, parse_context, polygon_regions,
+                      polygon_vertices)
 from .versions import EngineManager, ModelStore, engine_version
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,7 @@ class Backend:
         self.predictor = Predictor(settings.image_cache_mb * 2**20, settings.prelabel_scores)
         self.metrics = Metrics()
         self.training = TrainingManager(settings, self.store, self.engines, self.link, self.metrics)
+        self.prelabels = PrelabelJobs(settings, self.store, self.engines, self.link, self.metrics)
         # project id -> label config sent to /setup (bounded: least recently used go first)
         self.schemas: ByteLRU[str] = ByteLRU(SCHEMA_CACHE_BYTES, len)
         self.stopping = threading.Event()  # set on SIGTERM: running requests stop (503)
@@ -122,6 +125,7 @@ class Backend:
     def close(self) -> None:
         self.stop()
         self.training.close()
+        self.prelabels.close()
         self.fetcher.close()
 
     # ---------------------------------------------------------------- status
@@ -250,21 +254,24 @@ class Backend:
                context: Any, deadline: Deadline | None = None) -> dict[str, Any]:
         height, width = image.shape[:2]
         prompt = parse_context(context, config, width, height, task.get("id"))
-        control = config.region_control
+        control = config.click_control(self.settings.click_region)
         mask, score = self.predictor.click(engine, image, key, prompt, deadline)
         label = control.label_for(prompt.label)
-        region = None
+        regions = []
         if mask.any():
-            region = (brush_region(config, control, mask, label, score) if control.tag == "BrushLabels"
-                      else polygon_region(config, control, mask, label, score))
-        return {"result": [region] if region else [], "score": None if score is None else round(score, 4),
+            regions = ([brush_region(config, control, mask, label, score)] if control.tag == "BrushLabels"
+                       else polygon_regions(config, control, mask, label, score, self.settings.polygon_iou))
+        self.metrics.vertices(polygon_vertices(regions))
+        return {"result": regions, "score": None if score is None else round(score, 4),
                 "model_version": engine_version(engine)}
 
     def _prelabel(self, engine, config: LabelConfig, image: np.ndarray, key: str,
                   deadline: Deadline) -> dict[str, Any]:
         control = config.prelabel_control
         instances, scores = self.predictor.prelabel(engine, image, key, deadline)
-        regions = instance_regions(config, control, instances, control.label_for(None), scores)
+        regions = instance_regions(config, control, instances, control.label_for(None), scores,
+                                   self.settings.polygon_iou)
+        self.metrics.vertices(polygon_vertices(regions))
         return {"result": regions, "score": mean_score(scores), "model_version": engine_version(engine)}
 
     # ---------------------------------------------------------------- training
@@ -290,6 +297,10 @@ class Backend:
             return started or {"status": "counted", "project": project,
                                "annotations": self.training.annotations[project]}
         return {"status": "ignored", "action": action}
+
+    def jobs(self) -> dict[str, Any]:
+        """Pre-label jobs (newest first) and the latest training run."""
+        return {"jobs": self.prelabels.jobs(), "training": self.training.status()}
 
     def train_legacy(self, body: Any) -> dict[str, Any]:
         """Older Label Studio versions POST /train {"project": "<id>.<stamp>", ...}."""

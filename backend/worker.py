@@ -65,7 +65,7 @@ def export_project(job: dict[str, Any], api_key: str, run_dir: Path,
     tasks = fetch_tasks(url, api_key, project)
     with tempfile.TemporaryDirectory(prefix="mosaic-backend-images-") as cache:
         summary = export_dataset(tasks, label_studio_resolver(url, api_key, cache),
-                                 run_dir / "export", project=project)
+                                 run_dir / "export", project=project, partial=True)
     if len(summary.samples) < 2:
         raise MosaicError(
             f"project {project}: {len(summary.samples)} annotated task(s) with tesserae; training needs "

@@ -154,14 +154,16 @@ def make_client(tmp_path_factory: pytest.TempPathFactory, hosts: dict[str, Any],
 
 @pytest.fixture(scope="module")
 def classical(tmp_path_factory, hosts) -> Iterator[TestClient]:
-    with make_client(tmp_path_factory, hosts, engine="classical") as client:
+    # fineness 1: polygons are exact pixel outlines, so answers compare pixel for pixel
+    with make_client(tmp_path_factory, hosts, engine="classical", polygon_iou=1.0) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
 def sam(tmp_path_factory, hosts, tiny_sam2_checkpoint) -> Iterator[TestClient]:
+    # clicks answered as brush masks (MOSAIC_BACKEND_CLICK_REGION=brush): SAM 2's own pixels
     with make_client(tmp_path_factory, hosts, engine="sam2", model=str(tiny_sam2_checkpoint),
-                     image_size=256, generator_params=SAM_PARAMS) as client:
+                     image_size=256, generator_params=SAM_PARAMS, click_region="brush") as client:
         yield client
 
 
@@ -194,8 +196,18 @@ def predict(client: TestClient, *prompts: dict, tasks: list | None = None, confi
 
 
 def brush_mask(region: dict) -> np.ndarray:
+    """The pixels of a brush region, or of a polygon region by the exporter's rule."""
     h, w = region["original_height"], region["original_width"]
+    if region["type"] == "polygonlabels":
+        return rasterise_region(1, region, w, h)
     return decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 3] > 0
+
+
+def answer_mask(result: list[dict]) -> np.ndarray:
+    """The union of an answer's regions (a box may select several tesserae: one polygon each)."""
+    masks = [brush_mask(r) for r in result]
+    assert masks and not np.any(np.sum(masks, axis=0) > 1)  # no pixel in two regions
+    return np.any(masks, axis=0)
 
 
 def centre(instances: np.ndarray, k: int) -> tuple[float, float]:
@@ -256,7 +268,8 @@ def test_setup_hostname_is_used_only_when_not_configured() -> None:
 # Classical engine
 # --------------------------------------------------------------------------------------------
 def test_classical_click_returns_the_tessera_under_it(classical, mosaic, classical_instances) -> None:
-    """A click answers with one brush region: exactly ClassicalEngine.predict_point's tessera."""
+    """A click answers with one polygon region (the config has PolygonLabels): exactly
+    ClassicalEngine.predict_point's tessera."""
     image, _ = mosaic
     k = int(np.argmax(np.bincount(classical_instances.ravel())[1:])) + 1
     x, y = centre(classical_instances, k)
@@ -265,8 +278,8 @@ def test_classical_click_returns_the_tessera_under_it(classical, mosaic, classic
     [answer] = response.json()["results"]
     [region] = answer["result"]
     assert answer["model_version"] == "classical" and answer["score"] is None
-    assert region["type"] == "brushlabels" and region["from_name"] == "brush" and region["to_name"] == "image"
-    assert region["value"]["brushlabels"] == ["Tessera"]
+    assert region["type"] == "polygonlabels" and region["from_name"] == "polygon" and region["to_name"] == "image"
+    assert region["value"]["polygonlabels"] == ["Tessera"]
     assert (region["original_width"], region["original_height"]) == (WIDTH, HEIGHT)
     expected = ClassicalEngine().predict_point(image, x, y)
     np.testing.assert_array_equal(brush_mask(region), expected)
@@ -299,13 +312,13 @@ def test_classical_box_and_negative_clicks(classical, classical_instances) -> No
     area = np.bincount(classical_instances.ravel())
     chosen = [k for k in range(1, len(area)) if inside[k] >= 0.5 * area[k]]
     assert a in chosen and b in chosen
-    [region] = predict(classical, rectangle(x0, y0, x1, y1)).json()["results"][0]["result"]
-    np.testing.assert_array_equal(brush_mask(region), np.isin(classical_instances, chosen))
+    result = predict(classical, rectangle(x0, y0, x1, y1)).json()["results"][0]["result"]
+    np.testing.assert_array_equal(answer_mask(result), np.isin(classical_instances, chosen))
 
     xa, ya = centre(classical_instances, a)
     minus = predict(classical, rectangle(x0, y0, x1, y1), keypoint(xa, ya, positive=False))
-    [region] = minus.json()["results"][0]["result"]
-    np.testing.assert_array_equal(brush_mask(region), np.isin(classical_instances, [k for k in chosen if k != a]))
+    result = minus.json()["results"][0]["result"]
+    np.testing.assert_array_equal(answer_mask(result), np.isin(classical_instances, [k for k in chosen if k != a]))
 
     inner = predict(classical, rectangle(xa - 2, ya - 2, xa + 2, ya + 2))  # a box inside one tessera
     np.testing.assert_array_equal(brush_mask(inner.json()["results"][0]["result"][0]), classical_instances == a)
@@ -323,6 +336,29 @@ def test_classical_prelabels_are_one_exact_polygon_per_tessera(classical, classi
     for k, region in enumerate(regions, start=1):
         assert region["type"] == "polygonlabels" and region["value"]["polygonlabels"] == ["Tessera"]
         np.testing.assert_array_equal(rasterise_region(1, region, WIDTH, HEIGHT), classical_instances == k)
+
+
+def test_light_polygons_at_the_default_fineness(tmp_path_factory, hosts, classical_instances) -> None:
+    """MOSAIC_BACKEND_POLYGON_IOU=0.97 (the default): pre-label polygons keep IoU >= 0.97 with
+    their tessera, take no neighbour's pixel, carry far fewer vertices than the exact outlines,
+    and /metrics reports the vertices per region."""
+    with make_client(tmp_path_factory, hosts, engine="classical") as light:
+        assert light.app.state.backend.settings.polygon_iou == 0.97
+        regions = predict(light).json()["results"][0]["result"]
+        assert len(regions) == classical_instances.max()
+        owner = np.zeros(classical_instances.shape, np.int32)
+        for k, region in enumerate(regions, start=1):
+            pixels = rasterise_region(1, region, WIDTH, HEIGHT)
+            truth = classical_instances == k
+            assert (pixels & truth).sum() / (pixels | truth).sum() >= 0.97
+            assert not np.any(pixels & (classical_instances > 0) & ~truth)  # no neighbour's pixel
+            owner[pixels] += 1
+        vertices = [len(r["value"]["points"]) for r in regions]
+        assert np.median(vertices) <= 16, vertices  # measured 12.5 (exact outlines: several times more)
+        summary = light.get("/metrics", params={"format": "json"}).json()["polygon_vertices"]
+        assert summary["regions"] == len(regions) and summary["vertices_total"] == sum(vertices)
+        assert summary["p50"] == np.median(vertices)
+        assert "mosaic_backend_polygon_vertices_count %d" % len(regions) in light.get("/metrics").text
 
 
 def test_other_configs_brush_only_and_polygon_only(classical, classical_instances) -> None:
@@ -383,6 +419,7 @@ def test_sam2_first_click_encodes_later_clicks_only_decode(sam, mosaic) -> None:
     expected = keep_clicked(expected, np.array([[x, y]]))
     if expected.any():
         [region] = answer["result"]
+        assert region["type"] == "brushlabels" and region["from_name"] == "brush"
         np.testing.assert_array_equal(brush_mask(region), expected)
         assert region["score"] == pytest.approx(score, abs=1e-4)
     assert second.json()["results"][0]["model_version"] == "sam2.1-tiny"
@@ -418,13 +455,14 @@ def test_sam2_prelabels_with_scores(sam, mosaic) -> None:
     assert answer["score"] == pytest.approx(np.mean(scores), abs=1e-3)
     from scipy import ndimage as ndi
 
-    exact = 0
+    fine = 0
     for k, region in enumerate(answer["result"], start=1):
         drawn = rasterise_region(1, region, WIDTH, HEIGHT)
         tessera = ndi.binary_fill_holes(expected == k)  # polygons have no holes
         assert (drawn & tessera).sum() / (drawn | tessera).sum() > 0.9
-        exact += np.array_equal(drawn, tessera)
-    assert exact >= 0.8 * len(answer["result"])  # random weights make a few ragged shapes
+        assert not np.any(drawn & (expected > 0) & (expected != k))  # no neighbour's pixel
+        fine += (drawn & tessera).sum() / (drawn | tessera).sum() >= 0.97  # the default fineness
+    assert fine >= 0.8 * len(answer["result"])  # random weights make a few ragged shapes
 
 
 def test_click_window_on_large_images() -> None:
@@ -763,7 +801,11 @@ def test_settings_from_environment() -> None:
 def test_label_config_parsing() -> None:
     config = parse_label_config(LABEL_CONFIG)
     assert (config.image_name, config.image_key) == ("image", "image")
-    assert config.region_control.name == "brush" and config.prelabel_control.name == "polygon"
+    assert config.region_control.name == "polygon" and config.prelabel_control.name == "polygon"
+    assert config.click_control("brush").name == "brush" and config.click_control("polygon").name == "polygon"
+    with pytest.raises(BackendError, match="no <PolygonLabels>"):
+        parse_label_config(BRUSH_ONLY).click_control("polygon")
+    assert parse_label_config(BRUSH_ONLY).click_control("auto").name == "mask"
     assert config.prompt_names == {"keypoint", "box"}
     with pytest.raises(BackendError, match="not valid XML"):
         parse_label_config("<View>")

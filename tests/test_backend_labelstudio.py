@@ -5,7 +5,7 @@ storage. The backend runs with uvicorn on 127.0.0.1 (a thread of this process, s
 look at its engine) with SAM 2.1 tiny at random weights, and is connected through the SDK
 (``ml.create``); it learns Label Studio's address and token from /setup. Then:
 
-1. an interactive click (``ml.predict_interactive``) comes back as a brush region, which Label
+1. an interactive click (``ml.predict_interactive``) comes back as polygon regions, which Label
    Studio then stores in an annotation and exports unchanged;
 2. "Retrieve predictions" (the Data Manager action) stores one pre-label region per tessera the
    backend found, with the backend's model version; a second backend on the classical engine
@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
-from label_studio_sdk.converter.brush import decode_rle, mask2rle
+from label_studio_sdk.converter.brush import mask2rle
 from PIL import Image
 
 from labelstudio_server import LabelStudioServer, free_port
@@ -163,26 +163,26 @@ def middle_of(truth: np.ndarray) -> tuple[float, float]:
 
 # --------------------------------------------------------------------------------------------
 def test_interactive_click_returns_a_mask_label_studio_accepts(label_studio, project, connected, sam_backend) -> None:
-    """(1) A keypoint click: Label Studio passes the backend's brush region back, and accepts it
+    """(1) A keypoint click: Label Studio passes the backend's polygon regions back, and accepts them
     as an annotation that exports unchanged."""
     x, y = middle_of(project.truths[0])
     response = interactive(label_studio, connected, project.tasks[0], keypoint(x, y))
     assert response.status_code == 200, response.text
     data = response.json()["data"]
     assert data["model_version"] == "sam2.1-tiny" and isinstance(data["score"], float)
-    [region] = data["result"]
-    assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["Tessera"]
-    assert (region["original_width"], region["original_height"]) == (WIDTH, HEIGHT)
-    mask = decode_rle(region["value"]["rle"]).reshape(HEIGHT, WIDTH, 4)[:, :, 3] > 0
-    assert mask.any()
+    regions = data["result"]  # light polygons: the config has PolygonLabels
+    assert regions and all(r["type"] == "polygonlabels" and r["value"]["polygonlabels"] == ["Tessera"]
+                           for r in regions)
+    assert all((r["original_width"], r["original_height"]) == (WIDTH, HEIGHT) for r in regions)
+    assert any(rasterise_region(1, r, WIDTH, HEIGHT).any() for r in regions)
     engine = sam_backend.backend.engines.active
     assert len(engine.cached_keys()) >= 1  # the image was encoded; the next click only decodes
 
     client = label_studio.client()
-    annotation = client.annotations.create(id=project.tasks[0], result=[region])
+    annotation = client.annotations.create(id=project.tasks[0], result=regions)
     [task] = [t for t in client.projects.exports.as_json(project.id) if t["id"] == project.tasks[0]]
     [stored] = [a["result"] for a in task["annotations"] if a["id"] == annotation.id]
-    assert stored[0]["value"]["rle"] == region["value"]["rle"]
+    assert [r["value"]["points"] for r in stored] == [r["value"]["points"] for r in regions]
     client.annotations.delete(id=annotation.id)
 
 

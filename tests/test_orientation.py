@@ -180,7 +180,8 @@ def client(tmp_path_factory, mosaic) -> Iterator[Any]:
                                                 "requests": []})
     server, url = serve(handler)
     settings = Settings.from_env({}, label_studio_url=url, label_studio_api_key=TOKEN,
-                                 models_dir=tmp_path_factory.mktemp("models"), engine="classical")
+                                 models_dir=tmp_path_factory.mktemp("models"), engine="classical",
+                                 click_region="brush")  # pixel-exact answers to compare
     with TestClient(create_app(settings)) as test_client:
         yield test_client
     server.shutdown()

@@ -15,6 +15,8 @@ from .. import __version__
 COMMANDS = {
     "synth": ("synth", "Generate synthetic mosaics with exact ground truth."),
     "export": ("export", "Turn Label Studio annotations into a ground-truth dataset."),
+    "tasks": ("tasks", "Cut large mosaics into Label Studio tasks of a few hundred tesserae."),
+    "prelabel": ("prelabel", "Pre-annotate every task of a Label Studio project (resumable)."),
     "augment": ("augment", "Crop, rotate and flip a dataset; split it per source mosaic."),
     "eval": ("evaluate", "Score predicted masks against ground truth (pixel and per-tessera)."),
     "weights": ("weights", "List, download and locate SAM 2 checkpoints."),

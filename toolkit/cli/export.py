@@ -40,6 +40,12 @@ from .options import handle_errors, overwrite_option
     "--coco", type=click.Path(dir_okay=False, path_type=Path), default=None,
     help="Also write the tesserae as a COCO instances file (RLE segmentations).",
 )
+@click.option(
+    "--partial", is_flag=True,
+    help="Export a tiled mosaic (crop tasks from `mosaic-toolkit tasks`) even when some of its "
+    "crops are not annotated: the area nobody annotated is written as unknown/<stem>.png and "
+    "kept out of training and metrics. Without it such a mosaic is skipped and reported.",
+)
 @overwrite_option
 @handle_errors
 def command(
@@ -51,6 +57,7 @@ def command(
     project: int | None,
     labels: tuple[str, ...],
     coco: Path | None,
+    partial: bool,
     overwrite: bool,
 ) -> None:
     """Turn Label Studio annotations into a ground-truth dataset OUT.
@@ -63,6 +70,9 @@ def command(
     (each 4-connected piece is one tessera; where regions overlap, the earlier region keeps the
     pixels); keypoints and rectangles are SAM prompts and are ignored. Tasks without a usable
     annotation are skipped and listed in the summary.
+
+    Crop tasks of a large mosaic (made by `mosaic-toolkit tasks`) are put back together: one
+    sample per mosaic, each tessera once, also where a crop border cut it.
     """
     if url is None and export_json is None:
         raise click.UsageError("give EXPORT_JSON (with --images) or --url, --api-key, --project")
@@ -80,6 +90,7 @@ def command(
         labels=labels or None,
         coco=coco,
         overwrite=overwrite,
+        partial=partial,
     )
     click.echo("\n".join(summary.lines()))
     click.echo(f"Dataset written to {out}" + (f", COCO file {coco}" if coco else ""), err=True)

@@ -305,6 +305,14 @@ class Dataset:
             return read_instances(path)
         return mask_to_instances(self.mask(sample))
 
+    def unknown(self, sample: Sample) -> np.ndarray | None:
+        """Where nobody annotated (``source["unknown"]``, written by a partial export of a
+        tiled mosaic) as a boolean map, or None: training crops and metrics leave it out."""
+        name = sample.source.get("unknown") if isinstance(sample.source, dict) else None
+        if not name:
+            return None
+        return read_mask(self.root / name) >= 128
+
     def points(self, sample: Sample) -> list[list[int]]:
         path = self.root / "points" / f"{sample.stem}.json"
         if path.is_file():

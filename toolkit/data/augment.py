@@ -350,9 +350,13 @@ def _augment_parent(
     n_tesserae = int(np.count_nonzero(areas[1:]))
     boxes = plan_crops(width, height, n_tesserae, per_crop)
     source_base = {**parent.source, "mosaic": mosaic_id(parent), "parent": parent.stem}
+    unknown = ds.unknown(parent)  # not annotated (partial export): no crop may hold any of it
     samples, empty = [], 0
     for index, box in enumerate(boxes):
         x0, y0, x1, y1 = box
+        if unknown is not None and unknown[y0:y1, x0:x1].any():
+            empty += 1
+            continue
         crop_ids = crop_instances(instances, box, min_visible, areas)
         crop_image, crop_ids, scale = resize_to_max_side(image[y0:y1, x0:x1], crop_ids, max_side)
         if not crop_ids.any():

@@ -44,10 +44,12 @@ from ..core.dataset import (
     label_components,
     relabel_sequential,
     write_manifest,
+    write_mask,
     write_sample,
 )
-from ..core.io import atomic_file, atomic_output_dir, read_image
+from ..core.io import atomic_file, atomic_output_dir, read_image, read_instances
 from ..core.errors import MosaicError
+from .tasks import expected_crops, stitch, summarise_crops, task_crop
 
 # Result type -> region kind. Everything else (keypoints, rectangles, choices...) is ignored.
 TESSERA_TYPES = {
@@ -93,7 +95,8 @@ class ExportSummary:
             f"tesserae: {self.tesserae}",
             f"skipped tasks: {len(self.skipped)}",
         ]
-        out += [f"  task {s.task}: {s.reason}" for s in self.skipped]
+        out += [f"  {s.task if isinstance(s.task, str) else f'task {s.task}'}: {s.reason}"
+                for s in self.skipped]
         return out
 
 
@@ -465,18 +468,35 @@ def export_dataset(
     overwrite: bool = False,
     project: Any = None,
     image_key: str = "image",
+    partial: bool = False,
 ) -> ExportSummary:
     """Write one dataset sample per annotated task (and optionally a COCO instances file).
 
     ``resolve_image(task_id, reference)`` returns the local image file of a task; the image is
     copied byte for byte. Stems are ``task<id>_<image name>``. Returns what was written and which
     tasks were skipped (no annotation, all cancelled, no tessera regions).
+
+    Crop tasks of a large mosaic (``mosaic-toolkit tasks``: ``meta.mosaic_crop``) become one
+    sample per mosaic, ``mosaic_<name>`` (``_export_mosaic``): its pixels put back together from
+    the crops, its tesserae stitched (``tasks.stitch``). A mosaic with unannotated crops is
+    skipped and reported, or with ``partial`` exported with ``unknown/<stem>.png`` marking
+    (255) the area nobody annotated.
     """
     out = Path(out)
     summary = ExportSummary()
     coco_images: list[dict[str, Any]] = []
     coco_anns: list[dict[str, Any]] = []
+    mosaics = summarise_crops(tasks)
+    tasks = [t for t in tasks if task_crop(t) is None]
     with atomic_output_dir(out, overwrite=overwrite) as root:
+        for group in mosaics.values():
+            sample = _export_mosaic(group, resolve_image, root, labels, partial, project, image_key, summary)
+            if sample is not None and coco is not None:
+                instances = read_instances(root / "instances" / f"{sample.stem}.png")
+                image_id = len(coco_images) + 1
+                coco_images.append({"id": image_id, "file_name": sample.image, "width": sample.width,
+                                    "height": sample.height})
+                coco_anns += coco_annotations(instances, image_id, len(coco_anns) + 1)
         for task in tqdm(tasks, desc="export", unit="task", disable=None):
             task_id = task["id"]
             try:
@@ -534,6 +554,93 @@ def export_dataset(
             }
             _write_coco(Path(coco), out, root, document)
     return summary
+
+
+def _export_mosaic(
+    group: list[tuple[dict[str, Any], dict[str, Any]]],
+    resolve_image: ImageResolver,
+    root: Path,
+    labels: Sequence[str] | None,
+    partial: bool,
+    project: Any,
+    image_key: str,
+    summary: ExportSummary,
+) -> Sample | None:
+    """One whole-mosaic sample from the crop tasks of one mosaic (see ``export_dataset``)."""
+    meta = group[0][1]
+    name = str(meta["mosaic"])
+    height, width = meta["mosaic_height"], meta["mosaic_width"]
+    plan = expected_crops(meta)
+    by_box: dict[tuple[int, int, int, int], list[dict[str, Any]]] = {}
+    for task, m in group:
+        box = (m["y"], m["x"], m["y"] + m["height"], m["x"] + m["width"])
+        if box not in plan:
+            raise MosaicError(f"task {task['id']}: crop {box} is not one of mosaic {name}'s crops")
+        by_box.setdefault(box, []).append(task)
+    image = np.zeros((height, width, 3), np.uint8)
+    seen = np.zeros((height, width), bool)
+    crops: dict[tuple[int, int, int, int], np.ndarray] = {}
+    unannotated: list[str] = []
+    used: list[Any] = []
+    for box in plan:
+        y0, x0, y1, x1 = box
+        candidates = by_box.get(box, [])
+        if not candidates:
+            unannotated.append(f"crop at x={x0}, y={y0} (no task)")
+            continue
+        chosen = []
+        for task in candidates:
+            annotation, _ = choose_annotation(task)
+            if annotation is not None:
+                chosen.append((task, annotation))
+        task = candidates[0]
+        if chosen:  # several tasks for one crop (imported twice): the annotation that counts
+            task, annotation = max(chosen, key=lambda ta: (bool(ta[1].get("ground_truth")),
+                                                           _timestamp(ta[0]["id"], ta[1])))
+        reference = image_reference(task, image_key)
+        path = resolve_image(task["id"], reference)
+        try:
+            pixels = read_image(path)
+        except MosaicError as exc:
+            raise MosaicError(f"task {task['id']}: {exc}") from exc
+        if pixels.shape[:2] != (y1 - y0, x1 - x0):
+            raise MosaicError(f"task {task['id']}: crop image {reference_name(reference)} is "
+                              f"{pixels.shape[1]}x{pixels.shape[0]}, its task says {x1 - x0}x{y1 - y0}")
+        image[y0:y1, x0:x1] = pixels
+        seen[y0:y1, x0:x1] = True
+        if not chosen:
+            unannotated.append(f"task {task['id']}")
+            continue
+        regions = tessera_regions(annotation.get("result") or [], labels)
+        crops[box] = annotation_instances(task["id"], regions, x1 - x0, y1 - y0, reference_name(reference))
+        used.append(task["id"])
+    if unannotated and not partial:
+        summary.skipped.append(Skipped(
+            f"mosaic {name}", f"{len(unannotated)} of {len(plan)} crops not annotated "
+            f"({', '.join(unannotated[:10])}{', ...' if len(unannotated) > 10 else ''}); "
+            "annotate them or export with --partial"))
+        return None
+    if not crops:
+        summary.skipped.append(Skipped(f"mosaic {name}", "no crop is annotated"))
+        return None
+    instances, unknown = stitch(meta, crops)
+    unknown |= ~seen
+    stem = f"mosaic_{_safe_stem(name)}"
+    source: dict[str, Any] = {"mosaic": name, "tasks": used, "crops": len(plan),
+                              "annotated_crops": len(crops)}
+    if project is not None or group[0][0].get("project") is not None:
+        source["project"] = project if project is not None else group[0][0].get("project")
+    if unknown.any():
+        source["unknown"] = f"unknown/{stem}.png"
+        source["unknown_fraction"] = round(float(unknown.mean()), 4)
+        write_mask(root / "unknown" / f"{stem}.png", np.where(unknown, 255, 0).astype(np.uint8))
+    sample = write_sample(root, stem, image, relabel_sequential(instances), source=source, relabel=False)
+    summary.samples.append(sample)
+    if unannotated:
+        summary.skipped.append(Skipped(
+            f"mosaic {name}", f"exported partially: {len(unannotated)} of {len(plan)} crops not "
+            f"annotated ({', '.join(unannotated[:10])}); their area is marked unknown"))
+    return sample
 
 
 # --------------------------------------------------------------------------------------------
@@ -624,9 +731,10 @@ def export(
     labels: Sequence[str] | None = None,
     coco: str | os.PathLike | None = None,
     overwrite: bool = False,
+    partial: bool = False,
 ) -> ExportSummary:
     """Export from a JSON file plus an image folder, or from a running Label Studio project."""
-    options = {"labels": labels, "coco": coco, "overwrite": overwrite}
+    options = {"labels": labels, "coco": coco, "overwrite": overwrite, "partial": partial}
     if export_json is not None:
         if url is not None:
             raise MosaicError("give either an export file or --url, not both")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from ..core.dataset import Dataset, Sample, label_components, mask_foreground
@@ -116,10 +117,25 @@ def _evaluate_sample(
         write_image(
             tmp / COMPARISON_DIR / f"{sample.stem}.png", comparison_image(gt_fg, pred_fg, base_fg)
         )
+    unknown = dataset.unknown(sample)
+    if unknown is not None:  # nobody annotated there (partial export): neither right nor wrong
+        # pixels: only the known ones count; tesserae: those touching the unknown area (in the
+        # ground truth or the prediction) may be incomplete on either side and are left out
+        near = ndi.binary_dilation(unknown)
+        gt_instances = _without_ids(gt_instances, near)
+        pred_instances = _without_ids(pred_instances, near)
+        return {"pixel": pixel_metrics(pred_fg[~unknown], gt_fg[~unknown]),
+                "tile": tile_metrics(gt_instances, pred_instances)}
     return {
         "pixel": pixel_metrics(pred_fg, gt_fg),
         "tile": tile_metrics(gt_instances, pred_instances),
     }
+
+
+def _without_ids(instances: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """The instance map without the ids that have a pixel in ``where``."""
+    drop = np.unique(instances[where])
+    return np.where(np.isin(instances, drop[drop > 0]), 0, instances)
 
 
 def _check_files(folder: Path, samples: list[Sample], what: str) -> None:
