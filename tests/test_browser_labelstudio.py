@@ -98,8 +98,10 @@ def make_task(server: LabelStudioServer, title: str, seed: int, **project_settin
     project = client.projects.create(title=title, label_config=LABEL_CONFIG, **project_settings)
     folder = server.document_root / f"browser-{project.id}"
     server.add_local_storage(project.id, folder)
+    # realism=0: the clean rendering, so the classical engine's answer is the ground-truth tessera
+    # (these tests check the editor round trip; the engine on photographic synth is test_classical's)
     image, truth = synth_mosaic(np.random.default_rng(seed), WIDTH, HEIGHT, style="opus",
-                                tessera_size=TESSERA_SIZE)
+                                tessera_size=TESSERA_SIZE, realism=0)
     Image.fromarray(image).save(folder / f"mosaic {seed}.png")
     response = client.projects.import_tasks(
         id=project.id, request=[{"image": server.local_file_url(folder / f"mosaic {seed}.png")}],
@@ -270,7 +272,7 @@ def test_tiled_task_edit_a_vertex_delete_a_region_submit(label_studio, page, tmp
     """Scenario 3: a ~300-tessera crop task with light polygons: move a vertex, delete a region."""
     client = label_studio.client()
     project = client.projects.create(title="browser: tiled", label_config=LABEL_CONFIG)
-    image, truth = synth_mosaic(np.random.default_rng(3), 900, 620, tessera_size=33)
+    image, truth = synth_mosaic(np.random.default_rng(3), 900, 620, tessera_size=33, realism=0)
     Image.fromarray(image).save(tmp_path / "wall.png")
     out = label_studio.document_root / f"tiles-{project.id}"
     tasks = make_tasks([tmp_path / "wall.png"], out, max_tesserae=300, document_root=label_studio.document_root,
@@ -286,7 +288,7 @@ def test_tiled_task_edit_a_vertex_delete_a_region_submit(label_studio, page, tmp
     fullest = max(range(len(tasks)), key=lambda i: len(tasks[i]["predictions"][0]["result"]))
     task, (width, height, labels) = ids[fullest], crops[fullest]
     regions = {r["id"]: r for r in tasks[fullest]["predictions"][0]["result"]}
-    assert len(tasks) > 1 and 250 <= len(regions) <= 300
+    assert len(tasks) > 1 and 200 <= len(regions) <= 300  # the fullest crop of ~300 tesserae at most
 
     open_task(page, label_studio, project.id, task)
     wait_for_region_count(page, len(regions))

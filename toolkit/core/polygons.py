@@ -29,6 +29,7 @@ from typing import Callable
 import cv2
 import numpy as np
 from scipy import ndimage as ndi
+from matplotlib.path import Path as _Path  # at import: a lazy import raced in server threads
 from skimage.measure import find_contours
 
 DEFAULT_IOU = 0.97
@@ -183,8 +184,6 @@ class _Fit:
 
     def fits(self, xy: np.ndarray) -> bool:
         """IoU and neighbours, by the fast test (simplicity is checked once at the end)."""
-        from matplotlib.path import Path as _Path
-
         if len(xy) < 3:
             return False
         return self._check(_Path(xy).contains_points(self._centres).reshape(self.mask.shape))
