@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mosaic_toolkit.core.io import write_json
-from mosaic_toolkit.training.selection import DICE_KEY, compare, describe
+from mosaic_toolkit.training.selection import DICE_KEY, PROMOTE_MARGIN, compare, describe
 
 from .config import Settings
 from .errors import BackendError
@@ -97,8 +97,9 @@ def should_promote(policy: str, val: Any, baseline: Any) -> tuple[bool, str]:
     """Whether a finished run's model replaces the current one, and why (for the status).
 
     ``val`` and ``baseline`` are validation scores (``{"val_dice", "val_prompt_iou"}``, or a
-    bare Dice); ``better`` promotes when the run is strictly better by the trainer's own rule
-    (toolkit/training/selection.py: Dice when it discriminates, else the prompted IoU).
+    bare Dice); ``better`` promotes when the run is better by the trainer's own rule
+    (toolkit/training/selection.py: Dice when it discriminates, else the prompted IoU, which
+    must then be higher by more than PROMOTE_MARGIN).
     """
     def scores(v: Any) -> dict[str, Any] | None:
         return None if v is None else dict(v) if isinstance(v, Mapping) else {DICE_KEY: float(v)}
@@ -108,7 +109,7 @@ def should_promote(policy: str, val: Any, baseline: Any) -> tuple[bool, str]:
         return False, "no validation Dice"
     if policy == "always":
         return True, "MOSAIC_BACKEND_TRAIN_PROMOTE=always"
-    if compare(val, baseline) > 0:
+    if compare(val, baseline, PROMOTE_MARGIN) > 0:
         return True, f"validation {describe(val)} beats the current model's {describe(baseline)}"
     return False, f"validation {describe(val)} does not beat the current model's {describe(baseline)}"
 

@@ -106,6 +106,18 @@ def learning_run(one_mosaic, tiny_sam2_checkpoint, tmp_path_factory):
     return base, part1, state, run_dir, res.output
 
 
+def test_selection_rule():
+    """Dice decides when it differs by more than DICE_TOLERANCE, else the prompted IoU."""
+    assert compare({"val_dice": 0.50, "val_prompt_iou": 0.1}, {"val_dice": 0.40, "val_prompt_iou": 0.9}) == 1
+    assert compare({"val_dice": 0.40, "val_prompt_iou": 0.9}, {"val_dice": 0.50, "val_prompt_iou": 0.1}) == -1
+    assert compare({"val_dice": 0.0, "val_prompt_iou": 0.4}, {"val_dice": 0.0, "val_prompt_iou": 0.02}) == 1
+    assert compare({"val_dice": 0.302, "val_prompt_iou": 0.2}, {"val_dice": 0.300, "val_prompt_iou": 0.3}) == -1
+    assert compare({"val_dice": 0.0, "val_prompt_iou": 0.3}, {"val_dice": 0.0, "val_prompt_iou": 0.3}) == 0
+    assert compare({"val_dice": 0.0, "val_prompt_iou": 0.0114}, {"val_dice": 0.0, "val_prompt_iou": 0.0113},
+                   prompt_margin=0.01) == 0
+    assert compare({"val_dice": 0.0, "val_prompt_iou": 0.0}, None) == 1
+
+
 def test_fine_tuning_learns(learning_run):
     base, _, state, _, _ = learning_run
     history = state["history"]

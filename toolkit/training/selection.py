@@ -12,7 +12,8 @@ Dice values differ by more than ``DICE_TOLERANCE``; otherwise the prompted score
 prompted scores are a tie. The trainer keeps the later epoch on a tie, so an untrained epoch
 (where prompt-free segmentation often keeps nothing: Dice 0 everywhere) can never be kept over
 a later one with a better prompted score. The backend's ``better`` promotion rule promotes a
-fine-tune only when it is strictly better than the current model by the same rule.
+fine-tune only when it is better than the current model by the same rule with a margin
+(``PROMOTE_MARGIN`` on the prompted score): a difference in the fifth decimal is no improvement.
 """
 from __future__ import annotations
 
@@ -20,15 +21,17 @@ from typing import Any, Mapping
 
 #: Segmentation Dice differences up to this are noise: the prompted score decides then.
 DICE_TOLERANCE = 0.005
+#: How much higher the prompted score must be for the backend to promote on it.
+PROMOTE_MARGIN = 0.01
 DICE_KEY = "val_dice"
 PROMPT_KEY = "val_prompt_iou"
 
 
-def compare(new: Mapping[str, Any], old: Mapping[str, Any] | None) -> int:
+def compare(new: Mapping[str, Any], old: Mapping[str, Any] | None, prompt_margin: float = 0.0) -> int:
     """1 when ``new`` validation scores are better than ``old``, -1 when worse, 0 on a tie.
 
     Both map ``val_dice`` and ``val_prompt_iou`` to floats (a missing value counts as 0);
-    anything beats ``None``.
+    anything beats ``None``. Prompted scores within ``prompt_margin`` of each other tie.
     """
     if old is None:
         return 1
@@ -36,7 +39,9 @@ def compare(new: Mapping[str, Any], old: Mapping[str, Any] | None) -> int:
     if abs(d_new - d_old) > DICE_TOLERANCE:
         return 1 if d_new > d_old else -1
     p_new, p_old = float(new.get(PROMPT_KEY) or 0.0), float(old.get(PROMPT_KEY) or 0.0)
-    return (p_new > p_old) - (p_new < p_old)
+    if abs(p_new - p_old) <= prompt_margin:
+        return 0
+    return 1 if p_new > p_old else -1
 
 
 def describe(scores: Mapping[str, Any] | None) -> str:

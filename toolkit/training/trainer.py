@@ -255,6 +255,9 @@ class Trainer:
         self.val_params = GeneratorParams.from_dict({**self.spec.generator, **self.config.val_params})
         self.val_engine = Sam2Engine(self.model, version=model_version(self.spec), params=self.val_params)
         self.ddp: nn.Module = self.decoder
+        #: Seconds per phase of the training steps (data, decoder, loss, backward, optimizer),
+        #: accumulated when set to a dict (bench/bench_train.py profiles a cached step with it).
+        self.timings: dict[str, float] | None = None
         self.history: list[dict[str, Any]] = []
         self.best_epoch: int | None = None
         self.best_dice: float | None = None
@@ -411,15 +414,29 @@ class Trainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device)
 
+    def _tick(self, phase: str, since: float) -> float:
+        """Add the time since ``since`` to ``phase`` (when profiling); return the time now."""
+        if self.timings is None:
+            return since
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[phase] = self.timings.get(phase, 0.0) + now - since
+        return now
+
     def train_step(self, items: list[dict[str, Any]], use_cache: bool) -> dict[str, float]:
         """One optimizer step on a batch of images; returns its mean loss terms."""
+        t = time.perf_counter()
         if use_cache:
             feats = [[t.to(self.device, torch.float32) for t in item["features"]] for item in items]
+            t = self._tick("features to device", t)
         else:
             feats = self.encoder([item["image"] for item in items])
+            t = self._tick("encoder", t)
         self.decoder.train()
         with self._autocast():
             outputs = decode_items(self.ddp, self.encoder.sam, items, feats, self.device)
+        t = self._tick("decoder forward", t)
         dice_terms, score_terms = [], []
         for item, (logits, iou) in zip(items, outputs):
             instances = item["instances"].to(self.device)
@@ -430,11 +447,14 @@ class Trainer:
         dice_loss = torch.stack(dice_terms).mean()
         score_loss = torch.stack(score_terms).mean()
         loss = dice_loss + self.config.score_weight * score_loss
+        t = self._tick("loss forward (full resolution)", t)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        t = self._tick("backward", t)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
+        self._tick("optimizer", t)
         return {"loss": loss.item(), "dice_loss": dice_loss.item(), "score_loss": score_loss.item(), "lr": lr}
 
     def train_epoch(
@@ -450,7 +470,9 @@ class Trainer:
         self.images.use_cache = use_cache
         sums = {"loss": 0.0, "dice_loss": 0.0, "score_loss": 0.0}
         steps, lr = 0, self.optimizer.param_groups[0]["lr"]
+        waited = time.perf_counter()
         for items in self._loader(epoch):
+            self._tick("data loading", waited)
             stats = self.train_step(items, use_cache)
             steps += 1
             lr = stats["lr"]
@@ -463,6 +485,7 @@ class Trainer:
             if bar is not None:
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
+            waited = time.perf_counter()
         means = self._all_mean({k: v / max(steps, 1) for k, v in sums.items()})
         return {**means, "lr": lr}
 
