@@ -4,7 +4,9 @@ Same run, same model, same data: synthetic mosaics (toolkit/synth.py), one Train
 cache is built (timed separately) training epochs alternate between reading the cached
 features and running the frozen image encoder on every image at every step (what the thesis's
 code did). Each variant runs ``--repeats`` times; the fastest of each is reported, with the
-ratio re-encoding / cached. Prints one JSON object.
+ratio re-encoding / cached. One more cached epoch is then profiled by phase
+(``Trainer.timings``: data loading, features to the device, decoder forward, loss forward at
+full resolution, backward, optimizer; seconds per step). Prints one JSON object.
 
 Without ``--model`` a SAM 2.1 model with RANDOM weights is built (no weights can be downloaded
 here; ``--arch`` picks its size): timings do not depend on the weights.
