@@ -41,9 +41,10 @@ import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from mosaic_toolkit.core.io import write_json
+from mosaic_toolkit.training.selection import DICE_KEY, PROMOTE_MARGIN, compare, describe
 
 from .config import Settings
 from .errors import BackendError
@@ -92,15 +93,25 @@ def epochs_done(run_dir: Path) -> list[dict[str, Any]]:
         return []
 
 
-def should_promote(policy: str, val_dice: float | None, baseline_dice: float | None) -> tuple[bool, str]:
-    """Whether a finished run's model replaces the current one, and why (for the status)."""
-    if val_dice is None:
+def should_promote(policy: str, val: Any, baseline: Any) -> tuple[bool, str]:
+    """Whether a finished run's model replaces the current one, and why (for the status).
+
+    ``val`` and ``baseline`` are validation scores (``{"val_dice", "val_prompt_iou"}``, or a
+    bare Dice); ``better`` promotes when the run is better by the trainer's own rule
+    (toolkit/training/selection.py: Dice when it discriminates, else the prompted IoU, which
+    must then be higher by more than PROMOTE_MARGIN).
+    """
+    def scores(v: Any) -> dict[str, Any] | None:
+        return None if v is None else dict(v) if isinstance(v, Mapping) else {DICE_KEY: float(v)}
+
+    val, baseline = scores(val), scores(baseline)
+    if val is None or val.get(DICE_KEY) is None:
         return False, "no validation Dice"
     if policy == "always":
         return True, "MOSAIC_BACKEND_TRAIN_PROMOTE=always"
-    if baseline_dice is None or val_dice > baseline_dice:
-        return True, f"validation Dice {val_dice:.4f} beats the current model's {baseline_dice or 0:.4f}"
-    return False, f"validation Dice {val_dice:.4f} does not beat the current model's {baseline_dice:.4f}"
+    if compare(val, baseline, PROMOTE_MARGIN) > 0:
+        return True, f"validation {describe(val)} beats the current model's {describe(baseline)}"
+    return False, f"validation {describe(val)} does not beat the current model's {describe(baseline)}"
 
 
 class TrainingManager:
@@ -280,7 +291,7 @@ class TrainingManager:
             status["state"] = "interrupted"  # its server stopped before the run ended
         history = epochs_done(run_dir)
         status["epochs_completed"] = len(history)
-        status["history"] = [{k: row.get(k) for k in ("epoch", "train_loss", "val_dice", "seconds")}
+        status["history"] = [{k: row.get(k) for k in ("epoch", "train_loss", "val_dice", "val_prompt_iou", "seconds")}
                              for row in history]
         status["log"] = str(run_dir / LOG)
         return status

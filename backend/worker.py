@@ -100,19 +100,24 @@ def train_and_store(job: dict[str, Any], run_dir: Path, update: Callable[..., No
     trainer = Trainer(run_dir / "augmented", spec, run_dir / "train", TrainConfig(**job["train"]),
                       device=job["device"], progress=False)
     update(stage="baseline")
-    baseline = trainer.validate()
-    update(stage="training", baseline_dice=baseline)
+    baseline = trainer.validate()  # the current model on the same validation images
+    update(stage="training", baseline_dice=baseline["val_dice"],
+           baseline_prompt_iou=baseline["val_prompt_iou"])
     result = trainer.run()
     if result.finetune is None:
         raise MosaicError(f"run {job['run']}: no epoch was validated, nothing to keep")
-    update(stage="saving", val_dice=result.best_dice, best_epoch=result.best_epoch)
+    best = result.best_scores or {"val_dice": result.best_dice}
+    update(stage="saving", val_dice=result.best_dice, val_prompt_iou=best.get("val_prompt_iou"),
+           best_epoch=result.best_epoch)
     version = model_version(resolve_model(result.finetune, base=spec.base_checkpoint))
-    promote, reason = should_promote(job["promote"], result.best_dice, baseline)
+    promote, reason = should_promote(job["promote"], best, baseline)
     store_version(Path(job["models_dir"]), version, result.finetune, {
         "version": version, "created": now(), "run": job["run"], "project": job["project"],
-        "parent": job["base_version"], "val_dice": result.best_dice, "baseline_dice": baseline,
+        "parent": job["base_version"], "val_dice": result.best_dice, "baseline_dice": baseline["val_dice"],
+        "val_prompt_iou": best.get("val_prompt_iou"), "baseline_prompt_iou": baseline["val_prompt_iou"],
         "best_epoch": result.best_epoch, "epochs": len(result.history)})
-    return {"version": version, "val_dice": result.best_dice, "baseline_dice": baseline,
+    return {"version": version, "val_dice": result.best_dice, "baseline_dice": baseline["val_dice"],
+            "val_prompt_iou": best.get("val_prompt_iou"), "baseline_prompt_iou": baseline["val_prompt_iou"],
             "promote": promote, "reason": reason}
 
 

@@ -718,6 +718,12 @@ def test_promotion_rule() -> None:
     assert "does not beat" in should_promote("better", 0.6, 0.7)[1]
     assert should_promote("always", 0.6, 0.7)[0]
     assert not should_promote("always", None, 0.7)[0]
+    # Equal (zero) Dice: the prompted IoU decides, by more than the margin.
+    trained, random = {"val_dice": 0.0, "val_prompt_iou": 0.45}, {"val_dice": 0.0, "val_prompt_iou": 0.02}
+    assert should_promote("better", trained, random)[0]
+    assert not should_promote("better", random, trained)[0]
+    assert not should_promote("better", {"val_dice": 0.0, "val_prompt_iou": 0.0114},
+                              {"val_dice": 0.0, "val_prompt_iou": 0.0113})[0]
 
 
 def test_webhook_events(classical, sam, hosts) -> None:

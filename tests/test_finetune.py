@@ -28,6 +28,7 @@ from mosaic_toolkit.core.errors import MosaicError
 from mosaic_toolkit.training.config import TrainConfig
 from mosaic_toolkit.training.data import EmbeddingCache, check_points, sample_prompts
 from mosaic_toolkit.training.losses import prompt_losses
+from mosaic_toolkit.training.selection import compare
 from mosaic_toolkit.training.trainer import FeatureEncoder, Trainer, train
 from mosaic_toolkit.sam.models import FINETUNE_PREFIXES, load_finetune
 
@@ -126,6 +127,7 @@ def test_run_outputs(reference_run, tiny_dataset):
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert [float(r["train_loss"]) for r in rows] == pytest.approx([h["train_loss"] for h in result.history])
     assert all(0.0 <= float(r["val_dice"]) <= 1.0 for r in rows)
+    assert all(0.0 <= float(r["val_prompt_iou"]) <= 1.0 for r in rows)
     lrs = [float(r["lr"]) for r in rows]
     assert lrs[0] == pytest.approx(1e-3) and lrs[0] > lrs[1] > lrs[2] >= 1e-5  # cosine to lr/100
     with Image.open(run_dir / "training.png") as im:
@@ -201,9 +203,11 @@ def test_resume_continues_like_an_uninterrupted_run(reference_run, tiny_dataset,
         assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2, 3]
     for k, v in resumed["trainable"].items():
         torch.testing.assert_close(v, after[k], atol=1e-4, rtol=1e-3)
-    # finetune.pt holds the best epoch's weights (the first of equal Dice scores).
-    dices = [h["val_dice"] for h in resumed["history"]]
-    best = dices.index(max(dices)) + 1
+    # finetune.pt holds the best epoch's weights (selection.compare; ties to the later epoch).
+    best = None
+    for h in resumed["history"]:
+        if best is None or compare(h, resumed["history"][best - 1]) >= 0:
+            best = h["epoch"]
     assert resumed["best_epoch"] == best == reference.best_epoch
     kept = load_finetune(run_dir / "finetune.pt")["state_dict"]
     expected = epoch1["trainable"] if best == 1 else resumed["trainable"] if best == 3 else None

@@ -119,8 +119,11 @@ def command(
 
     The image encoder stays frozen; the prompt encoder and mask decoder learn to segment each
     tessera from its point (loss: Dice + λ·|predicted - actual IoU|, AdamW, cosine learning
-    rate). After each epoch the val images are segmented without prompts, as at inference; the
-    epoch with the best Dice is kept as OUT/finetune.pt, usable by `segment` and the backend.
+    rate). After each epoch validation measures the prompted score (mean IoU of the mask decoded
+    at each val tessera's point) and the Dice of prompt-free segmentation, as at inference. The
+    kept epoch (OUT/finetune.pt, usable by `segment` and the backend) is the best by Dice when
+    the Dice values differ by more than 0.005, else by the prompted score; ties go to the later
+    epoch.
     """
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
@@ -144,9 +147,14 @@ def command(
         num_workers=workers, cache_embeddings=cache, cache_dir=cache_dir,
     )
     if is_main_process():
+        from ..training.selection import PROMPT_KEY
+
+        prompted = (result.best_scores or {}).get(PROMPT_KEY)
         click.echo(
             f"best epoch {result.best_epoch}/{hyper['epochs']}: validation Dice "
-            f"{result.best_dice:.4f} -> {result.finetune}"
+            f"{result.best_dice:.4f}"
+            + (f", prompted IoU {prompted:.4f}" if prompted is not None else "")
+            + f" -> {result.finetune}"
         )
 
 

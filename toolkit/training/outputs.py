@@ -22,7 +22,8 @@ TB_DIR = "tb"
 CACHE_DIR = "cache"
 #: Files and folders a run writes (what --overwrite clears; the cache is kept, its keys make it safe).
 RUN_FILES = (FINETUNE_NAME, STATE_NAME, METRICS_NAME, PLOT_NAME, TB_DIR)
-METRIC_COLUMNS = ("epoch", "train_loss", "dice_loss", "score_loss", "val_dice", "lr", "seconds")
+METRIC_COLUMNS = ("epoch", "train_loss", "dice_loss", "score_loss", "val_dice", "val_prompt_iou", "lr",
+                  "seconds")
 
 
 # --------------------------------------------------------------------------------------------
@@ -39,7 +40,7 @@ def write_metrics_csv(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
 
 
 def plot_history(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
-    """training.png: training loss (left axis) and validation Dice (right axis) per epoch."""
+    """training.png: training loss (left axis), validation Dice and prompted IoU (right axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,12 +52,16 @@ def plot_history(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss", color="tab:blue")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    val = [(row["epoch"], row["val_dice"]) for row in history if row.get("val_dice") is not None]
     ax2 = ax.twinx()
-    if val:
-        ax2.plot(*zip(*val), "s-", color="tab:orange", label="validation Dice")
-    ax2.set_ylabel("validation Dice", color="tab:orange")
+    for key, style, colour, label in (("val_dice", "s-", "tab:orange", "segmentation Dice (val)"),
+                                      ("val_prompt_iou", "^-", "tab:green", "prompted IoU (val)")):
+        val = [(row["epoch"], row[key]) for row in history if row.get(key) is not None]
+        if val:
+            ax2.plot(*zip(*val), style, color=colour, label=label)
+    ax2.set_ylabel("validation score")
     ax2.set_ylim(0.0, 1.0)
+    lines = ax.get_lines() + ax2.get_lines()
+    ax2.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize="small")
     ax.set_title("SAM 2 fine-tuning")
     fig.tight_layout()
     with atomic_file(path) as tmp:

@@ -16,9 +16,13 @@ The recipe (see /work/shared/method.md):
   images of the batch;
 * AdamW over the trainable parameters; the learning rate follows a cosine from ``lr`` down to
   ``min_lr`` over all optimizer steps of the run;
-* after each epoch (every ``val_every`` epochs, and always after the last) the model segments
-  every validation image without prompts (``Sam2Engine.segment``, as at inference) and the mean
-  pixel Dice against the ground truth decides which epoch is kept as ``finetune.pt``.
+* after each epoch (every ``val_every`` epochs, and always after the last) validation measures
+  the prompted score (mean IoU of the mask decoded at each validation tessera's point: the
+  training objective on held-out images) and the prompt-free segmentation Dice (every
+  validation image segmented by ``Sam2Engine.segment``, as at inference). The kept epoch
+  (``finetune.pt``) follows ``selection.compare``: segmentation Dice first when it
+  discriminates (differs by more than ``selection.DICE_TOLERANCE``), the prompted score
+  otherwise, ties to the later epoch.
 
 Speed: the encoder is frozen, so each training image's features are computed once and stored
 in ``RUN_DIR/cache`` (fp16; the file name carries a key made of the base checkpoint's sha256,
@@ -32,7 +36,7 @@ A run folder holds::
     last.pt         the state to resume from: completed epochs, trainable weights, optimizer and
                     scheduler state, history, best so far, the run's configuration
     metrics.csv     one row per completed epoch
-    training.png    training loss and validation Dice per epoch
+    training.png    training loss, validation Dice and prompted IoU per epoch
     tb/             TensorBoard logs (loss terms and learning rate per step, epoch summaries)
     cache/          the embedding cache
 
@@ -63,6 +67,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -89,6 +94,7 @@ from .config import DEFAULTS, TrainConfig
 from .data import EmbeddingCache, TrainImages, _as_list
 from .distributed import dist_info_from_env, distributed, steps_per_epoch
 from .losses import prompt_losses
+from .selection import DICE_KEY, DICE_TOLERANCE, PROMPT_KEY, compare, describe
 from .outputs import (
     CACHE_DIR,
     FINETUNE_NAME,
@@ -118,6 +124,7 @@ class RunResult:
     epochs_completed: int
     finished: bool  # all configured epochs are done
     history: list[dict[str, Any]]
+    best_scores: dict[str, float] | None = None  # the kept epoch's val_dice and val_prompt_iou
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,9 +255,13 @@ class Trainer:
         self.val_params = GeneratorParams.from_dict({**self.spec.generator, **self.config.val_params})
         self.val_engine = Sam2Engine(self.model, version=model_version(self.spec), params=self.val_params)
         self.ddp: nn.Module = self.decoder
+        #: Seconds per phase of the training steps (data, decoder, loss, backward, optimizer),
+        #: accumulated when set to a dict (bench/bench_train.py profiles a cached step with it).
+        self.timings: dict[str, float] | None = None
         self.history: list[dict[str, Any]] = []
         self.best_epoch: int | None = None
         self.best_dice: float | None = None
+        self.best_scores: dict[str, float] | None = None
         self.start_epoch = 0
 
     # ---------------------------------------------------------------- set-up
@@ -324,6 +335,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.history = list(state["history"])
         self.best_epoch, self.best_dice = state["best_epoch"], state["best_dice"]
+        self.best_scores = state.get("best_scores")
         self.start_epoch = int(state["epochs_completed"])
 
     def _save_state(self) -> None:
@@ -338,6 +350,7 @@ class Trainer:
             "history": self.history,
             "best_epoch": self.best_epoch,
             "best_dice": self.best_dice,
+            "best_scores": self.best_scores,
         }
         with atomic_file(self.run_dir / STATE_NAME) as tmp:
             torch.save(state, tmp)
@@ -401,15 +414,29 @@ class Trainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device)
 
+    def _tick(self, phase: str, since: float) -> float:
+        """Add the time since ``since`` to ``phase`` (when profiling); return the time now."""
+        if self.timings is None:
+            return since
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[phase] = self.timings.get(phase, 0.0) + now - since
+        return now
+
     def train_step(self, items: list[dict[str, Any]], use_cache: bool) -> dict[str, float]:
         """One optimizer step on a batch of images; returns its mean loss terms."""
+        t = time.perf_counter()
         if use_cache:
             feats = [[t.to(self.device, torch.float32) for t in item["features"]] for item in items]
+            t = self._tick("features to device", t)
         else:
             feats = self.encoder([item["image"] for item in items])
+            t = self._tick("encoder", t)
         self.decoder.train()
         with self._autocast():
             outputs = decode_items(self.ddp, self.encoder.sam, items, feats, self.device)
+        t = self._tick("decoder forward", t)
         dice_terms, score_terms = [], []
         for item, (logits, iou) in zip(items, outputs):
             instances = item["instances"].to(self.device)
@@ -420,11 +447,14 @@ class Trainer:
         dice_loss = torch.stack(dice_terms).mean()
         score_loss = torch.stack(score_terms).mean()
         loss = dice_loss + self.config.score_weight * score_loss
+        t = self._tick("loss forward (full resolution)", t)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        t = self._tick("backward", t)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
+        self._tick("optimizer", t)
         return {"loss": loss.item(), "dice_loss": dice_loss.item(), "score_loss": score_loss.item(), "lr": lr}
 
     def train_epoch(
@@ -440,7 +470,9 @@ class Trainer:
         self.images.use_cache = use_cache
         sums = {"loss": 0.0, "dice_loss": 0.0, "score_loss": 0.0}
         steps, lr = 0, self.optimizer.param_groups[0]["lr"]
+        waited = time.perf_counter()
         for items in self._loader(epoch):
+            self._tick("data loading", waited)
             stats = self.train_step(items, use_cache)
             steps += 1
             lr = stats["lr"]
@@ -453,23 +485,53 @@ class Trainer:
             if bar is not None:
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
+            waited = time.perf_counter()
         means = self._all_mean({k: v / max(steps, 1) for k, v in sums.items()})
         return {**means, "lr": lr}
 
-    def validate(self) -> float:
-        """Mean pixel Dice of full-image segmentation (no prompts) over the validation images."""
+    def validate(self) -> dict[str, float]:
+        """Validation scores of the current weights (see ``selection``):
+
+        ``val_dice``: mean pixel Dice of prompt-free segmentation over the validation images;
+        ``val_prompt_iou``: mean IoU, over every validation tessera, of the mask decoded at its
+        point (upsampled to the image size, logits > 0) against that tessera.
+        """
         self.model.eval()
-        total, count = 0.0, 0
+        total, count, iou_sum, iou_count = 0.0, 0, 0.0, 0
         mine = self.val_samples[self.dist.rank :: self.dist.world_size]
         for sample in tqdm(mine, desc="validation", unit="image", leave=False, disable=self._bar_disabled()):
-            pred = self.val_engine.segment(self.data.image(sample)) > 0
+            image = self.data.image(sample)
+            pred = self.val_engine.segment(image) > 0
             total += pixel_metrics(pred, mask_foreground(self.data.mask(sample)))["dice"]
             count += 1
+            s, n = self.prompted_iou(image, self.data.instances(sample), self.data.points(sample))
+            iou_sum, iou_count = iou_sum + s, iou_count + n
         if self.dist.enabled:
-            sums = torch.tensor([total, float(count)], dtype=torch.float64, device=self.device)
+            sums = torch.tensor([total, float(count), iou_sum, float(iou_count)], dtype=torch.float64,
+                                device=self.device)
             dist.all_reduce(sums)
-            total, count = float(sums[0]), int(sums[1])
-        return total / count
+            total, count, iou_sum, iou_count = float(sums[0]), int(sums[1]), float(sums[2]), int(sums[3])
+        return {DICE_KEY: total / count, PROMPT_KEY: iou_sum / max(iou_count, 1)}
+
+    def prompted_iou(self, image: np.ndarray, instances: np.ndarray, points: Sequence[Sequence[int]],
+                     chunk: int = 32) -> tuple[float, int]:
+        """(sum of IoUs, count) of the masks decoded at each tessera's point (tessera k+1 at
+        ``points[k]``), by the engine's decoder on the engine's cached features."""
+        points = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+        if len(points) == 0:
+            return 0.0, 0
+        logits, _ = self.val_engine.decode_points(image, points)
+        truth = torch.from_numpy(np.ascontiguousarray(instances))
+        total = 0.0
+        for start in range(0, len(points), chunk):
+            low = logits[start : start + chunk].float()
+            pred = F.interpolate(low[:, None], size=truth.shape, mode="bilinear", align_corners=False)[:, 0] > 0
+            ids = torch.arange(start + 1, start + len(low) + 1, dtype=truth.dtype)
+            target = truth[None] == ids[:, None, None]
+            both = (pred & target).flatten(1).sum(1).double()
+            either = (pred | target).flatten(1).sum(1).double()
+            total += float((both / either.clamp(min=1)).sum())
+        return total, len(points)
 
     def _all_mean(self, values: dict[str, float]) -> dict[str, float]:
         if not self.dist.enabled:
@@ -494,6 +556,9 @@ class Trainer:
             "epochs_completed": len(self.history),
             "best_epoch": self.best_epoch,
             "best_val_dice": self.best_dice,
+            "best_val_prompt_iou": (self.best_scores or {}).get(PROMPT_KEY),
+            "selection": "segmentation Dice when it differs by more than "
+                         f"{DICE_TOLERANCE}, else the prompted IoU; ties to the later epoch",
             "hyperparameters": self.config.to_dict(),
             "processes": self.dist.world_size,
             "effective_batch_size": self.config.batch_size * self.dist.world_size,
@@ -545,22 +610,25 @@ class Trainer:
                 started = time.perf_counter()
                 stats = self.train_epoch(epoch, bar=bar, writer=writer)
                 number = epoch + 1
-                val_dice = None
+                scores = None
                 if number % cfg.val_every == 0 or number == cfg.epochs:
-                    val_dice = self.validate()
+                    scores = self.validate()
+                val_dice = None if scores is None else scores[DICE_KEY]
                 row = {
                     "epoch": number,
                     "train_loss": stats["loss"],
                     "dice_loss": stats["dice_loss"],
                     "score_loss": stats["score_loss"],
                     "val_dice": val_dice,
+                    "val_prompt_iou": None if scores is None else scores[PROMPT_KEY],
                     "lr": stats["lr"],
                     "seconds": round(time.perf_counter() - started, 3),
                 }
                 self.history.append(row)
-                improved = val_dice is not None and (self.best_dice is None or val_dice > self.best_dice)
+                # Ties go to the later epoch (see selection.py).
+                improved = scores is not None and compare(scores, self.best_scores) >= 0
                 if improved:
-                    self.best_epoch, self.best_dice = number, val_dice
+                    self.best_epoch, self.best_dice, self.best_scores = number, val_dice, dict(scores)
                 if self.dist.is_main:
                     if improved:
                         self._save_finetune()
@@ -571,11 +639,12 @@ class Trainer:
                     writer.add_scalar("epoch/lr", row["lr"], step)
                     if val_dice is not None:
                         writer.add_scalar("epoch/val_dice", val_dice, step)
+                        writer.add_scalar("epoch/val_prompt_iou", scores[PROMPT_KEY], step)
                     writer.flush()
                     if self.progress:
                         bar.write(
                             f"epoch {number}/{cfg.epochs}: loss {row['train_loss']:.4f}"
-                            + (f", val Dice {val_dice:.4f}" if val_dice is not None else "")
+                            + (f", val {describe(scores)}" if scores is not None else "")
                             + (" (best)" if improved else ""),
                             file=sys.stderr,
                         )
@@ -597,6 +666,7 @@ class Trainer:
             epochs_completed=len(self.history),
             finished=finished,
             history=list(self.history),
+            best_scores=self.best_scores,
         )
 
 
