@@ -99,7 +99,7 @@ def engine_info(engine: Engine) -> dict:
     if spec is not None:
         model = str(spec.finetune) if spec.finetune else (spec.base_name or str(spec.base_checkpoint))
     return {"engine": engine.name, "model": model, "model_version": engine.model_version,
-            "device": str(engine.device), "params": engine.params.to_dict()}
+            "output": engine.output, "device": str(engine.device), "params": engine.params.to_dict()}
 
 
 def describe_engine(engine: Engine) -> str:
@@ -108,4 +108,4 @@ def describe_engine(engine: Engine) -> str:
     if info["engine"] == "classical":
         return "Engine: classical (colour watershed, no model weights)"
     return (f"Engine: SAM 2, model {info['model_version']} on {info['device']}, "
-            f"method {info['params']['method']}")
+            f"method {info['params']['method']}, decoder output {info['output']}")
