@@ -313,3 +313,20 @@ def test_training_trains_and_validates_the_output_it_records(output, tiny_datase
 def test_train_rejects_an_unknown_output():
     with pytest.raises(MosaicError, match="train: output: unknown decoder output 'sam2'"):
         TrainConfig(output="sam2")
+
+
+def test_backend_serves_the_declared_output(tiny_sam2_checkpoint, tmp_path):
+    """MOSAIC_BACKEND_MODEL_OUTPUT declares the base model's output; clicks then use it."""
+    from mosaic_backend.config import Settings
+    from mosaic_backend.versions import load_base_engine
+
+    env = {"MOSAIC_BACKEND_MODEL": str(tiny_sam2_checkpoint), "MOSAIC_BACKEND_ENGINE": "sam2",
+           "MOSAIC_BACKEND_IMAGE_SIZE": str(TEST_IMAGE_SIZE), "MOSAIC_BACKEND_DEVICE": "cpu",
+           "MOSAIC_BACKEND_MODELS": str(tmp_path / "models")}
+    assert load_base_engine(Settings.from_env(env)).output == "sam2"  # auto: SAM 2's own
+    engine = load_base_engine(Settings.from_env({**env, "MOSAIC_BACKEND_MODEL_OUTPUT": "multimask-first"}))
+    assert engine.output == "multimask-first" and engine.model_version.endswith("+out-multimask-first")
+    engine.predict_points(grid_mosaic(2, 2)[0], [[16, 16]], [1])
+    assert engine.last_click_token == 1 and engine.decoded_tokens() == {1: 1}
+    with pytest.raises(Exception, match="MOSAIC_BACKEND_MODEL_OUTPUT"):
+        Settings.from_env({**env, "MOSAIC_BACKEND_MODEL_OUTPUT": "best"})
