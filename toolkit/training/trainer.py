@@ -317,6 +317,7 @@ class Trainer:
         if state.get("version") != STATE_VERSION:
             raise MosaicError(f"{path}: training state version {state.get('version')!r} is not supported")
         recorded, current = state["run"], self.run_metadata()
+        recorded["config"].setdefault("output", "single")  # runs from before train --output: token 0
         differ = sorted(k for k in current if k != "config" and recorded.get(k) != current[k])
         differ += sorted(
             f"config.{k}" for k in current["config"] if recorded["config"].get(k) != current["config"][k]
