@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 
 import platformdirs
 
+from mosaic_toolkit.sam.params import OUTPUTS
 from mosaic_toolkit.training.config import LIMITS, within
 
 from .errors import BackendError
@@ -85,6 +86,13 @@ class Settings:
         "MOSAIC_BACKEND_MODEL", None,
         "SAM 2 base model: a name (mosaic-toolkit weights list), a checkpoint or a fine-tune "
         "file. Default: the best installed checkpoint.", _opt_str)
+    model_output: str = _setting(
+        "MOSAIC_BACKEND_MODEL_OUTPUT", "auto",
+        "Mask-decoder output MOSAIC_BACKEND_MODEL was fine-tuned on, the only one clicks and "
+        "pre-labels then use: single, multimask-first (the thesis's checkpoints) or sam2 (SAM 2's "
+        "own choice). auto: a fine-tune file's recorded output, else sam2. Trained versions "
+        "always use the output they were trained on.",
+        choices=("auto", *OUTPUTS))
     device: str | None = _setting(
         "MOSAIC_BACKEND_DEVICE", None, "Torch device (cuda, cuda:1, cpu). Default: CUDA if "
         "available, else MPS, else CPU.", _opt_str)

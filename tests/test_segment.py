@@ -202,7 +202,8 @@ def test_segment_with_sam2_model_end_to_end(sam2_home: Path, sam2_engine, tmp_pa
                  "min_area": 16}
     finetune = tmp_path / "tiny-finetune.pt"
     base = {"name": "sam2.1-tiny", "config": MODELS["sam2.1-tiny"].config, "image_size": 256}
-    save_finetune(finetune, sam2_engine.model, base=base, generator=generator, training=None)
+    # The base decoder untouched (only tuned parameters): served with SAM 2's own output choice.
+    save_finetune(finetune, sam2_engine.model, base=base, generator=generator, training=None, output="sam2")
 
     out = tmp_path / "pred"
     result = run("segment", tmp_path / "images", "--out", out, "--engine", "sam2",

@@ -56,6 +56,7 @@ def open_engine(
     image_size: int | None = None,
     base: str | Path | None = None,
     version: str | None = None,
+    output: str | None = None,
 ) -> Engine:
     """The engine to segment with, its parameters final.
 
@@ -64,12 +65,16 @@ def open_engine(
     ``overrides`` SAM 2 generator parameters laid over the model's own (e.g. ``{"method":
     "stock"}``; the classical engine has no generator and ignores them); ``cache_bytes`` the
     embedding cache (0 for batch segmentation, which never sees a tile twice); ``version``
-    the model version to report instead of the one derived from the files.
+    the model version to report instead of the one derived from the files; ``output`` the
+    decoder output a SAM 2 checkpoint was trained on (``--output``; a fine-tune file records
+    its own, see ``sam.models.declare_output``).
     """
     kind = resolve_kind(kind, model)
     if kind == "classical":
         if model:
             raise MosaicError(f"{model}: a model only applies to --engine sam2, not classical")
+        if output:
+            raise MosaicError(f"--output {output}: a decoder output only applies to --engine sam2")
         return ClassicalEngine()
     name = model or weights.default_model()
     if name is None:
@@ -77,7 +82,7 @@ def open_engine(
     from .sam.engine import Sam2Engine  # imports torch: only when SAM 2 is used
 
     return Sam2Engine.from_spec(name, device=device, cache_bytes=cache_bytes, base=base,
-                                image_size=image_size, overrides=overrides, version=version)
+                                image_size=image_size, overrides=overrides, version=version, output=output)
 
 
 def engine_version(engine: Engine) -> str:
@@ -94,7 +99,7 @@ def engine_info(engine: Engine) -> dict:
     if spec is not None:
         model = str(spec.finetune) if spec.finetune else (spec.base_name or str(spec.base_checkpoint))
     return {"engine": engine.name, "model": model, "model_version": engine.model_version,
-            "device": str(engine.device), "params": engine.params.to_dict()}
+            "output": engine.output, "device": str(engine.device), "params": engine.params.to_dict()}
 
 
 def describe_engine(engine: Engine) -> str:
@@ -103,4 +108,4 @@ def describe_engine(engine: Engine) -> str:
     if info["engine"] == "classical":
         return "Engine: classical (colour watershed, no model weights)"
     return (f"Engine: SAM 2, model {info['model_version']} on {info['device']}, "
-            f"method {info['params']['method']}")
+            f"method {info['params']['method']}, decoder output {info['output']}")

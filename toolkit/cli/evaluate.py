@@ -34,7 +34,9 @@ def _parse_models(ctx: click.Context, param: click.Parameter, value: str | None)
     "--models", default=None, callback=_parse_models,
     help="Segment the split with each model and compare them: LABEL=MODEL,... where MODEL is "
     "a SAM 2 name, checkpoint or fine-tune file, or classical (a bare 'classical' is its own "
-    "label), e.g. base=sam2.1-large,finetuned=run/finetune.pt,classical.",
+    "label), e.g. base=sam2.1-large,finetuned=run/finetune.pt,classical. A checkpoint "
+    "fine-tuned elsewhere takes its decoder output as a suffix: thesis=ckpt.pt@multimask-first "
+    "(single, multimask-first or sam2; a fine-tune file records its own).",
 )
 @click.option(
     "--gt", "gt", required=True, type=_FOLDER,

@@ -6,6 +6,7 @@ import functools
 import click
 
 from ..core.errors import MosaicError
+from ..sam.params import OUTPUTS
 
 
 def overwrite_option(f):
@@ -65,3 +66,14 @@ def tile_option(help: str):
 def split_option(choices, help: str, default: str | None = None, show_default: str | bool | None = True):
     return click.option("--split", type=click.Choice(choices), default=default, show_default=show_default,
                         help=help)
+
+
+OUTPUT_HELP = (
+    "Mask-decoder output a SAM 2 checkpoint was fine-tuned on, served and no other: single "
+    "(token 0), multimask-first (token 1, the thesis's checkpoints), sam2 (SAM 2's own choice, "
+    "an untrained decoder)  [default: a fine-tune file's recorded output, else sam2]"
+)
+
+
+def output_option(help: str = OUTPUT_HELP):
+    return click.option("--output", type=click.Choice(OUTPUTS), default=None, help=help)

@@ -13,6 +13,7 @@ from .options import (
     handle_errors,
     method_option,
     model_option,
+    output_option,
     overwrite_option,
     tile_option,
 )
@@ -35,6 +36,7 @@ MIN_TILE_OPTION = 64  # smaller tiles hold too little context to segment anythin
     help="SAM 2 model: an installed name (see `weights list`), a checkpoint or a fine-tune file "
     "[default: the best installed model].",
 )
+@output_option()
 @device_option(
     help="Torch device for SAM 2 (cpu, cuda, cuda:1, mps) [default: CUDA, else MPS, else CPU].",
 )
@@ -59,6 +61,7 @@ def command(
     out: Path,
     engine: str,
     model: str | None,
+    output: str | None,
     device: str | None,
     method: str | None,
     tile: int,
@@ -74,7 +77,7 @@ def command(
     """
     if 0 < tile < MIN_TILE_OPTION:
         raise click.BadParameter(f"use 0 (automatic) or at least {MIN_TILE_OPTION}", param_hint="--tile")
-    chosen = open_engine(engine, model, device, {"method": method} if method else None)
+    chosen = open_engine(engine, model, device, {"method": method} if method else None, output=output)
     click.echo(describe_engine(chosen), err=True)
     if chosen.name == "classical" and engine == "auto":
         click.echo(f"No SAM 2 weights are installed (to use SAM 2: `{FETCH_COMMAND}`).", err=True)

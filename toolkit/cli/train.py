@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from ..sam.params import TRAINED_OUTPUTS
 from ..training.config import DEFAULTS, LIMITS
 from .options import device_option, handle_errors
 
@@ -57,6 +58,12 @@ def _range(name: str) -> click.ParamType:
 @click.option(
     "--val-every", type=_range("val_every"), default=DEFAULTS.val_every, show_default=True,
     help="Validate (full-image segmentation of the val split) every N epochs and after the last.",
+)
+@click.option(
+    "--output", type=click.Choice(TRAINED_OUTPUTS), default=DEFAULTS.output, show_default=True,
+    help="Mask-decoder output to train, recorded in the fine-tune and the only one it is served "
+    "with (clicks, fast, stock, tune): single = SAM 2's single-mask token; multimask-first = the "
+    "first multimask token, as the thesis trained.",
 )
 @device_option(
     help="Torch device, e.g. cuda, cuda:1, cpu  [default: CUDA if available, else MPS, else CPU]",
@@ -106,6 +113,7 @@ def command(
     score_weight: float,
     max_prompts: int,
     val_every: int,
+    output: str,
     device: str | None,
     workers: int,
     cache: bool,
@@ -134,13 +142,13 @@ def command(
     hyper = dict(
         epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
         score_weight=score_weight, max_prompts=max_prompts, seed=seed, image_size=image_size,
-        val_every=val_every, val_params=None,
+        val_every=val_every, val_params=None, output=output,
     )
     recorded = recorded_config(out) if resume else None
     if recorded:  # --resume: options not given again keep the run's recorded values
         ctx = click.get_current_context()
         for name in hyper:
-            if name == "val_params" or ctx.get_parameter_source(name) is ParameterSource.DEFAULT:
+            if name in recorded and (name == "val_params" or ctx.get_parameter_source(name) is ParameterSource.DEFAULT):
                 hyper[name] = recorded[name]
     result = train(
         dataset, base, out, **hyper, device=device, resume=resume, overwrite=overwrite,

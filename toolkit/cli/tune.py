@@ -11,6 +11,7 @@ from .options import (
     handle_errors,
     method_option,
     model_option,
+    output_option,
     seed_option,
     split_option,
     tile_option,
@@ -24,6 +25,7 @@ from .options import (
     help="SAM 2 model to tune: a model name (see `mosaic-toolkit weights list`), a checkpoint "
     "file or a fine-tune file (updated in place with the best parameters).",
 )
+@output_option()
 @click.option(
     "--trials", type=click.IntRange(min=1), default=30, show_default=True,
     help="Trials this run adds to the study (a study continues where it stopped).",
@@ -70,6 +72,7 @@ from .options import (
 def command(
     dataset: Path,
     model: str,
+    output: str | None,
     trials: int,
     storage: str | None,
     study_name: str | None,
@@ -97,7 +100,7 @@ def command(
     result = tune(
         dataset, model, trials=trials, storage=storage, study_name=study_name, split=split,
         max_images=max_images, method=method, tile=tile or None, seed=seed, device=device,
-        out=out, memo_bytes=int(memo_gb * 2**30),
+        out=out, memo_bytes=int(memo_gb * 2**30), output=output,
     )
     summary = result.to_json()
     click.echo(f"Study {result.study!r} in {result.storage}: {result.trials_complete} completed trials")

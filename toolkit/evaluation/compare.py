@@ -49,7 +49,9 @@ def parse_models(text: str) -> list[tuple[str, str]]:
     """``"base=sam2.1-large,finetuned=run/finetune.pt,classical"`` -> [(label, spec), ...].
 
     Every entry is LABEL=MODEL; a bare ``classical`` is both label and model. Labels name the
-    output folders, so they are letters, digits, ``.``, ``_`` and ``-``, and unique.
+    output folders, so they are letters, digits, ``.``, ``_`` and ``-``, and unique. A SAM 2
+    checkpoint fine-tuned elsewhere is declared with its decoder output as a suffix,
+    ``thesis=ckpt.pt@multimask-first`` (see :func:`split_output`).
     """
     models: list[tuple[str, str]] = []
     for entry in (part.strip() for part in text.split(",")):
@@ -77,6 +79,16 @@ def parse_models(text: str) -> list[tuple[str, str]]:
     return models
 
 
+def split_output(spec: str) -> tuple[str, str | None]:
+    """``"ckpt.pt@multimask-first"`` -> ("ckpt.pt", "multimask-first"); no such suffix -> (spec, None)."""
+    from ..sam.params import OUTPUTS
+
+    model, sep, output = spec.rpartition("@")
+    if sep and model and output in OUTPUTS:
+        return model, output
+    return spec, None
+
+
 def _check_models(models: list[tuple[str, str]]) -> None:
     """Resolve every SAM 2 model now, so a typo fails before hours of segmentation."""
     from ..sam.models import resolve_model
@@ -86,7 +98,8 @@ def _check_models(models: list[tuple[str, str]]) -> None:
     for label, spec in models:
         if spec != CLASSICAL:
             try:
-                resolve_model(spec)
+                name, output = split_output(spec)
+                resolve_model(name, output=output)
             except MosaicError as exc:
                 raise MosaicError(f"model {label!r}: {exc}") from exc
 
@@ -123,8 +136,8 @@ def compare_models(
     records: list[dict[str, Any]] = []
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         for label, spec in models:
-            engine = open_engine(CLASSICAL if spec == CLASSICAL else "sam2",
-                                 None if spec == CLASSICAL else spec, device)
+            name, output = (None, None) if spec == CLASSICAL else split_output(spec)
+            engine = open_engine(CLASSICAL if spec == CLASSICAL else "sam2", name, device, output=output)
             segmented = segment_paths(images, tmp / "pred" / label, engine, tile=tile, progress=progress)
             info = engine_info(engine)
             del engine  # one model in memory at a time

@@ -27,8 +27,8 @@
      per tessera instead of a blind grid;
   3. decodes the prompts in batches of ``points_per_batch`` straight through the prompt
      encoder and mask decoder on the cached features, one mask per prompt
-     (``multimask_output=False``; SAM 2's dynamic fallback to the most stable multimask output
-     still applies);
+     (the model's decoder output, ``sam.adapter.select_output``: token 0 with SAM 2's stability
+     fallback for a base model, exactly the trained token for a fine-tune);
   4. filters at the decoder's low resolution (256² logits at 1024 input): predicted IoU >
      ``pred_iou_thresh``, stability score >= ``stability_score_thresh``, the prompt must lie
      inside its own mask; then box NMS at ``box_nms_thresh``;
@@ -73,10 +73,9 @@ from ..core.errors import InternalError, MosaicError
 from .adapter import PromptDecoder, Sam2Adapter, autocast, stock_generator
 from ..core.instances import paint_instances, postprocess
 from .fast import Decoder, FastState, tile_interior
-from .params import METHODS, GeneratorParams
-from .models import ModelSpec, load_model, model_version, pick_device, resolve_model
+from .params import METHODS, OUTPUT_SAM2, GeneratorParams
+from .models import ModelSpec, declare_output, load_model, model_version, pick_device, resolve_model
 
-DEFAULT_CACHE_BYTES = 512 * 2**20  # ~32 images at 1024² (16 MiB of features each)
 DEFAULT_CACHE_BYTES = 512 * 2**20  # ~32 images at 1024² (16 MiB of features each)
 
 
@@ -109,7 +108,13 @@ class _Encoded:
 
 
 class Sam2Engine:
-    """One loaded SAM 2 model: cached click prediction and full-image segmentation."""
+    """One loaded SAM 2 model: cached click prediction and full-image segmentation.
+
+    ``output`` is the decoder output the model is served with (``sam.adapter``, "Decoder
+    outputs"; default: the spec's, else SAM 2's own choice): clicks, the fast path and the
+    stock generator all decode with it. ``decoded_tokens()`` counts the decoder tokens of
+    every mask decoded so far.
+    """
 
     name = "sam2"
 
@@ -121,14 +126,16 @@ class Sam2Engine:
         params: GeneratorParams | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         spec: ModelSpec | None = None,
+        output: str | None = None,
     ) -> None:
         self.model = model
         self.model_version = version
         self.params = params or GeneratorParams()
         self.spec = spec
+        self.output = output or (spec.output if spec is not None else OUTPUT_SAM2)
         self.device = model.device
-        self._sam = Sam2Adapter(model)
-        self._decoder = PromptDecoder(model)
+        self._sam = Sam2Adapter(model, self.output)
+        self._decoder = PromptDecoder(model, self.output)
         self._cache: ByteLRU[_Encoded] = ByteLRU(int(cache_bytes), lambda entry: entry.nbytes)
         self._lock = threading.RLock()
 
@@ -143,15 +150,19 @@ class Sam2Engine:
         image_size: int | None = None,
         overrides: Mapping[str, Any] | None = None,
         version: str | None = None,
+        output: str | None = None,
     ) -> "Sam2Engine":
         """A ready engine from a model name, checkpoint or fine-tune path, or a ModelSpec.
 
         Generator parameters come from the fine-tune's metadata when it was tuned, else the
         defaults, with ``overrides`` laid over them. ``image_size`` overrides the model's input
-        resolution (tests, benchmarks); ``version`` the reported model version.
+        resolution (tests, benchmarks); ``version`` the reported model version; ``output``
+        declares which decoder output a checkpoint was trained on (``models.declare_output``).
         """
         if not isinstance(spec, ModelSpec):
-            spec = resolve_model(spec, base=base)
+            spec = resolve_model(spec, base=base, output=output)
+        elif output is not None:
+            spec = declare_output(spec, output)
         if image_size is not None:
             spec = dataclasses.replace(spec, image_size=image_size)
         model = load_model(spec, pick_device(device))
@@ -194,6 +205,10 @@ class Sam2Engine:
     def clear_cache(self) -> None:
         self._cache.clear()
 
+    def decoded_tokens(self) -> dict[int, int]:
+        """How many masks each decoder token produced so far (clicks, fast and stock paths)."""
+        return dict(self._sam.served.tokens_seen + self._decoder.served.tokens_seen)
+
     def _encoded(self, image: np.ndarray) -> tuple[str, _Encoded]:
         """Features of ``image`` from the cache, running the image encoder on a miss."""
         key = self.image_key(image)
@@ -221,13 +236,15 @@ class Sam2Engine:
         labels: Sequence[int] | np.ndarray,
         box: Sequence[float] | None = None,
     ) -> tuple[np.ndarray, float]:
-        """The best mask for click prompts on ``image`` and its predicted IoU.
+        """The mask for click prompts on ``image`` and its predicted IoU.
 
         ``points`` are ``[x, y]`` pixel coordinates, ``labels`` 1 (tessera) or 0 (not this
-        tessera), ``box`` an optional ``[x0, y0, x1, y1]``. A single positive click is
-        ambiguous, so three masks are decoded and the best-scored one returned; several clicks
-        or a box give one mask. Logits are thresholded at 0 (SAM's own threshold; the tuned
-        ``mask_threshold`` belongs to full-image segmentation).
+        tessera), ``box`` an optional ``[x0, y0, x1, y1]``. For a base model a single click is
+        ambiguous, so SAM 2 decodes three masks and the best-scored one is returned; several
+        clicks or a box give one mask. A fine-tuned model answers with the output it was
+        trained on, and only that (``sam.adapter.select_output``). Logits are thresholded at 0
+        (SAM's own threshold; the tuned ``mask_threshold`` belongs to full-image segmentation).
+        ``last_click_token`` is the decoder token of the mask returned.
         """
         image = as_rgb(image)
         coords = np.asarray(points, dtype=np.float32).reshape(-1, 2)
@@ -239,19 +256,15 @@ class Sam2Engine:
         box_arr = None if box is None else np.asarray(box, dtype=np.float32).reshape(4)
         if len(coords) == 0 and box_arr is None:
             raise MosaicError("prompts: give at least one point or a box")
-        multimask = len(coords) == 1 and box_arr is None
         with self._lock:
             _, entry = self._encoded(image)
-            predictor = self._sam.use(entry.features, entry.hw)
             with torch.inference_mode(), self._autocast():
-                masks, scores, _ = predictor.predict(
-                    point_coords=coords if len(coords) else None,
-                    point_labels=labs if len(coords) else None,
-                    box=box_arr,
-                    multimask_output=multimask,
-                )
-        best = int(np.argmax(scores))
-        return masks[best] > 0.5, float(scores[best])
+                logits, scores, tokens = self._sam.click(entry.features, entry.hw, coords, labs, box_arr)
+            best = int(np.argmax(scores))
+            self.last_click_token = int(tokens[best])
+        return logits[best] > 0, float(scores[best])
+
+    last_click_token: int | None = None
 
     # ---------------------------------------------------------------- full image
     def segment(
@@ -276,6 +289,7 @@ class Sam2Engine:
     def _segment_stock(self, image: np.ndarray, params: GeneratorParams) -> np.ndarray:
         generator = stock_generator(
             self.model,
+            self._sam.served,
             points_per_side=params.points_per_side,
             points_per_batch=params.points_per_batch,
             pred_iou_thresh=params.pred_iou_thresh,
@@ -295,7 +309,9 @@ class Sam2Engine:
 
     def decode_points(self, key_or_image: str | np.ndarray, points: np.ndarray, batch: int = 64
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Single-mask decoding of many positive prompts: (low-res logits Nxhxw, IoU N).
+        """One-mask decoding of many positive prompts: (low-res logits Nxhxw, IoU N).
+
+        The mask is the model's decoder output (``self.output``).
 
         Runs the prompt encoder and mask decoder directly on the cached features in batches
         of ``batch`` prompts (what ``SAM2ImagePredictor._predict`` does for one batch, without

@@ -9,14 +9,24 @@ use it::
      "base": {"name": "sam2.1-large", "config": "configs/sam2.1/sam2.1_hiera_l.yaml",
               "sha256": "<of the base checkpoint, optional>", "image_size": 1024},
      "state_dict": {"sam_prompt_encoder.*": tensor, "sam_mask_decoder.*": tensor},
+     "output": "single",
      "generator": {tuned generator parameters, see engine.GeneratorParams},
      "training": {training data summary, hyper-parameters, scores}}
+
+``"output"`` names the mask-decoder output that was trained and that every path serves
+(``sam.adapter``, "Decoder outputs"): "single" (token 0, what ``train`` trains by default),
+"multimask-first" (token 1, the thesis's way) or "sam2" (the base model's decoder untouched,
+e.g. ``tune``'s tuned.pt of a base checkpoint: SAM 2's own choice). A file without the key was
+written before it existed, by our ``train`` (token 0): it reads as "single" (or "sam2" for a
+tuned base, whose training note says so). A whole-model checkpoint that was fine-tuned
+elsewhere is declared with ``resolve_model(..., output=...)`` (``--output`` on the command line).
 
 ``resolve_model`` turns what the user typed (a model name, a base checkpoint path or a fine-tune
 path) into a ``ModelSpec``; ``load_model`` builds the ready ``torch.nn.Module`` from it.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import pickle
@@ -29,7 +39,7 @@ import torch
 
 from ..core.io import atomic_file
 from ..core.errors import MosaicError
-from .params import GeneratorParams
+from .params import OUTPUT_SAM2, OUTPUT_SINGLE, GeneratorParams, check_output
 
 FINETUNE_FORMAT = "mosaic-sam-finetune"
 FINETUNE_VERSION = 1
@@ -157,13 +167,15 @@ def save_finetune(
     base: dict[str, Any],
     generator: dict[str, Any] | None,
     training: dict[str, Any] | None,
+    output: str = OUTPUT_SINGLE,
 ) -> None:
     """Write a fine-tune file (prompt encoder + mask decoder and metadata), atomically.
 
     ``base`` needs "name" and "config"; "sha256" (of the base checkpoint) and "image_size" are
-    optional.
+    optional. ``output`` is the decoder output the weights were trained on (module docstring).
     """
     path = Path(path)
+    check_output(output, f"{path}")
     if not base.get("config"):
         raise MosaicError(f'{path}: fine-tune metadata needs base["config"]')
     base_meta = {
@@ -176,6 +188,7 @@ def save_finetune(
         "format": FINETUNE_FORMAT,
         "version": FINETUNE_VERSION,
         "base": base_meta,
+        "output": output,
         "state_dict": finetune_state_dict(model),
         "generator": _check_generator(path, generator),
         "training": dict(training or {}),
@@ -210,7 +223,21 @@ def load_finetune(path: str | os.PathLike) -> dict[str, Any]:
         raise MosaicError(f"{path}: fine-tune file holds weights outside the decoder: {stray[:3]}")
     data.setdefault("generator", {})
     data.setdefault("training", {})
+    if "output" not in data:  # written before the key existed
+        data["output"] = _legacy_output(data["training"])
+    check_output(data["output"], f"{path}")
     return data
+
+
+#: The note tune writes into the tuned.pt of a base checkpoint (its decoder is SAM 2's own).
+UNTRAINED_NOTE = "the base model's own decoder weights, not fine-tuned"
+
+
+def _legacy_output(training: Any) -> str:
+    """The output of a file without "output": our train trained token 0; a tuned base kept SAM 2's."""
+    if isinstance(training, dict) and training.get("note") == UNTRAINED_NOTE:
+        return OUTPUT_SAM2
+    return OUTPUT_SINGLE
 
 
 def update_finetune_metadata(
@@ -254,13 +281,15 @@ class ModelSpec:
     generator: dict[str, Any] = field(default_factory=dict)
     image_size: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: The decoder output served (and trained): see ``sam.adapter``, "Decoder outputs".
+    output: str = OUTPUT_SAM2
 
     def to_json(self) -> dict[str, Any]:
         """The spec as JSON (paths as strings; ``metadata`` is re-read from the files)."""
         return {
             "base_checkpoint": os.fspath(self.base_checkpoint), "config": self.config,
             "base_name": self.base_name, "finetune": os.fspath(self.finetune) if self.finetune else None,
-            "generator": dict(self.generator), "image_size": self.image_size,
+            "generator": dict(self.generator), "image_size": self.image_size, "output": self.output,
         }
 
     @classmethod
@@ -269,6 +298,7 @@ class ModelSpec:
             base_checkpoint=Path(data["base_checkpoint"]), config=data["config"], base_name=data["base_name"],
             finetune=Path(data["finetune"]) if data.get("finetune") else None,
             generator=dict(data.get("generator") or {}), image_size=data.get("image_size"),
+            output=data.get("output") or OUTPUT_SAM2,
         )
 
 
@@ -331,25 +361,46 @@ def _is_finetune_file(path: Path) -> bool:
     return isinstance(data, dict) and data.get("format") == FINETUNE_FORMAT
 
 
-def resolve_model(spec: str | os.PathLike, base: str | os.PathLike | None = None) -> ModelSpec:
+def declare_output(spec: ModelSpec, output: str | None) -> ModelSpec:
+    """``spec`` served with decoder ``output`` (None: as it is).
+
+    A base checkpoint can be declared with any output (a whole model fine-tuned elsewhere:
+    "multimask-first" for the thesis's, "single" for token 0); a fine-tune file records the
+    output it was trained on, and declaring another is a MosaicError naming the file.
+    """
+    if output is None or output == spec.output:
+        return spec
+    check_output(output, "--output")
+    if spec.finetune is not None:
+        raise MosaicError(
+            f"{spec.finetune}: fine-tune was trained on decoder output {spec.output!r}; "
+            f"it cannot be served as {output!r}"
+        )
+    return dataclasses.replace(spec, output=output)
+
+
+def resolve_model(
+    spec: str | os.PathLike, base: str | os.PathLike | None = None, output: str | None = None
+) -> ModelSpec:
     """Resolve a model NAME, a base checkpoint PATH, or a fine-tune file PATH.
 
     A fine-tune file names its base model; ``base`` (a name or a checkpoint path) overrides where
     the base weights come from. A different config, differently shaped decoder weights, or a
     different base checksum (checked when both are known: the fine-tune recorded one and the
     base is a registry checkpoint verified by ``weights``) is a MosaicError naming both files.
+    ``output`` declares the decoder output a checkpoint is served with (:func:`declare_output`).
     """
     path = Path(spec)
     if not path.is_file() or not _is_finetune_file(path):
         if base is not None:
             raise MosaicError(f"{spec}: a separate base model only applies to a fine-tune file")
         checkpoint, config, name, _ = _resolve_base(spec)
-        return ModelSpec(
+        return declare_output(ModelSpec(
             base_checkpoint=checkpoint,
             config=config,
             base_name=name,
             metadata={"base": {"name": name, "config": config, "checkpoint": str(checkpoint)}},
-        )
+        ), output)
 
     meta = load_finetune(path)
     made_for = meta["base"]
@@ -368,7 +419,7 @@ def resolve_model(spec: str | os.PathLike, base: str | os.PathLike | None = None
             f"but {checkpoint} has sha256 {known_sha[:12]}..."
         )
     _check_shapes(path, meta["state_dict"], checkpoint, read_checkpoint_state_dict(checkpoint, mmap=True))
-    return ModelSpec(
+    resolved = ModelSpec(
         base_checkpoint=checkpoint,
         config=config,
         base_name=name or made_for.get("name"),
@@ -376,7 +427,9 @@ def resolve_model(spec: str | os.PathLike, base: str | os.PathLike | None = None
         generator=dict(meta.get("generator") or {}),
         image_size=made_for.get("image_size"),
         metadata={k: v for k, v in meta.items() if k != "state_dict"},
+        output=meta["output"],
     )
+    return declare_output(resolved, output)
 
 
 def _check_shapes(
@@ -414,8 +467,12 @@ def load_model(spec: ModelSpec, device: str | torch.device | None) -> torch.nn.M
 
 
 def model_version(spec: ModelSpec) -> str:
-    """A short stable id of the weights in use: base name (or file) plus fine-tune hash."""
+    """A short stable id of the weights in use: base name (or file) plus fine-tune hash.
+
+    A checkpoint declared with a trained output serves other masks than SAM 2's own choice:
+    its id says so (``+out-multimask-first``).
+    """
     base = spec.base_name or spec.base_checkpoint.name
     if spec.finetune is None:
-        return base
+        return base if spec.output == OUTPUT_SAM2 else f"{base}+out-{spec.output}"
     return f"{base}+ft-{file_sha256(spec.finetune)[:12]}"

@@ -8,6 +8,23 @@ from ..core.errors import MosaicError
 
 METHODS = ("fast", "stock")
 
+#: Which output of SAM 2's mask decoder a model is served (and was trained) with; see
+#: ``sam.adapter.select_output``. "sam2": SAM 2's own choice, for a decoder nobody trained
+#: (three candidates for a single click, the stability fallback for one mask); "single":
+#: token 0 only; "multimask-first": token 1 only (the thesis's ``multimask_output=True``,
+#: ``prd_masks[:, 0]``).
+OUTPUT_SAM2, OUTPUT_SINGLE, OUTPUT_MULTIMASK_FIRST = "sam2", "single", "multimask-first"
+OUTPUTS = (OUTPUT_SAM2, OUTPUT_SINGLE, OUTPUT_MULTIMASK_FIRST)
+#: The outputs training can train (one decoder output each); the default is ours, token 0.
+TRAINED_OUTPUTS = (OUTPUT_SINGLE, OUTPUT_MULTIMASK_FIRST)
+
+
+def check_output(output: str, what: str = "output", choices: tuple[str, ...] = OUTPUTS) -> str:
+    """``output`` when it is one of ``choices``, else a MosaicError naming ``what``."""
+    if output not in choices:
+        raise MosaicError(f"{what}: unknown decoder output {output!r} (choose from {', '.join(choices)})")
+    return output
+
 
 @dataclass
 class GeneratorParams:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.errors import MosaicError
-from ..sam.params import GeneratorParams
+from ..sam.params import OUTPUT_SINGLE, TRAINED_OUTPUTS, GeneratorParams, check_output
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,9 @@ class TrainConfig:
     image_size: int | None = None  # model input resolution override (tests, benchmarks)
     val_every: int = 1
     val_params: dict[str, Any] = field(default_factory=dict)  # GeneratorParams overrides
+    #: The mask-decoder output trained, recorded in the fine-tune file and the only one served
+    #: (``sam.adapter``, "Decoder outputs"): "single" (token 0) or "multimask-first" (token 1).
+    output: str = OUTPUT_SINGLE
 
     def __post_init__(self) -> None:
         for name in LIMITS:
@@ -64,6 +67,7 @@ class TrainConfig:
                 self._check("min_lr", self.min_lr is None or 0 <= self.min_lr <= self.lr, "between 0 and lr")
             self._check(name, within(name, getattr(self, name)), LIMITS[name].what)
         GeneratorParams.from_dict(self.val_params)  # unknown or invalid keys are errors here
+        check_output(self.output, "train: output", TRAINED_OUTPUTS)
 
     def _check(self, name: str, ok: bool, what: str) -> None:
         if not ok:

@@ -7,8 +7,13 @@ The recipe (see /work/shared/method.md):
 * every tessera of a training image is a prompt: one positive point, its point from
   ``points/``. An image with thousands of tesserae is capped at ``max_prompts`` prompts per step,
   drawn without replacement by a generator seeded with ``(seed, epoch, image index)``;
-* each prompt is decoded to one mask (``multimask_output=False``; the decoder runs in training
-  mode, so this is SAM 2's single-mask token, the one the full-image "fast" path uses). Its
+* each prompt is decoded to one mask, through the decoder output ``output`` (default "single":
+  SAM 2's single-mask token 0; "multimask-first": token 1, the thesis's
+  ``multimask_output=True`` + ``prd_masks[:, 0]``). Only that output's heads learn; the file
+  records it and every path serves it and no other (``sam.adapter``, "Decoder outputs"):
+  clicks, the fast and stock paths, tuning, and this trainer's validation. The other three
+  outputs are not trained (SAM's own recipe would train all three multimask outputs and back-
+  propagate the lowest loss; we serve one mask per prompt, so we train that one). Its
   low-resolution logits are upsampled bilinearly to the *original image size*, as at inference
   and as in the thesis, and compared there with that tessera's mask from ``instances/``:
   ``loss = Dice(sigmoid(logits), tessera) + score_weight * |predicted IoU - IoU(logits > 0, tessera)|``
@@ -229,7 +234,7 @@ class Trainer:
         self.base_sha256 = file_sha256(self.spec.base_checkpoint)
         self.model = load_model(self.spec, "cpu").to(self.device)
         self.trainable = freeze_all_but_decoder(self.model)
-        self.decoder = PromptDecoder(self.model)
+        self.decoder = PromptDecoder(self.model, self.config.output)
         self.optimizer = torch.optim.AdamW(
             self.trainable, lr=self.config.lr, weight_decay=self.config.weight_decay,
             fused=self.device.type in ("cuda", "cpu"),  # one kernel for all tensors: ~5x faster
@@ -253,7 +258,9 @@ class Trainer:
             self.config.max_prompts, self.config.seed,
         )
         self.val_params = GeneratorParams.from_dict({**self.spec.generator, **self.config.val_params})
-        self.val_engine = Sam2Engine(self.model, version=model_version(self.spec), params=self.val_params)
+        # Validation decodes with the output being trained, as the fine-tune will be served.
+        self.val_engine = Sam2Engine(self.model, version=model_version(self.spec), params=self.val_params,
+                                     output=self.config.output)
         self.ddp: nn.Module = self.decoder
         #: Seconds per phase of the training steps (data, decoder, loss, backward, optimizer),
         #: accumulated when set to a dict (bench/bench_train.py profiles a cached step with it).
@@ -321,6 +328,7 @@ class Trainer:
         if state.get("version") != STATE_VERSION:
             raise MosaicError(f"{path}: training state version {state.get('version')!r} is not supported")
         recorded, current = state["run"], self.run_metadata()
+        recorded["config"].setdefault("output", "single")  # runs from before train --output: token 0
         differ = sorted(k for k in current if k != "config" and recorded.get(k) != current[k])
         differ += sorted(
             f"config.{k}" for k in current["config"] if recorded["config"].get(k) != current["config"][k]
@@ -575,7 +583,7 @@ class Trainer:
             "image_size": self.spec.image_size,
         }
         save_finetune(self.run_dir / FINETUNE_NAME, self.model, base=base, generator=None,
-                      training=self.training_summary())
+                      training=self.training_summary(), output=self.config.output)
 
     def _write_reports(self) -> None:
         write_metrics_csv(self.run_dir / METRICS_NAME, self.history)
@@ -694,6 +702,7 @@ def train(
     cache_dir: str | os.PathLike | None = None,
     stop_after_epoch: int | None = None,
     progress: bool = True,
+    output: str = DEFAULTS.output,
 ) -> RunResult:
     """Fine-tune the prompt encoder and mask decoder of ``base`` on ``dataset`` into ``out``.
 
@@ -703,7 +712,7 @@ def train(
     config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
         score_weight=score_weight, max_prompts=max_prompts, seed=seed, image_size=image_size,
-        val_every=val_every, val_params=dict(val_params or {}),
+        val_every=val_every, val_params=dict(val_params or {}), output=output,
     )
     torch.manual_seed(seed)
     with distributed(device):

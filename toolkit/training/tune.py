@@ -62,6 +62,8 @@ from ..sam.models import (
     ModelSpec,
     file_sha256,
     load_finetune,
+    UNTRAINED_NOTE,
+    declare_output,
     resolve_model,
     save_finetune,
     update_finetune_metadata,
@@ -431,6 +433,7 @@ def tune(
     out: str | os.PathLike | None = None,
     memo_bytes: int = DEFAULT_MEMO_BYTES,
     progress: bool = True,
+    output: str | None = None,
 ) -> TuneResult:
     """Run ``trials`` more trials of the study, then write the study's best parameters.
 
@@ -438,16 +441,17 @@ def tune(
     ``storage`` a SQLAlchemy URL or a SQLite file path (default: beside the model);
     ``study_name`` defaults to ``<model stem>-generator``; ``out`` (default
     ``<model dir>/<model stem>-tune``) receives tune.json, trials.csv, the plots and, for a base
-    checkpoint, tuned.pt. The first trial of a new study evaluates the model's current
-    parameters (clipped into the search space), so the result is never worse than the start on
-    these images.
+    checkpoint, tuned.pt (served with the checkpoint's decoder ``output``, declared or SAM 2's
+    own). Every trial decodes with the model's output, as serving does. The first trial of a
+    new study evaluates the model's current parameters (clipped into the search space), so the
+    result is never worse than the start on these images.
     """
     import optuna
 
     if trials < 1:
         raise MosaicError(f"tune: --trials must be at least 1 (got {trials})")
     started = time.perf_counter()
-    spec = model if isinstance(model, ModelSpec) else resolve_model(model)
+    spec = declare_output(model if isinstance(model, ModelSpec) else resolve_model(model), output)
     model_file = spec.finetune or spec.base_checkpoint
     out = Path(out) if out is not None else model_file.resolve().parent / f"{model_file.stem}-tune"
     study_name = study_name or f"{model_file.stem}-generator"
@@ -515,9 +519,9 @@ def tune(
                 "sha256": file_sha256(spec.base_checkpoint),
                 "image_size": spec.image_size,
             }
+            # The decoder output the engine was tuned with is the one tuned.pt is served with.
             save_finetune(tmp / TUNED_NAME, engine.model, base=base, generator=best_params.to_dict(),
-                          training={"note": "the base model's own decoder weights, not fine-tuned",
-                                    "tuning": tuning})
+                          training={"note": UNTRAINED_NOTE, "tuning": tuning}, output=engine.output)
         write_trials_csv(tmp / "trials.csv", study.get_trials(deepcopy=False))
         skipped = write_plots(study, tmp)
         result = TuneResult(
