@@ -114,6 +114,19 @@ def should_promote(policy: str, val: Any, baseline: Any) -> tuple[bool, str]:
     return False, f"validation {describe(val)} does not beat the current model's {describe(baseline)}"
 
 
+
+def try_lock(path: Path):
+    """The exclusive lock file ``path`` as an open file, or None when another process holds it
+    (training runs and pre-label jobs each have one: one of each at a time, across processes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
 class TrainingManager:
     """Starts, watches and reports training runs (module docstring)."""
 
@@ -198,15 +211,7 @@ class TrainingManager:
 
     # ---------------------------------------------------------------- finishing
     def _try_lock(self):
-        """The exclusive run lock as an open file, or None when another run holds it."""
-        self.store.root.mkdir(parents=True, exist_ok=True)
-        handle = open(self.store.root / LOCK, "a")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            return None
-        return handle
+        return try_lock(self.store.root / LOCK)
 
     def _watch(self, process: subprocess.Popen, run_dir: Path, lock) -> None:
         try:

@@ -15,7 +15,6 @@ worker in its environment), ``status.json`` (rewritten atomically) and ``worker.
 """
 from __future__ import annotations
 
-import fcntl
 import itertools
 import json
 import logging
@@ -35,6 +34,7 @@ from mosaic_toolkit.core.io import write_json
 from .config import Settings
 from .errors import BackendError
 from .images import LabelStudioLink
+from .jobs import try_lock
 from .metrics import Metrics
 from .versions import EngineManager, ModelStore, engine_version, job_base_spec
 
@@ -138,14 +138,7 @@ class PrelabelJobs:
         return job
 
     def _try_lock(self):
-        self.store.root.mkdir(parents=True, exist_ok=True)
-        handle = open(self.store.root / LOCK, "a")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            return None
-        return handle
+        return try_lock(self.store.root / LOCK)
 
     def _watch(self, process: subprocess.Popen, job_dir: Path, lock) -> None:
         try:
