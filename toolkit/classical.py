@@ -548,9 +548,11 @@ def _tidy(
     * Every tile is closed with a disc of ``p.close_radius`` tessera diameters, on grout pixels
       only: a stain or highlight at a tile's edge coloured like the grout leaves a notch.
     * Tiles smaller than ``p.min_tile_area`` median tessera areas go, and so do tiles under
-      ``p.grout_speck_area`` areas whose colour is the grout's (a wide grout junction) and
-      tiles whose inscribed circle is under ``p.min_inradius`` tessera diameters (a stretch
-      of grout line); tiles cut by the image border may be small, not that thin.
+      ``p.grout_speck_area`` areas whose colour is the grout's (a wide grout junction: within
+      half ``p.min_contrast`` of it, or within ``p.min_contrast`` and narrower than half a
+      tessera, its inscribed circle under 0.25 diameters) and tiles whose inscribed circle is
+      under ``p.min_inradius`` tessera diameters (a stretch of grout line); tiles cut by the
+      image border may be small, not that thin.
     """
     n = int(labels.max())
     if n == 0:
@@ -589,13 +591,17 @@ def _tidy(
     edge = np.zeros(n + 1, bool)  # tiles cut by the image border may be small
     edge[np.concatenate([out[0], out[-1], out[:, 0], out[:, -1]])] = True
     drop = (area < p.min_tile_area * tessera_area) & ~edge
-    drop |= (area < p.grout_speck_area * tessera_area) & (contrast < 0.5 * p.min_contrast)
+    speck = area < p.grout_speck_area * tessera_area
+    drop |= speck & (contrast < 0.5 * p.min_contrast)
     # Strips thinner than a fraction of a tessera are stretches of grout, not tiles (a tile cut
     # by the image border may be that thin, unless it has the grout's colour).
     inner = np.zeros(n + 1)
     solid = np.pad((out > 0).view(np.uint8), 1)  # outside the image is not tile either
     inner[1:] = ndi.maximum(cv2.distanceTransform(solid, cv2.DIST_L2, 3)[1:-1, 1:-1], out, idx)
     drop |= (inner < p.min_inradius * diameter) & (~edge | (contrast < p.min_contrast))
+    # Grout junctions (where three or four grout lines meet) are small, coloured like the grout
+    # and narrower than half a tessera; a small tile that dark is at least that wide.
+    drop |= speck & (contrast < p.min_contrast) & (inner < 0.25 * diameter) & ~edge
     drop[0] = True
     out[drop[out]] = 0
     return relabel_sequential(_keep_solid(out, 0))
