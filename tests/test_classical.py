@@ -317,6 +317,19 @@ def test_tidy_drops_grout_junction_specks_but_keeps_small_dark_tiles():
     assert len(np.unique(out[out > 0])) == 3
 
 
+def test_statistics_of_a_tile_can_come_from_the_whole_image():
+    """``segment(crop, statistics=...)`` uses the given grout colour (the whole image's):
+    deterministic, and a wrong grout colour changes the result."""
+    image, _ = synth_mosaic(np.random.default_rng(5), 400, 300, style="opus", tessera_size=30)
+    engine = ClassicalEngine()
+    stats = engine.statistics(image, 30.0)
+    crop = image[:200, :200]
+    a = engine.segment(crop, 30.0, stats)
+    assert np.array_equal(a, engine.segment(crop, 30.0, stats)) and a.max() > 0
+    wrong = type(stats)(tuple(g + d for g, d in zip(stats.grout, (-30.0, 0.0, 0.0))))
+    assert not np.array_equal(a, engine.segment(crop, 30.0, wrong))
+
+
 def textured_grid(seed: int, grout: int) -> tuple[np.ndarray, np.ndarray]:
     """4x4 tesserae of 40 px, all the same cream colour, each with a mottled surface, a thin
     darker vein, ochre stains and a glossy highlight (texture that splits a tile), on grey
