@@ -9,6 +9,7 @@ from mosaic_toolkit.classical import (
     ClassicalEngine,
     ClassicalParams,
     estimate_tessera_size,
+    _tidy,
     merge_fragments,
 )
 from mosaic_toolkit.core.dataset import label_components
@@ -291,6 +292,42 @@ def test_merge_respects_the_area_cap():
     assert out.max() == 4 and areas.max() <= ClassicalParams().merge_area * 900
     out = merge_fragments(labels, colour, score, tessera_area=4000, p=ClassicalParams())
     assert out.max() == 1
+
+
+def test_tidy_drops_grout_junction_specks_but_keeps_small_dark_tiles():
+    """Regions under half a tessera, coloured like the grout (within ``min_contrast``): a thin
+    one (a grout junction, narrower than half a tessera) goes; one at least half a tessera wide
+    (a small tile as dark as the grout) and one cut by the image border stay."""
+    labels = np.zeros((80, 120), np.int32)
+    labels[18:30, 18:34] = 1  # 12x16 junction speck: inscribed radius ~6 px < 0.25 x 36 px
+    labels[20:40, 60:80] = 2  # 20x20 small dark tile: inscribed radius 10 px
+    labels[0:12, 100:116] = 3  # the same speck on the image border
+    labels[45:75, 20:50] = 4  # an ordinary tile with contrast
+    colour = np.zeros((80, 120, 3), np.float32)
+    colour[..., 0] = 40.0
+    colour[labels == 4] = (80, 20, 10)
+    colour[np.isin(labels, (1, 2, 3))] += (4.0, 0, 0)  # within min_contrast of the grout
+    grout_c = np.broadcast_to(np.array([40.0, 0, 0], np.float32), colour.shape)
+    score = np.where(labels > 0, -1.0, 1.0).astype(np.float32)
+    p = ClassicalParams()
+    assert 0.5 * p.min_contrast < 4.0 < p.min_contrast
+    out = _tidy(labels, colour, grout_c, score, np.pi / 4 * 36 ** 2, p)
+    assert out[24, 26] == 0
+    assert out[30, 70] > 0 and out[5, 108] > 0 and out[60, 35] > 0
+    assert len(np.unique(out[out > 0])) == 3
+
+
+def test_statistics_of_a_tile_can_come_from_the_whole_image():
+    """``segment(crop, statistics=...)`` uses the given grout colour (the whole image's):
+    deterministic, and a wrong grout colour changes the result."""
+    image, _ = synth_mosaic(np.random.default_rng(5), 400, 300, style="opus", tessera_size=30)
+    engine = ClassicalEngine()
+    stats = engine.statistics(image, 30.0)
+    crop = image[:200, :200]
+    a = engine.segment(crop, 30.0, stats)
+    assert np.array_equal(a, engine.segment(crop, 30.0, stats)) and a.max() > 0
+    wrong = type(stats)(tuple(g + d for g, d in zip(stats.grout, (-30.0, 0.0, 0.0))))
+    assert not np.array_equal(a, engine.segment(crop, 30.0, wrong))
 
 
 def textured_grid(seed: int, grout: int) -> tuple[np.ndarray, np.ndarray]:

@@ -100,6 +100,25 @@ def test_segment_image_tiles_large_images_for_the_classical_engine():
     assert pixel_metrics(tiled > 0, whole > 0)["dice"] > 0.98
 
 
+def test_classical_tiles_share_the_image_statistics():
+    """Tiles of one image are segmented with the statistics measured on the whole image: the
+    same result as segmenting each tile with ``statistics=engine.statistics(image)``, and the
+    statistics change nothing when the image is segmented whole."""
+    from mosaic_toolkit.core.tiling import resolve_tiling, segment_tiled
+
+    image, _ = grid_mosaic(12, 16, seed=2)  # 384 x 512
+    engine = ClassicalEngine()
+    size = 32.0
+    stats = engine.statistics(image, size)
+    assert len(stats.grout) == 3
+    assert np.array_equal(engine.segment(image, size), engine.segment(image, size, stats))
+    tiled = segment_image(engine, image, tile=256, tessera_size=size)
+    tile, overlap = resolve_tiling(image, 256, None, size)
+    shared = segment_tiled(image, lambda crop: engine.segment(crop, size, stats), tile=tile,
+                           overlap=overlap)
+    assert np.array_equal(tiled, shared)
+
+
 # ------------------------------------------------------------------------------ command
 def test_segment_classical_writes_outputs_that_eval_scores(dataset: Path, tmp_path: Path, no_weights):
     pred = tmp_path / "pred"

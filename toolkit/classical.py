@@ -548,9 +548,11 @@ def _tidy(
     * Every tile is closed with a disc of ``p.close_radius`` tessera diameters, on grout pixels
       only: a stain or highlight at a tile's edge coloured like the grout leaves a notch.
     * Tiles smaller than ``p.min_tile_area`` median tessera areas go, and so do tiles under
-      ``p.grout_speck_area`` areas whose colour is the grout's (a wide grout junction) and
-      tiles whose inscribed circle is under ``p.min_inradius`` tessera diameters (a stretch
-      of grout line); tiles cut by the image border may be small, not that thin.
+      ``p.grout_speck_area`` areas whose colour is the grout's (a wide grout junction: within
+      half ``p.min_contrast`` of it, or within ``p.min_contrast`` and narrower than half a
+      tessera, its inscribed circle under 0.25 diameters) and tiles whose inscribed circle is
+      under ``p.min_inradius`` tessera diameters (a stretch of grout line); tiles cut by the
+      image border may be small, not that thin.
     """
     n = int(labels.max())
     if n == 0:
@@ -589,13 +591,17 @@ def _tidy(
     edge = np.zeros(n + 1, bool)  # tiles cut by the image border may be small
     edge[np.concatenate([out[0], out[-1], out[:, 0], out[:, -1]])] = True
     drop = (area < p.min_tile_area * tessera_area) & ~edge
-    drop |= (area < p.grout_speck_area * tessera_area) & (contrast < 0.5 * p.min_contrast)
+    speck = area < p.grout_speck_area * tessera_area
+    drop |= speck & (contrast < 0.5 * p.min_contrast)
     # Strips thinner than a fraction of a tessera are stretches of grout, not tiles (a tile cut
     # by the image border may be that thin, unless it has the grout's colour).
     inner = np.zeros(n + 1)
     solid = np.pad((out > 0).view(np.uint8), 1)  # outside the image is not tile either
     inner[1:] = ndi.maximum(cv2.distanceTransform(solid, cv2.DIST_L2, 3)[1:-1, 1:-1], out, idx)
     drop |= (inner < p.min_inradius * diameter) & (~edge | (contrast < p.min_contrast))
+    # Grout junctions (where three or four grout lines meet) are small, coloured like the grout
+    # and narrower than half a tessera; a small tile that dark is at least that wide.
+    drop |= speck & (contrast < p.min_contrast) & (inner < 0.25 * diameter) & ~edge
     drop[0] = True
     out[drop[out]] = 0
     return relabel_sequential(_keep_solid(out, 0))
@@ -673,10 +679,23 @@ def _find_regions(
     return _Regions(regions, n, boundary, threshold, interior, dist, size)
 
 
+def _first_grout_colour(colour: np.ndarray, r: _Regions) -> np.ndarray | None:
+    """A first (global) grout colour: the median of ``_grout_sample``; None when there is none."""
+    sample = _grout_sample(r.regions, r.interior, r.dist)
+    return np.median(colour[sample], axis=0) if sample.any() else None
+
+
 def _split_tiles(
-    lab: np.ndarray, r: _Regions, p: ClassicalParams, tessera_area: float | None = None
+    lab: np.ndarray,
+    r: _Regions,
+    p: ClassicalParams,
+    tessera_area: float | None = None,
+    grout: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Stage 2: within every region, the tile and the grout around it (0), touching tiles apart."""
+    """Stage 2: within every region, the tile and the grout around it (0), touching tiles apart.
+
+    ``grout``: the first grout colour (Lab) when known for the whole image, else measured here.
+    """
     regions, n = r.regions, r.n
     idx = np.arange(1, n + 1)
 
@@ -687,10 +706,12 @@ def _split_tiles(
     centre = r.dist >= 0.5 * depth[regions]
     tile_c = _region_colour_ramps(colour, regions, centre, n)
     d_tile = np.linalg.norm(colour - tile_c, axis=2)
-    sample = _grout_sample(regions, r.interior, r.dist)
-    if not sample.any():  # a featureless image: nothing to segment
+    first = _first_grout_colour(colour, r)
+    if first is None:  # a featureless image: nothing to segment
         return np.zeros(regions.shape, np.int32)
-    grout_c = np.broadcast_to(np.median(colour[sample], axis=0), colour.shape)
+    if grout is not None:
+        first = np.asarray(grout, np.float32)
+    grout_c = np.broadcast_to(first, colour.shape)
     score = _score(colour, tile_c, grout_c, d_tile)
     grout_c = _smooth_colour_map(colour, score >= 0, 2.0 * r.size)
     score = _score(colour, tile_c, grout_c, d_tile)
@@ -755,6 +776,21 @@ def _median_diameter(instances: np.ndarray) -> float | None:
     return float(2 * np.sqrt(np.median(areas) / np.pi))
 
 
+@dataclass(frozen=True)
+class ImageStatistics:
+    """What the classical engine measures on a whole image and every tile of it then shares.
+
+    The grout is one material across a mosaic: its first colour estimate (the median of the
+    pixels that look like grout lines, before the smooth local grout colour map) is taken on the
+    whole image. Measured per tile, a tile dominated by pale stained tesserae or by dark ones
+    takes some of their colour into it and then keeps grout junctions as tiles
+    (``ClassicalEngine.statistics``). The interior threshold and the working scale stay per
+    tile: sharing them was measured not to help.
+    """
+
+    grout: tuple[float, float, float]  # first grout colour (Lab), before the local colour map
+
+
 class ClassicalEngine:
     """Segments every tessera of an RGB image without model weights."""
 
@@ -766,13 +802,20 @@ class ClassicalEngine:
         self._cache: tuple[np.ndarray, np.ndarray, np.ndarray, float] | None = None
 
     # ----------------------------------------------------------------------------------------
-    def segment(self, image: np.ndarray, tessera_size: float | None = None) -> np.ndarray:
+    def segment(
+        self,
+        image: np.ndarray,
+        tessera_size: float | None = None,
+        statistics: ImageStatistics | None = None,
+    ) -> np.ndarray:
         """Instance map (int32, 0 = grout/background, ids 1..N, each one 4-connected tile).
 
         ``tessera_size``: median tessera diameter (px) when known (e.g. estimated once for a
         whole photograph that is segmented tile by tile); else estimated on ``image``. The
         engine's lengths follow from it: the working scale (tesserae shrunk to about
         ``work_size`` px), the area cap of fragment merging and the tidying radii and areas.
+        ``statistics``: the whole image's (``statistics``) when ``image`` is one tile of it,
+        so that every tile shares the first grout colour.
         """
         p = self.params
         image = _check_image(image)
@@ -781,19 +824,54 @@ class ClassicalEngine:
         if not tessera_size > 0:
             raise MosaicError(f"classical engine: tessera size must be positive, got {tessera_size}")
         lab = _lab(image)
-        maps = _interior_maps(lab, p)
-        # Texture, stains and highlights break tile interiors into fragments much narrower than
-        # a tessera; seen shrunk, they average out (a clean tile is better seen sharp).
-        work_size = p.textured_work_size if maps[4] < p.fragmented * tessera_size else p.work_size
-        factor = max(1, int(round(tessera_size / work_size)))
-        factor = min(factor, max(1, min(image.shape[:2]) // 16))
-        found = _find_regions(lab, p, maps) if factor == 1 else _find_regions(_shrink(lab, factor), p)
+        found = self._stage1(lab, tessera_size)
         if found is None:
             return np.zeros(image.shape[:2], np.int32)
-        if factor > 1:
-            found = found.upsampled(factor, image.shape[:2])
         area = np.pi / 4 * tessera_size ** 2
-        return relabel_sequential(_split_tiles(lab, found, p, area))
+        grout = None if statistics is None else np.asarray(statistics.grout, np.float32)
+        return relabel_sequential(_split_tiles(lab, found, p, area, grout))
+
+    def statistics(self, image: np.ndarray, tessera_size: float | None = None) -> ImageStatistics:
+        """The image-wide statistics ``segment`` shares between the tiles of one image.
+
+        Measured exactly as ``segment(image)`` measures them, so segmenting ``image`` whole
+        with or without them gives the same result; passed to ``segment`` for every tile of a
+        larger image (``segment.segment_image_info`` measures them on the image, or a central
+        window of a very large one), every tile is segmented with the same first grout colour.
+        """
+        p = self.params
+        image = _check_image(image)
+        if tessera_size is None:
+            tessera_size = estimate_scale(image).diameter
+        if not tessera_size > 0:
+            raise MosaicError(f"classical engine: tessera size must be positive, got {tessera_size}")
+        lab = _lab(image)
+        found = self._stage1(lab, tessera_size)
+        grout = None if found is None else _first_grout_colour(_blur(lab, p.class_sigma), found)
+        if grout is None:  # nothing tile-like: the image's median colour
+            grout = np.median(lab.reshape(-1, 3), axis=0)
+        return ImageStatistics(tuple(float(v) for v in grout))
+
+    def _factor(self, lab: np.ndarray, tessera_size: float) -> tuple[int, tuple]:
+        """Working-scale factor (tesserae shrunk to about ``work_size``, or the textured one)
+        and the full-resolution interior maps it was decided on."""
+        p = self.params
+        # Texture, stains and highlights break tile interiors into fragments much narrower than
+        # a tessera; seen shrunk, they average out (a clean tile is better seen sharp).
+        maps = _interior_maps(lab, p)
+        work_size = p.textured_work_size if maps[4] < p.fragmented * tessera_size else p.work_size
+        factor = max(1, int(round(tessera_size / work_size)))
+        return min(factor, max(1, min(lab.shape[:2]) // 16)), maps
+
+    def _stage1(self, lab: np.ndarray, tessera_size: float) -> _Regions | None:
+        """Stage 1 at the working scale, scaled back to full resolution (None: no tile)."""
+        p = self.params
+        factor, maps = self._factor(lab, tessera_size)
+        work = lab if factor == 1 else _shrink(lab, factor)
+        found = _find_regions(work, p, maps if factor == 1 else None)
+        if found is not None and factor > 1:
+            found = found.upsampled(factor, lab.shape[:2])
+        return found
 
     # ----------------------------------------------------------------------------------------
     def predict_point(self, image: np.ndarray, x: int, y: int) -> np.ndarray | None:

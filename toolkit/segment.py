@@ -74,22 +74,34 @@ def segment_image_info(
     ``imageio.ImageTiles``, on a central crop so the image is never read whole). It sets the
     tiles of ``segment_tiled``: for SAM 2 about 100 tesserae per tile (as the model was trained)
     unless ``tile`` is given; the classical engine adapts to any tile and runs on CLASSICAL_TILE
-    tiles, which waste the least work on overlaps, and is told the size so every tile is
-    segmented at the same scale. The overlap is about two tessera diameters.
+    tiles, which waste the least work on overlaps, and is told the size and the image's own
+    statistics (``ClassicalEngine.statistics``: the grout colour, measured on the image or its
+    central 2048-px window) so every tile is segmented alike. The
+    overlap is about two tessera diameters.
     """
+    h, w = image.shape[:2]
+    side = 2 * MAX_TILE
+    top, left = max(0, (h - side) // 2), max(0, (w - side) // 2)
+
+    def window() -> np.ndarray:  # the image, or its central window of at most side x side
+        if isinstance(image, np.ndarray) and h <= side and w <= side:
+            return image
+        return np.asarray(image[top:top + side, left:left + side])
+
     if tessera_size is None:
         if isinstance(image, np.ndarray):
             tessera_size = estimate_tessera_size(image)
         else:
-            h, w = image.shape[:2]
-            side = 2 * MAX_TILE
-            top, left = max(0, (h - side) // 2), max(0, (w - side) // 2)
-            tessera_size = estimate_tessera_size(np.asarray(image[top:top + side, left:left + side]))
+            tessera_size = estimate_tessera_size(window())
     elif not tessera_size > 0:
         raise MosaicError(f"tessera size must be positive, got {tessera_size}")
     if isinstance(engine, ClassicalEngine):
         tile = tile or CLASSICAL_TILE
-        segment_fn = functools.partial(engine.segment, tessera_size=tessera_size)
+        # The grout colour measured once for the image (its central window when large) and
+        # shared by every tile, like the tessera size.
+        statistics = engine.statistics(window(), tessera_size) if max(h, w) > tile else None
+        segment_fn = functools.partial(engine.segment, tessera_size=tessera_size,
+                                       statistics=statistics)
     else:
         segment_fn = engine.segment
     tile, overlap = resolve_tiling(image, tile, None, tessera_size)
