@@ -17,7 +17,7 @@ Clicks (``Predictor.click``):
   Of the mask only the pieces under positive clicks are kept (the largest piece for a box).
 * Classical (no weights): the image is segmented once (tile by tile, cached per image) and a
   click selects the tessera under it or, on grout, the nearest one within two tessera
-  diameters (the rule of ``ClassicalEngine.predict_point``); several positive clicks select
+  diameters (``classical.ClassicalIndex``, the rule of ``ClassicalEngine.predict_point`` too); several positive clicks select
   the union, a negative click removes the tessera under it. A box selects every tessera lying
   at least half inside it, merged into one region; when none does (a box drawn inside one
   tessera), the tessera covering most of the box.
@@ -37,13 +37,12 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from mosaic_toolkit.classical import ClassicalEngine
+from mosaic_toolkit.classical import ClassicalEngine, ClassicalIndex
 from mosaic_toolkit.core.cache import ByteLRU
 from mosaic_toolkit.core.dataset import tessera_points
 from mosaic_toolkit.core.scale import estimate_tessera_size
@@ -61,57 +60,6 @@ if TYPE_CHECKING:
 CLICK_WINDOW = MAX_TILE  # px: fallback windows, SAM 2's input size (native resolution)
 CLICK_OVERLAP = 256  # px: neighbouring fallback windows overlap by this much
 TILING_CACHE = 1024  # images whose (tile, overlap) are remembered
-NEAREST_SIZES = 2.0  # classical: a click on grout takes a tessera within this many diameters
-BOX_INSIDE = 0.5  # classical: a tessera belongs to a box when this part of it lies inside
-
-
-@dataclass
-class ClassicalIndex:
-    """A classical segmentation of one image, ready for clicks."""
-
-    instances: np.ndarray  # int32, 0 = grout, 1..N
-    areas: np.ndarray  # pixels per id (index 0 unused)
-    size: float  # median tessera diameter (px)
-
-    @classmethod
-    def of(cls, instances: np.ndarray) -> "ClassicalIndex":
-        areas = np.bincount(instances.ravel())
-        tiles = areas[1:][areas[1:] > 0]
-        size = float(2 * np.sqrt(np.median(tiles) / np.pi)) if tiles.size else 0.0
-        return cls(instances, areas, size)
-
-    @property
-    def nbytes(self) -> int:
-        return self.instances.nbytes + self.areas.nbytes
-
-    def tessera_at(self, x: float, y: float) -> int:
-        """The id under pixel (x, y), else the nearest within NEAREST_SIZES diameters, else 0."""
-        h, w = self.instances.shape
-        c, r = min(int(x), w - 1), min(int(y), h - 1)
-        found = int(self.instances[r, c])
-        if found or self.size == 0:
-            return found
-        reach = int(math.ceil(NEAREST_SIZES * self.size))
-        r0, c0 = max(r - reach, 0), max(c - reach, 0)
-        window = self.instances[r0 : r + reach + 1, c0 : c + reach + 1]
-        rows, cols = np.nonzero(window)
-        if rows.size == 0:
-            return 0
-        d2 = (rows + r0 - r) ** 2 + (cols + c0 - c) ** 2
-        best = int(np.argmin(d2))
-        return int(window[rows[best], cols[best]]) if d2[best] <= reach * reach else 0
-
-    def in_box(self, box: np.ndarray) -> set[int]:
-        """Ids at least BOX_INSIDE inside the box [x0, y0, x1, y1]; else the one covering most."""
-        x0, y0 = int(math.floor(box[0])), int(math.floor(box[1]))
-        x1, y1 = int(math.ceil(box[2])), int(math.ceil(box[3]))
-        inside = np.bincount(self.instances[y0:y1, x0:x1].ravel(), minlength=len(self.areas))
-        inside[0] = 0
-        whole = np.nonzero(inside >= BOX_INSIDE * np.maximum(self.areas, 1))[0]
-        chosen = {int(k) for k in whole if k > 0}
-        if not chosen and inside.any():
-            chosen = {int(np.argmax(inside))}
-        return chosen
 
 
 def click_window(

@@ -43,6 +43,7 @@ Output: an int32 instance map, 0 = grout / background, ids 1..N in raster order,
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -791,6 +792,59 @@ class ImageStatistics:
     grout: tuple[float, float, float]  # first grout colour (Lab), before the local colour map
 
 
+NEAREST_SIZES = 2.0  # a click on grout takes a tessera within this many diameters
+BOX_INSIDE = 0.5  # a tessera belongs to a box when this part of it lies inside
+
+
+@dataclass
+class ClassicalIndex:
+    """A classical segmentation of one image, ready for clicks."""
+
+    instances: np.ndarray  # int32, 0 = grout, 1..N
+    areas: np.ndarray  # pixels per id (index 0 unused)
+    size: float  # median tessera diameter (px)
+
+    @classmethod
+    def of(cls, instances: np.ndarray) -> "ClassicalIndex":
+        areas = np.bincount(instances.ravel())
+        tiles = areas[1:][areas[1:] > 0]
+        size = float(2 * np.sqrt(np.median(tiles) / np.pi)) if tiles.size else 0.0
+        return cls(instances, areas, size)
+
+    @property
+    def nbytes(self) -> int:
+        return self.instances.nbytes + self.areas.nbytes
+
+    def tessera_at(self, x: float, y: float) -> int:
+        """The id under pixel (x, y), else the nearest within NEAREST_SIZES diameters, else 0."""
+        h, w = self.instances.shape
+        c, r = min(int(x), w - 1), min(int(y), h - 1)
+        found = int(self.instances[r, c])
+        if found or self.size == 0:
+            return found
+        reach = int(math.ceil(NEAREST_SIZES * self.size))
+        r0, c0 = max(r - reach, 0), max(c - reach, 0)
+        window = self.instances[r0 : r + reach + 1, c0 : c + reach + 1]
+        rows, cols = np.nonzero(window)
+        if rows.size == 0:
+            return 0
+        d2 = (rows + r0 - r) ** 2 + (cols + c0 - c) ** 2
+        best = int(np.argmin(d2))
+        return int(window[rows[best], cols[best]]) if d2[best] <= reach * reach else 0
+
+    def in_box(self, box: np.ndarray) -> set[int]:
+        """Ids at least BOX_INSIDE inside the box [x0, y0, x1, y1]; else the one covering most."""
+        x0, y0 = int(math.floor(box[0])), int(math.floor(box[1]))
+        x1, y1 = int(math.ceil(box[2])), int(math.ceil(box[3]))
+        inside = np.bincount(self.instances[y0:y1, x0:x1].ravel(), minlength=len(self.areas))
+        inside[0] = 0
+        whole = np.nonzero(inside >= BOX_INSIDE * np.maximum(self.areas, 1))[0]
+        chosen = {int(k) for k in whole if k > 0}
+        if not chosen and inside.any():
+            chosen = {int(np.argmax(inside))}
+        return chosen
+
+
 class ClassicalEngine:
     """Segments every tessera of an RGB image without model weights."""
 
@@ -799,7 +853,7 @@ class ClassicalEngine:
     def __init__(self, params: ClassicalParams | None = None):
         self.params = params or ClassicalParams()
         self._cache_key: str | None = None
-        self._cache: tuple[np.ndarray, np.ndarray, np.ndarray, float] | None = None
+        self._cache: ClassicalIndex | None = None
 
     # ----------------------------------------------------------------------------------------
     def segment(
@@ -874,38 +928,29 @@ class ClassicalEngine:
         return found
 
     # ----------------------------------------------------------------------------------------
-    def predict_point(self, image: np.ndarray, x: int, y: int) -> np.ndarray | None:
+    def predict_point(self, image: np.ndarray, x: float, y: float) -> np.ndarray | None:
         """Boolean mask of the tessera under pixel ``(x, y)`` (column, row).
 
         On grout, the nearest tessera within two tessera sizes; ``None`` when there is none or
-        the point is outside the image. The image's segmentation is cached (keyed by a hash of
-        its bytes and the parameters), so repeated clicks on one image cost microseconds.
+        the point is outside the image (``ClassicalIndex.tessera_at``, the backend's click rule
+        too). The image's segmentation is cached (keyed by a hash of its bytes and the
+        parameters), so repeated clicks on one image cost microseconds.
         """
-        instances, nearest_row, nearest_col, size = self._cached(image)
-        h, w = instances.shape
-        x, y = int(round(x)), int(round(y))
+        index = self._cached(image)
+        h, w = index.instances.shape
         if not (0 <= x < w and 0 <= y < h):
             return None
-        r, c = int(nearest_row[y, x]), int(nearest_col[y, x])
-        tile = int(instances[r, c])
-        if tile == 0 or np.hypot(r - y, c - x) > 2.0 * size:
-            return None
-        return instances == tile
+        tile = index.tessera_at(x, y)
+        return None if tile == 0 else index.instances == tile
 
-    def _cached(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-        """Instances, the nearest tile pixel (row, column) of every pixel, median tile size."""
+    def _cached(self, image: np.ndarray) -> ClassicalIndex:
+        """The segmentation of ``image`` as a ClassicalIndex (the last image's is kept)."""
         image = _check_image(image)
         digest = hashlib.blake2b(digest_size=16)
         digest.update(repr((image.shape, sorted(self.params.to_dict().items()))).encode())
         digest.update(image.tobytes())
         key = digest.hexdigest()
         if key != self._cache_key or self._cache is None:
-            instances = self.segment(image)
-            if instances.any():
-                _, (rows, cols) = ndi.distance_transform_edt(instances == 0, return_indices=True)
-            else:
-                rows = cols = np.zeros(instances.shape, np.int32)
-            size = _median_diameter(instances) or 0.0  # no tile: every click gives None
-            self._cache = (instances, rows.astype(np.int32), cols.astype(np.int32), size)
+            self._cache = ClassicalIndex.of(self.segment(image))
             self._cache_key = key
         return self._cache
