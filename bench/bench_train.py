@@ -8,6 +8,16 @@ ratio re-encoding / cached. One more cached epoch is then profiled by phase
 (``Trainer.timings``: data loading, features to the device, decoder forward, loss forward at
 full resolution, backward, optimizer; seconds per step). Prints one JSON object.
 
+``flops`` is the device-independent cost model (``flop_model``): FLOPs counted by
+``torch.utils.flop_counter.FlopCounterMode`` (matrix products, convolutions, attention; not
+elementwise work) of the frozen image encoder's forward per image, and of one training step of
+the decoder per prompt (prompt encoder + mask decoder forward, the loss, the backward: the
+trainer's own ``decode_items`` / ``batch_loss``). A re-encoding step costs E + P·D for an image
+with P prompts, a cached one P·D, so ``ceiling_ratio`` (E + P·D) / (P·D) bounds what the cache
+can gain on any device, for P = 1, 16, 64 (the training default), 100 (the thesis: every
+tessera of a ~100-tessera crop) and the run's ``--max-prompts``. ``--flops-only`` prints it
+alone (seconds, even for SAM 2.1 large at 1024²: the encoder is counted on meta tensors).
+
 Without ``--model`` a SAM 2.1 model with RANDOM weights is built (no weights can be downloaded
 here; ``--arch`` picks its size): timings do not depend on the weights.
 
@@ -17,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +35,11 @@ from pathlib import Path
 import torch
 
 from mosaic_toolkit.core.dataset import write_manifest
-from mosaic_toolkit.training.trainer import TrainConfig, Trainer
+from mosaic_toolkit.sam.adapter import PromptDecoder, Sam2Adapter, feature_sizes
+from mosaic_toolkit.sam.models import build_sam2_model
+from mosaic_toolkit.training.trainer import (
+    TrainConfig, Trainer, batch_loss, decode_items, freeze_all_but_decoder,
+)
 from mosaic_toolkit.data.synth import synth_dataset
 from mosaic_toolkit.sam.weights import MODELS
 
@@ -33,6 +48,66 @@ import random_model
 
 def random_checkpoint(arch: str, folder: Path, seed: int) -> Path:
     return random_model.random_checkpoint(folder, arch, seed)
+
+
+CEILING_PROMPTS = (1, 16, 64, 100)  # one prompt; the bench's default; train's default; the thesis
+
+
+def flop_model(arch: str, image_size: int, prompts: int, score_weight: float = 0.2,
+               output: str = "single", extra_prompts: int | None = None) -> dict:
+    """FLOPs of the encoder per image and of a decoder training step per prompt (module doc).
+
+    The decoder step runs for real on CPU (random weights, ``prompts`` prompts on one
+    ``image_size`` image, its features of the right shapes); the encoder is counted on meta
+    tensors (no data: Hiera-L at 1024² costs nothing to count).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = build_sam2_model(MODELS[arch].config, None, "cpu", image_size=image_size)
+    freeze_all_but_decoder(model)
+    decoder = PromptDecoder(model, output)
+    decoder.train()
+    sam = Sam2Adapter(model)
+    cpu = torch.device("cpu")
+    (h0, w0), (h1, w1), (h2, w2) = feature_sizes(model)
+    dim = model.sam_mask_decoder.transformer_dim  # cached high-res features: after conv_s0 / conv_s1
+    feats = [torch.randn(1, dim, h2, w2), torch.randn(1, dim // 8, h0, w0), torch.randn(1, dim // 4, h1, w1)]
+    side = image_size
+    instances = torch.zeros(side, side, dtype=torch.int64)
+    step = torch.arange(prompts)
+    item = {
+        "points": torch.stack([(step * 7) % side, (step * 13) % side], 1).float(),
+        "hw": (side, side), "ids": step + 1, "instances": instances,
+    }
+    with FlopCounterMode(display=False) as counter:
+        outputs = decode_items(decoder, sam, [item], [feats], cpu)
+        forward = counter.get_total_flops()
+        loss, _, _ = batch_loss([item], outputs, score_weight, cpu)
+        loss_fwd = counter.get_total_flops() - forward
+        loss.backward()
+        step_total = counter.get_total_flops()
+    model.to("meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.forward_image(torch.zeros(1, 3, side, side, device="meta"))
+        encoder = counter.get_total_flops()
+    del model, decoder, sam
+    per_prompt = step_total / prompts
+    counts = sorted({*CEILING_PROMPTS, *([extra_prompts] if extra_prompts else [])})
+    return {
+        "counted": "FlopCounterMode: matmul, convolution, attention FLOPs (2 per multiply-add); "
+                   "elementwise work (activations, norms, the loss's upsampling) not counted",
+        "encoder_gflop_per_image": round(encoder / 1e9, 2),
+        "decoder_step_gflop_per_prompt": round(per_prompt / 1e9, 3),
+        "decoder_step_parts_gflop_per_prompt": {
+            "decoder forward": round(forward / prompts / 1e9, 3),
+            "loss forward": round(loss_fwd / prompts / 1e9, 3),
+            "backward": round((step_total - forward - loss_fwd) / prompts / 1e9, 3),
+        },
+        "encoder_per_decoder_prompt": round(encoder / per_prompt, 1),
+        "ceiling_ratio": {str(p): round((encoder + p * per_prompt) / (p * per_prompt), 2) for p in counts},
+        "max_prompts_for_10x": math.floor(encoder / (9 * per_prompt)),
+    }
 
 
 def timed_epoch(trainer: Trainer, epoch: int, use_cache: bool) -> float:
@@ -54,9 +129,15 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    ap.add_argument("--flops-only", action="store_true", help="print the FLOP cost model alone, no timing")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    flops = flop_model(args.arch, args.image_size, prompts=2, extra_prompts=args.max_prompts or None)
+    if args.flops_only:
+        print(json.dumps({"model": f"{args.arch} (random weights)", "image_size": args.image_size,
+                          "flops": flops}, indent=1))
+        return
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         tmp = Path(tmp)
@@ -109,6 +190,7 @@ def main() -> None:
         "speedup_cached": round(min(reencoded) / min(cached), 2),
         "cached_step_s": round(profiled / trainer.steps_per_epoch, 3),
         "cached_step_phases_s": phases,
+        "flops": flops if not args.model else "counted for --arch (random weights), not --model",
     }
     print(json.dumps(report, indent=1))
 

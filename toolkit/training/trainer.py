@@ -151,6 +151,25 @@ def decode_items(
     return decoder(batch)
 
 
+def batch_loss(
+    items: Sequence[Mapping[str, Any]], outputs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    score_weight: float, device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, Dice loss, score loss) of a batch: per-prompt terms (``prompt_losses``, against
+    each prompt's tessera of the item's instance map) averaged over the prompts of an image,
+    then over the images."""
+    dice_terms, score_terms = [], []
+    for item, (logits, iou) in zip(items, outputs):
+        instances = item["instances"].to(device)
+        targets = instances[None] == item["ids"].to(device)[:, None, None]
+        dice, score = prompt_losses(logits, iou, targets)
+        dice_terms.append(dice.mean())
+        score_terms.append(score.mean())
+    dice_loss = torch.stack(dice_terms).mean()
+    score_loss = torch.stack(score_terms).mean()
+    return dice_loss + score_weight * score_loss, dice_loss, score_loss
+
+
 def freeze_all_but_decoder(model: nn.Module) -> list[nn.Parameter]:
     """Freeze every parameter outside the prompt encoder and mask decoder; return the others."""
     trainable = []
@@ -445,16 +464,7 @@ class Trainer:
         with self._autocast():
             outputs = decode_items(self.ddp, self.encoder.sam, items, feats, self.device)
         t = self._tick("decoder forward", t)
-        dice_terms, score_terms = [], []
-        for item, (logits, iou) in zip(items, outputs):
-            instances = item["instances"].to(self.device)
-            targets = instances[None] == item["ids"].to(self.device)[:, None, None]
-            dice, score = prompt_losses(logits, iou, targets)
-            dice_terms.append(dice.mean())
-            score_terms.append(score.mean())
-        dice_loss = torch.stack(dice_terms).mean()
-        score_loss = torch.stack(score_terms).mean()
-        loss = dice_loss + self.config.score_weight * score_loss
+        loss, dice_loss, score_loss = batch_loss(items, outputs, self.config.score_weight, self.device)
         t = self._tick("loss forward (full resolution)", t)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
