@@ -4,7 +4,9 @@ Same run, same model, same data: synthetic mosaics (toolkit/data/synth.py), one 
 cache is built (timed separately) training epochs alternate between reading the cached
 features and running the frozen image encoder on every image at every step (what the thesis's
 code did). Each variant runs ``--repeats`` times; the fastest of each is reported, with the
-ratio re-encoding / cached. One more cached epoch is then profiled by phase
+ratio re-encoding / cached; every variant is timed twice, with the decoder as training runs it
+(``PromptDecoder``: the image side of the first transformer layer once per image) and as sam2
+runs it (``sam2_decoder_path``: the image repeated per prompt), so one run shows both. One more cached epoch is then profiled by phase
 (``Trainer.timings``: data loading, features to the device, decoder forward, loss forward at
 full resolution, backward, optimizer; seconds per step). Prints one JSON object.
 
@@ -149,7 +151,7 @@ def main() -> None:
         write_manifest(tmp / "data", samples)
         base = args.model or random_checkpoint(args.arch, tmp, args.seed)
         config = TrainConfig(
-            epochs=2 * args.repeats + 2, batch_size=args.batch_size, max_prompts=args.max_prompts,
+            epochs=4 * args.repeats + 2, batch_size=args.batch_size, max_prompts=args.max_prompts,
             image_size=args.image_size, seed=args.seed,
         )
         trainer = Trainer(tmp / "data", base, tmp / "run", config, device=args.device, progress=False)
@@ -158,13 +160,22 @@ def main() -> None:
         trainer.prepare()  # builds the embedding cache
         cache_build = time.perf_counter() - start
         timed_epoch(trainer, 0, use_cache=True)  # warm-up (allocator, kernels, page cache)
-        cached, reencoded = [], []
+        # Each variant with the decoder as trained now (image side of the first layer once per
+        # image) and as sam2 runs it (image repeated per prompt), alternated in each repeat.
+        times = {(c, share): [] for c in (True, False) for share in (True, False)}
+        epoch = 1
         for r in range(args.repeats):
-            cached.append(timed_epoch(trainer, 1 + 2 * r, use_cache=True))
-            reencoded.append(timed_epoch(trainer, 2 + 2 * r, use_cache=False))
+            for use_cache in (True, False):
+                for share in (True, False):
+                    trainer.decoder.share_image = share
+                    times[use_cache, share].append(timed_epoch(trainer, epoch, use_cache=use_cache))
+                    epoch += 1
+        trainer.decoder.share_image = True
+        cached, reencoded = times[True, True], times[False, True]
+        cached_sam2, reencoded_sam2 = times[True, False], times[False, False]
         # Where a cached step spends its time (one more cached epoch, phases timed).
         trainer.timings = {}
-        profiled = timed_epoch(trainer, 1 + 2 * args.repeats, use_cache=True)
+        profiled = timed_epoch(trainer, epoch, use_cache=True)
         phases = {k: round(v / trainer.steps_per_epoch, 3) for k, v in trainer.timings.items()}
         trainer.timings = None
         cache_files = list(trainer.cache.folder.glob("*.pt"))
@@ -188,6 +199,14 @@ def main() -> None:
         "all_cached_s": [round(t, 3) for t in cached],
         "all_reencode_s": [round(t, 3) for t in reencoded],
         "speedup_cached": round(min(reencoded) / min(cached), 2),
+        "sam2_decoder_path": {  # before: sam2's predict_masks, the image repeated per prompt
+            "epoch_cached_s": round(min(cached_sam2), 3),
+            "epoch_reencode_s": round(min(reencoded_sam2), 3),
+            "all_cached_s": [round(t, 3) for t in cached_sam2],
+            "all_reencode_s": [round(t, 3) for t in reencoded_sam2],
+            "speedup_cached": round(min(reencoded_sam2) / min(cached_sam2), 2),
+        },
+        "cached_epoch_gain_shared_image": round(min(cached_sam2) / min(cached), 2),
         "cached_step_s": round(profiled / trainer.steps_per_epoch, 3),
         "cached_step_phases_s": phases,
         "flops": flops if not args.model else "counted for --arch (random weights), not --model",
