@@ -55,13 +55,15 @@ def random_checkpoint(arch: str, folder: Path, seed: int) -> Path:
 CEILING_PROMPTS = (1, 16, 64, 100)  # one prompt; the bench's default; train's default; the thesis
 
 
-def flop_model(arch: str, image_size: int, prompts: int, score_weight: float = 0.2,
-               output: str = "single", extra_prompts: int | None = None) -> dict:
-    """FLOPs of the encoder per image and of a decoder training step per prompt (module doc).
+def flop_model(arch: str, image_size: int, score_weight: float = 0.2, output: str = "single",
+               extra_prompts: int | None = None) -> dict:
+    """FLOPs of the encoder per image and of a decoder training step (module doc).
 
-    The decoder step runs for real on CPU (random weights, ``prompts`` prompts on one
-    ``image_size`` image, its features of the right shapes); the encoder is counted on meta
-    tensors (no data: Hiera-L at 1024² costs nothing to count).
+    The decoder step runs for real on CPU (random weights, on one ``image_size`` image with
+    features of the right shapes) with 1 and with 3 prompts: the difference is the cost per
+    prompt D, the rest the cost per image S (the image side of the first transformer layer,
+    once per image; 0 on sam2's path). The encoder is counted on meta tensors (no data:
+    Hiera-L at 1024² costs nothing to count). Ceiling: (E + S + P·D) / (S + P·D).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -76,39 +78,53 @@ def flop_model(arch: str, image_size: int, prompts: int, score_weight: float = 0
     dim = model.sam_mask_decoder.transformer_dim  # cached high-res features: after conv_s0 / conv_s1
     feats = [torch.randn(1, dim, h2, w2), torch.randn(1, dim // 8, h0, w0), torch.randn(1, dim // 4, h1, w1)]
     side = image_size
-    instances = torch.zeros(side, side, dtype=torch.int64)
-    step = torch.arange(prompts)
-    item = {
-        "points": torch.stack([(step * 7) % side, (step * 13) % side], 1).float(),
-        "hw": (side, side), "ids": step + 1, "instances": instances,
-    }
-    with FlopCounterMode(display=False) as counter:
-        outputs = decode_items(decoder, sam, [item], [feats], cpu)
-        forward = counter.get_total_flops()
-        loss, _, _ = batch_loss([item], outputs, score_weight, cpu)
-        loss_fwd = counter.get_total_flops() - forward
-        loss.backward()
-        step_total = counter.get_total_flops()
+
+    def step_flops(prompts: int) -> tuple[int, int, int]:
+        """(decoder forward, loss forward, backward) FLOPs of one step with ``prompts`` prompts."""
+        k = torch.arange(prompts)
+        item = {
+            "points": torch.stack([(k * 7) % side, (k * 13) % side], 1).float(), "hw": (side, side),
+            "ids": k + 1, "instances": torch.zeros(side, side, dtype=torch.int64),
+        }
+        with FlopCounterMode(display=False) as counter:
+            outputs = decode_items(decoder, sam, [item], [feats], cpu)
+            forward = counter.get_total_flops()
+            loss, _, _ = batch_loss([item], outputs, score_weight, cpu)
+            loss_fwd = counter.get_total_flops() - forward
+            loss.backward()
+            return forward, loss_fwd, counter.get_total_flops() - forward - loss_fwd
+
+    steps = {}
+    for share in (True, False):
+        decoder.share_image = share
+        one, three = step_flops(1), step_flops(3)
+        per_prompt = [(c - a) / 2 for a, c in zip(one, three)]
+        steps[share] = (per_prompt, [a - p for a, p in zip(one, per_prompt)])
     model.to("meta")
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.forward_image(torch.zeros(1, 3, side, side, device="meta"))
         encoder = counter.get_total_flops()
     del model, decoder, sam
-    per_prompt = step_total / prompts
     counts = sorted({*CEILING_PROMPTS, *([extra_prompts] if extra_prompts else [])})
+    parts = ("decoder forward", "loss forward", "backward")
+
+    def decoder_step(per_prompt: list[float], per_image: list[float]) -> dict:
+        d, s = sum(per_prompt), sum(per_image)
+        return {
+            "decoder_step_gflop_per_prompt": round(d / 1e9, 3),
+            "decoder_step_gflop_per_image": round(s / 1e9, 3),
+            "decoder_step_parts_gflop_per_prompt": {k: round(v / 1e9, 3) for k, v in zip(parts, per_prompt)},
+            "encoder_per_decoder_prompt": round(encoder / d, 1),
+            "ceiling_ratio": {str(p): round((encoder + s + p * d) / (s + p * d), 2) for p in counts},
+            "max_prompts_for_10x": max(0, math.floor((encoder - 9 * s) / (9 * d))),
+        }
+
     return {
         "counted": "FlopCounterMode: matmul, convolution, attention FLOPs (2 per multiply-add); "
                    "elementwise work (activations, norms, the loss's upsampling) not counted",
         "encoder_gflop_per_image": round(encoder / 1e9, 2),
-        "decoder_step_gflop_per_prompt": round(per_prompt / 1e9, 3),
-        "decoder_step_parts_gflop_per_prompt": {
-            "decoder forward": round(forward / prompts / 1e9, 3),
-            "loss forward": round(loss_fwd / prompts / 1e9, 3),
-            "backward": round((step_total - forward - loss_fwd) / prompts / 1e9, 3),
-        },
-        "encoder_per_decoder_prompt": round(encoder / per_prompt, 1),
-        "ceiling_ratio": {str(p): round((encoder + p * per_prompt) / (p * per_prompt), 2) for p in counts},
-        "max_prompts_for_10x": math.floor(encoder / (9 * per_prompt)),
+        **decoder_step(*steps[True]),
+        "sam2_decoder_path": decoder_step(*steps[False]),  # the image repeated per prompt
     }
 
 
@@ -135,7 +151,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    flops = flop_model(args.arch, args.image_size, prompts=2, extra_prompts=args.max_prompts or None)
+    flops = flop_model(args.arch, args.image_size, extra_prompts=args.max_prompts or None)
     if args.flops_only:
         print(json.dumps({"model": f"{args.arch} (random weights)", "image_size": args.image_size,
                           "flops": flops}, indent=1))
