@@ -208,7 +208,10 @@ class ServedDecoder:
     def _select(self, masks, ious, mask_tokens_out, object_score_logits, multimask_output):
         masks, ious, tokens = select_output(self.decoder, masks, ious, self.output, multimask_output)
         self.last_tokens = tokens
-        self.tokens_seen.update(tokens.flatten().tolist())
+        if self.output in OUTPUT_TOKEN:  # one known token: counted without reading the device
+            self.tokens_seen[OUTPUT_TOKEN[self.output]] += tokens.numel()
+        else:
+            self.tokens_seen.update(tokens.flatten().tolist())
         # As MaskDecoder.forward for images: the object-pointer token is token 0's.
         return masks, ious, mask_tokens_out[:, 0:1], object_score_logits
 

@@ -33,7 +33,11 @@ Speed: the encoder is frozen, so each training image's features are computed onc
 in ``RUN_DIR/cache`` (fp16; the file name carries a key made of the base checkpoint's sha256,
 the model config, the input resolution and the image file's sha256, so a stale entry is never
 read). ``cache_embeddings=False`` re-encodes every image at every step instead (the baseline
-that bench/bench_train.py compares against).
+that bench/bench_train.py compares against). A cached step is then the decoder's work, whose
+cost is per prompt (sam2 runs the two-way transformer and the upscaling on a copy of the image
+tokens per prompt); the part of it that does not depend on the prompt (the image side of the
+first transformer layer) runs once per image (``sam.adapter.predict_masks_shared_image``:
+the same values, ~23 % fewer FLOPs per prompt).
 
 A run folder holds::
 
