@@ -266,9 +266,9 @@ def predict_masks_shared_image(
     attention's query projection. Those run here once per image and are broadcast over the
     prompts (autograd sums their gradients), the rest is sam2's own modules (the later
     transformer layers are called as they are) with the same operations in the same order, so
-    the values equal ``predict_masks``'s to float rounding (tests/test_adapter.py), for ~22 %
-    fewer decoder FLOPs per prompt and no B-fold copies of the image tokens and positional
-    encoding.
+    the values equal ``predict_masks``'s to float rounding (tests/test_adapter.py), for ~23 %
+    fewer decoder FLOPs per prompt (training step, forward and backward; bench/bench_train.py
+    ``flops``) and no B-fold copies of the image tokens and positional encoding.
     """
     dec = decoder
     tr = dec.transformer
