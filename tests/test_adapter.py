@@ -109,3 +109,44 @@ def test_unsupported_sam2_fails_at_import_in_one_line(tmp_path):
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert "sam2 1.1.0 is not supported" in last and "_orig_hw" in last
+
+
+@pytest.mark.parametrize("output", ["single", "multimask-first", "sam2"])
+def test_shared_image_decoding_matches_sam2(sam2_engine, tessera_grid_image, output):
+    """PromptDecoder's decoding with the first layer's image side computed once per image gives
+    sam2's ``predict_masks`` (image repeated per prompt): same logits and IoUs, in training
+    mode (with the same gradients of every trained parameter) and in eval mode."""
+    import copy
+
+    from mosaic_toolkit.training.trainer import freeze_all_but_decoder
+
+    image, _ = tessera_grid_image
+    model = copy.deepcopy(sam2_engine.model)  # gradients and requires_grad stay off the fixture
+    trainable = freeze_all_but_decoder(model)
+    [feats] = FeatureEncoder(model)([image])
+    item = {"points": torch.from_numpy(POINTS), "hw": image.shape[:2]}
+    results = {}
+    for share in (False, True):
+        decoder = PromptDecoder(model, output, share_image=share)
+        decoder.train()
+        [(logits, ious)] = decode_items(decoder, FeatureEncoder(model).sam, [item], [feats], torch.device("cpu"))
+        for p in trainable:
+            p.grad = None
+        (logits.sigmoid().mean() + (ious - 0.5).square().mean()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        decoder.eval()
+        with torch.no_grad():
+            [(eval_logits, eval_ious)] = decode_items(decoder, FeatureEncoder(model).sam, [item], [feats],
+                                                      torch.device("cpu"))
+        results[share] = (logits.detach(), ious.detach(), grads, eval_logits, eval_ious,
+                          decoder.served.tokens_seen)
+    (l0, i0, g0, e0, ei0, t0), (l1, i1, g1, e1, ei1, t1) = results[False], results[True]
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(i1, i0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(e1, e0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ei1, ei0, rtol=1e-5, atol=1e-6)
+    assert t1 == t0  # the same decoder tokens returned
+    assert g1.keys() == g0.keys() and any(n.startswith("sam_mask_decoder.transformer.layers.0") for n in g0)
+    scale = max(g.abs().max().item() for g in g0.values())
+    for name, g in g0.items():  # (a key bias's gradient is ~0 analytically: rounding only)
+        torch.testing.assert_close(g1[name], g, rtol=1e-4, atol=1e-5 * scale, msg=name)

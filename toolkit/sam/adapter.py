@@ -56,8 +56,22 @@ from .params import OUTPUT_MULTIMASK_FIRST, OUTPUT_SAM2, OUTPUT_SINGLE, OUTPUTS
 SAM2_VERSION = "1.1.0"
 #: Private attributes of ``SAM2ImagePredictor`` read or written here.
 PREDICTOR_PRIVATE = ("_features", "_bb_feat_sizes", "_orig_hw", "_is_image_set", "_is_batch", "_transforms")
-#: Attributes of sam2's ``MaskDecoder`` that :func:`select_output` reads.
-MASK_DECODER_ATTRIBUTES = ("dynamic_multimask_via_stability", "dynamic_multimask_stability_thresh")
+#: Attributes of sam2's ``MaskDecoder`` that :func:`select_output` and
+#: :func:`predict_masks_shared_image` read.
+MASK_DECODER_ATTRIBUTES = (
+    "dynamic_multimask_via_stability", "dynamic_multimask_stability_thresh", "pred_obj_scores",
+    "obj_score_token", "iou_token", "mask_tokens", "num_mask_tokens", "transformer",
+    "use_high_res_features", "output_upscaling", "output_hypernetworks_mlps", "iou_prediction_head",
+    "pred_obj_score_head",
+)
+#: What :func:`predict_masks_shared_image` uses of sam2's two-way transformer.
+TRANSFORMER_ATTRIBUTES = {
+    "TwoWayTransformer": ("layers", "final_attn_token_to_image", "norm_final_attn"),
+    "TwoWayAttentionBlock": ("self_attn", "norm1", "cross_attn_token_to_image", "norm2", "mlp", "norm3",
+                             "norm4", "cross_attn_image_to_token", "skip_first_layer_pe"),
+    "Attention": ("num_heads", "q_proj", "k_proj", "v_proj", "out_proj", "dropout_p", "_separate_heads",
+                  "_recombine_heads"),
+}
 
 
 def _check_sam2() -> None:
@@ -77,6 +91,11 @@ def _check_sam2() -> None:
     missing += [f"MaskDecoder.{m}" for m in ("predict_masks", "_get_stability_scores")
                 if not hasattr(MaskDecoder, m)]
     missing += [f"MaskDecoder.{a}" for a in MASK_DECODER_ATTRIBUTES if f"self.{a}" not in decoder_source]
+    from sam2.modeling.sam import transformer
+
+    for cls, names in TRANSFORMER_ATTRIBUTES.items():
+        source = inspect.getsource(getattr(transformer, cls))
+        missing += [f"{cls}.{a}" for a in names if f"self.{a}" not in source and f"def {a}" not in source]
     if missing:
         raise ImportError(
             f"sam2 {version} is not supported (mosaic-sam needs sam2=={SAM2_VERSION}): "
@@ -184,11 +203,122 @@ class ServedDecoder:
             repeat_image=repeat_image,
             high_res_features=high_res_features,
         )
+        return self._select(masks, ious, mask_tokens_out, object_score_logits, multimask_output)
+
+    def _select(self, masks, ious, mask_tokens_out, object_score_logits, multimask_output):
         masks, ious, tokens = select_output(self.decoder, masks, ious, self.output, multimask_output)
         self.last_tokens = tokens
-        self.tokens_seen.update(tokens.flatten().tolist())
+        if self.output in OUTPUT_TOKEN:  # one known token: counted without reading the device
+            self.tokens_seen[OUTPUT_TOKEN[self.output]] += tokens.numel()
+        else:
+            self.tokens_seen.update(tokens.flatten().tolist())
         # As MaskDecoder.forward for images: the object-pointer token is token 0's.
         return masks, ious, mask_tokens_out[:, 0:1], object_score_logits
+
+    def points(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embedding: torch.Tensor,
+        high_res_features: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As ``__call__`` (single-mask, one image repeated for every prompt) for point prompts
+        whose dense embedding ``1xCxhxw`` is the same for all (no mask prompt), through
+        :func:`predict_masks_shared_image`: the same values, less work."""
+        masks, ious, mask_tokens_out, object_score_logits = predict_masks_shared_image(
+            self.decoder, image_embeddings, image_pe, sparse_prompt_embeddings,
+            dense_prompt_embedding, high_res_features,
+        )
+        return self._select(masks, ious, mask_tokens_out, object_score_logits, False)
+
+
+def _attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sam2's ``Attention.forward`` where ``q`` or ``k``/``v`` may have batch 1 for a batch of
+    B: that side is projected once and broadcast (its gradient is summed over the batch)."""
+    heads = attn.num_heads
+    q = attn._separate_heads(attn.q_proj(q), heads)
+    k = attn._separate_heads(attn.k_proj(k), heads)
+    v = attn._separate_heads(attn.v_proj(v), heads)
+    batch = max(q.shape[0], k.shape[0])
+    q, k, v = (t.expand(batch, -1, -1, -1) for t in (q, k, v))
+    dropout_p = attn.dropout_p if attn.training else 0.0
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    return attn.out_proj(attn._recombine_heads(out))
+
+
+def predict_masks_shared_image(
+    decoder: nn.Module,
+    image_embeddings: torch.Tensor,
+    image_pe: torch.Tensor,
+    sparse_prompt_embeddings: torch.Tensor,
+    dense_prompt_embedding: torch.Tensor,
+    high_res_features: list[torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``MaskDecoder.predict_masks(..., repeat_image=True)`` for B prompts on one image whose
+    dense prompt embedding (``1xCxhxw``) is the same for every prompt, without repeating the
+    image B times where nothing depends on the prompt.
+
+    sam2 copies the image tokens (and their positional encoding) once per prompt and runs the
+    two-way transformer on every copy. Up to the first layer's image-to-token attention the
+    image side does not depend on the prompt: the image tokens plus the dense embedding, the
+    first token-to-image attention's key and value projections, the first image-to-token
+    attention's query projection. Those run here once per image and are broadcast over the
+    prompts (autograd sums their gradients), the rest is sam2's own modules (the later
+    transformer layers are called as they are) with the same operations in the same order, so
+    the values equal ``predict_masks``'s to float rounding (tests/test_adapter.py), for ~23 %
+    fewer decoder FLOPs per prompt (training step, forward and backward; bench/bench_train.py
+    ``flops``) and no B-fold copies of the image tokens and positional encoding.
+    """
+    dec = decoder
+    tr = dec.transformer
+    first = tr.layers[0]
+    if not first.skip_first_layer_pe:
+        raise ValueError("predict_masks_shared_image: the first transformer layer adds positional encodings")
+    s = 1 if dec.pred_obj_scores else 0
+    weights = [dec.obj_score_token.weight] if dec.pred_obj_scores else []
+    output_tokens = torch.cat([*weights, dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+    output_tokens = output_tokens.unsqueeze(0).expand(sparse_prompt_embeddings.size(0), -1, -1)
+    tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
+    batch = tokens.shape[0]
+
+    src = image_embeddings + dense_prompt_embedding  # 1xCxhxw, once
+    _, c, h, w = src.shape
+    # TwoWayTransformer.forward, its first layer (skip_first_layer_pe) written out:
+    keys = src.flatten(2).permute(0, 2, 1)  # 1 x hw x C
+    key_pe = image_pe.flatten(2).permute(0, 2, 1)
+    queries = first.norm1(first.self_attn(q=tokens, k=tokens, v=tokens))
+    k = keys + key_pe  # prompt-independent: once
+    queries = first.norm2(queries + _attention(first.cross_attn_token_to_image, queries + tokens, k, keys))
+    queries = first.norm3(queries + first.mlp(queries))
+    attn_out = _attention(first.cross_attn_image_to_token, k, queries + tokens, queries)
+    keys = first.norm4(keys + attn_out)  # B x hw x C from here on
+    for layer in tr.layers[1:]:
+        queries, keys = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=key_pe)
+    attn_out = tr.final_attn_token_to_image(q=queries + tokens, k=keys + key_pe, v=keys)
+    hs = tr.norm_final_attn(queries + attn_out)
+    # The rest of MaskDecoder.predict_masks.
+    iou_token_out = hs[:, s, :]
+    mask_tokens_out = hs[:, s + 1 : (s + 1 + dec.num_mask_tokens), :]
+    src = keys.transpose(1, 2).view(batch, c, h, w)
+    if not dec.use_high_res_features:
+        upscaled_embedding = dec.output_upscaling(src)
+    else:
+        dc1, ln1, act1, dc2, act2 = dec.output_upscaling
+        feat_s0, feat_s1 = high_res_features
+        upscaled_embedding = act1(ln1(dc1(src) + feat_s1))
+        upscaled_embedding = act2(dc2(upscaled_embedding) + feat_s0)
+    hyper_in = torch.stack(
+        [dec.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in range(dec.num_mask_tokens)], dim=1
+    )
+    b, c, h, w = upscaled_embedding.shape
+    masks = (hyper_in @ upscaled_embedding.view(b, c, h * w)).view(b, -1, h, w)
+    iou_pred = dec.iou_prediction_head(iou_token_out)
+    if dec.pred_obj_scores:
+        object_score_logits = dec.pred_obj_score_head(hs[:, 0, :])
+    else:
+        object_score_logits = 10.0 * iou_pred.new_ones(iou_pred.shape[0], 1)
+    return masks, iou_pred, mask_tokens_out, object_score_logits
 
 
 class _ServedModel:
@@ -282,14 +412,20 @@ class PromptDecoder(nn.Module):
     ``SAM2ImagePredictor._predict`` does for single-mask output without upsampling, reading
     the decoder ``output`` (module docstring): the output training trains is the one it
     returns, and the engine's fast path, tuning and validation decode with the model's output.
+    The image side of the first transformer layer runs once per image, not once per prompt
+    (:func:`predict_masks_shared_image`; the same values as sam2's ``predict_masks``).
     Training calls it with gradients, the engine under ``inference_mode``: one decoding for both.
     """
 
-    def __init__(self, model: nn.Module, output: str = OUTPUT_SAM2) -> None:
+    def __init__(self, model: nn.Module, output: str = OUTPUT_SAM2, share_image: bool = True) -> None:
         super().__init__()
         self.prompt_encoder = model.sam_prompt_encoder
         self.mask_decoder = model.sam_mask_decoder
         self.served = ServedDecoder(self.mask_decoder, output)
+        #: Decode through :func:`predict_masks_shared_image` (the image side of the first
+        #: transformer layer once per image); False: sam2's ``predict_masks`` with the image
+        #: repeated per prompt (same values; bench/bench_train.py times both).
+        self.share_image = share_image
 
     @property
     def output(self) -> str:
@@ -305,15 +441,19 @@ class PromptDecoder(nn.Module):
         for embed, high_res, coords in batch:
             labels = torch.ones((len(coords), 1), dtype=torch.int, device=coords.device)
             sparse, dense = self.prompt_encoder(points=(coords[:, None, :], labels), boxes=None, masks=None)
-            low_res, iou, _, _ = self.served(
-                image_embeddings=embed,
-                image_pe=image_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-                repeat_image=True,
-                high_res_features=list(high_res),
-            )
+            if self.share_image:
+                # No mask prompt: every prompt's dense embedding is the same (no_mask_embed).
+                low_res, iou, _, _ = self.served.points(embed, image_pe, sparse, dense[:1], list(high_res))
+            else:
+                low_res, iou, _, _ = self.served(
+                    image_embeddings=embed,
+                    image_pe=image_pe,
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=False,
+                    repeat_image=True,
+                    high_res_features=list(high_res),
+                )
             out.append((low_res[:, 0], iou[:, 0]))
         return out
 

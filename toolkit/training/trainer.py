@@ -33,7 +33,11 @@ Speed: the encoder is frozen, so each training image's features are computed onc
 in ``RUN_DIR/cache`` (fp16; the file name carries a key made of the base checkpoint's sha256,
 the model config, the input resolution and the image file's sha256, so a stale entry is never
 read). ``cache_embeddings=False`` re-encodes every image at every step instead (the baseline
-that bench/bench_train.py compares against).
+that bench/bench_train.py compares against). A cached step is then the decoder's work, whose
+cost is per prompt (sam2 runs the two-way transformer and the upscaling on a copy of the image
+tokens per prompt); the part of it that does not depend on the prompt (the image side of the
+first transformer layer) runs once per image (``sam.adapter.predict_masks_shared_image``:
+the same values, ~23 % fewer FLOPs per prompt).
 
 A run folder holds::
 
@@ -149,6 +153,25 @@ def decode_items(
         coords = sam.model_coords(item["points"].to(device, torch.float32), tuple(item["hw"]))
         batch.append((f[0], f[1:], coords))
     return decoder(batch)
+
+
+def batch_loss(
+    items: Sequence[Mapping[str, Any]], outputs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    score_weight: float, device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, Dice loss, score loss) of a batch: per-prompt terms (``prompt_losses``, against
+    each prompt's tessera of the item's instance map) averaged over the prompts of an image,
+    then over the images."""
+    dice_terms, score_terms = [], []
+    for item, (logits, iou) in zip(items, outputs):
+        instances = item["instances"].to(device)
+        targets = instances[None] == item["ids"].to(device)[:, None, None]
+        dice, score = prompt_losses(logits, iou, targets)
+        dice_terms.append(dice.mean())
+        score_terms.append(score.mean())
+    dice_loss = torch.stack(dice_terms).mean()
+    score_loss = torch.stack(score_terms).mean()
+    return dice_loss + score_weight * score_loss, dice_loss, score_loss
 
 
 def freeze_all_but_decoder(model: nn.Module) -> list[nn.Parameter]:
@@ -445,16 +468,7 @@ class Trainer:
         with self._autocast():
             outputs = decode_items(self.ddp, self.encoder.sam, items, feats, self.device)
         t = self._tick("decoder forward", t)
-        dice_terms, score_terms = [], []
-        for item, (logits, iou) in zip(items, outputs):
-            instances = item["instances"].to(self.device)
-            targets = instances[None] == item["ids"].to(self.device)[:, None, None]
-            dice, score = prompt_losses(logits, iou, targets)
-            dice_terms.append(dice.mean())
-            score_terms.append(score.mean())
-        dice_loss = torch.stack(dice_terms).mean()
-        score_loss = torch.stack(score_terms).mean()
-        loss = dice_loss + self.config.score_weight * score_loss
+        loss, dice_loss, score_loss = batch_loss(items, outputs, self.config.score_weight, self.device)
         t = self._tick("loss forward (full resolution)", t)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
