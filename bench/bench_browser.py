@@ -18,11 +18,12 @@ Manager as an annotator does, and this measures:
   is then read back and its region count checked);
 * ``tab_rss_mib``: resident memory of the tab's renderer process after opening (/proc).
 
-With ``--clicks N`` it also clicks N tesserae of a ~300-tessera crop (no pre-labels) with the
-smart keypoint tool, the backend (classical engine, uvicorn in a thread) answering each click
-with a light polygon that is accepted, and records the tab's RSS every 25 clicks and the time
-per click. (On the 2-core test machine the headless editor stopped sending clicks to the
-backend after about 30; the run then stops and reports ``stalled_after_clicks``.)
+With ``--clicks N`` it also clicks N tesserae of a 700 x 600 crop of about 380 tesserae (no
+pre-labels) with the smart keypoint tool, the backend (classical engine, uvicorn in a thread)
+answering each click with a light polygon that is accepted, and records the tab's RSS, the time
+and the load average every 25 clicks. A click the editor sends nothing for (it landed on an
+accepted region) is skipped and counted; five in a row stop the run with
+``stalled_after_clicks``, the editor's state and a screenshot.
 
 Prints one JSON object. Usage (about 3 minutes on 2 cores)::
 
@@ -44,7 +45,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from browser_helpers import (ACCEPT_SUGGESTIONS, SUBMIT, choose_smart_tool, enable_auto_annotation,  # noqa: E402
+from browser_helpers import (ACCEPT_SUGGESTIONS, STAGE, SUBMIT, choose_smart_tool, enable_auto_annotation,  # noqa: E402
                              image_on_screen, label_hotkey, launch, login, open_task)
 from labelstudio_server import LabelStudioServer, ensure_installed  # noqa: E402
 
@@ -61,6 +62,11 @@ try {
     .observe({type: 'longtask', buffered: true});
 } catch (e) {}
 """
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages (as `uptime` prints them): the machine is shared."""
+    return [round(v, 2) for v in os.getloadavg()]
 
 
 def renderer_rss_mib() -> float:
@@ -115,7 +121,20 @@ def measure(page, server: LabelStudioServer, project: int, task: int, regions: i
     assert len(annotation.result) == regions, (len(annotation.result), regions)
     return {"task": task, "regions": regions, "open_s": round((painted - started) / 1000, 2),
             "longest_freeze_s": round(max(freezes, default=0) / 1000, 2), "submit_s": round(submit, 2),
-            "tab_rss_mib": rss}
+            "tab_rss_mib": rss, "load_average": load_average()}
+
+
+KEYPOINT_LABEL_SELECTED = f"() => {SELECTED}.names.get('keypoint').selectedLabels.length > 0"
+
+
+def select_label(page, hotkey: str) -> None:
+    """Make sure the keypoint control's label is selected. Its hotkey toggles it, and whether
+    Escape (after accepting a suggestion) also drops it depends on timing, so pressing the hotkey
+    blindly after every click left the label off after 20-30 clicks: the editor then makes no
+    smart keypoint and sends nothing to the backend."""
+    if not page.evaluate(KEYPOINT_LABEL_SELECTED):
+        page.keyboard.press(hotkey)
+        page.wait_for_function(KEYPOINT_LABEL_SELECTED, timeout=10_000)
 
 
 def measure_clicks(page, server: LabelStudioServer, image: np.ndarray, truth: np.ndarray, clicks: int,
@@ -131,24 +150,33 @@ def measure_clicks(page, server: LabelStudioServer, image: np.ndarray, truth: np
     project = client.projects.create(title="clicks", label_config=LABEL_CONFIG, show_collab_predictions=False)
     folder = server.document_root / f"clicks-{project.id}"
     server.add_local_storage(project.id, folder)
-    side = 600
-    crop, labels = image[:side, :side], crop_instances(truth, (0, 0, side, side))
+    # 700 x 600 pixels: at the editor's 1440 x 900 window the whole crop is on screen (a taller
+    # one runs under the bottom bar) and it holds about 380 tesserae, enough for 300 clicks
+    height, width = 600, 700
+    crop, labels = image[:height, :width], crop_instances(truth, (0, 0, height, width))
     Image.fromarray(np.ascontiguousarray(crop)).save(folder / "crop.png")
     [task] = client.projects.import_tasks(id=project.id, request=[{"image": server.local_file_url(folder / "crop.png")}],
                                           return_task_ids=True).task_ids
     settings = Settings.from_env({}, engine="classical", models_dir=tmp / "models")
-    out: dict = {"tesserae_in_crop": int(len(np.unique(labels)) - 1), "rss_mib": {}}
+    out: dict = {"tesserae_in_crop": int(len(np.unique(labels)) - 1), "rss_mib": {}, "elapsed_s": {}, "load_average": {}}
     with BackendServer(settings) as backend:
         ml = client.ml.create(url=backend.url, project=project.id, is_interactive=True, title="mosaic-sam")
         assert ml.state == "CO", ml.error_message
         open_task(page, server, project.id, task)
         out["rss_mib"]["0"] = renderer_rss_mib()
+        out["load_average"]["0"] = load_average()
         enable_auto_annotation(page)
         choose_smart_tool(page, "key-point-tool")
         hotkey = label_hotkey(LABEL_CONFIG, "KeyPointLabels")
-        page.keyboard.press(hotkey)
-        screen = image_on_screen(page, side, side)
+        select_label(page, hotkey)
+        screen = image_on_screen(page, width, height)
         points = [p for p in tessera_points(labels) if screen.shows(*p)]
+        # only points where the page shows the image itself (not the bottom bar or a toolbar over it)
+        on_stage = page.evaluate(
+            "([s, pts]) => pts.map(([x, y]) => !!document.elementFromPoint(x, y)?.closest(s))",
+            [STAGE, [screen.point(x, y) for x, y in points]])
+        points = [p for p, shown in zip(points, on_stage) if shown]
+        out["tesserae_on_screen"] = len(points)
         started = time.perf_counter()
         done = 0
         missed = in_a_row = 0
@@ -169,9 +197,23 @@ def measure_clicks(page, server: LabelStudioServer, image: np.ndarray, truth: np
                     out["stalled_after_clicks"] = done
                     shot = tmp.parent / "bench_browser_stalled.png"
                     page.screenshot(path=str(shot))
+                    px, py = screen.point(x, y)
+                    out["stalled_state"] = page.evaluate(
+                        """([px, py]) => {
+                          const a = window.dataManager.lsf.lsf.annotationStore.selected;
+                          const e = document.elementFromPoint(px, py);
+                          return {element: e && (e.tagName + '.' + e.className),
+                                  active: document.activeElement && (document.activeElement.tagName + '.' + document.activeElement.className),
+                                  tools: [...document.querySelectorAll('.lsf-tool_active')].map(t => t.getAttribute('aria-label')),
+                                  labels: a.names.get('keypoint').selectedLabels.map(l => l.value),
+                                  regions: a.regions.map(r => r.type).reduce((c, t) => (c[t] = (c[t] || 0) + 1, c), {}),
+                                  selected: a.selectedRegions.length, scroll: [window.scrollX, window.scrollY]};
+                        }""", [px, py])
+                    print(json.dumps(out["stalled_state"]), file=sys.stderr)
                     print(f"the editor stopped sending clicks after {done}; screenshot {shot}", file=sys.stderr)
                     break
                 page.keyboard.press("Escape")
+                select_label(page, hotkey)
                 continue
             in_a_row = 0
             page.click(ACCEPT_SUGGESTIONS)
@@ -179,14 +221,17 @@ def measure_clicks(page, server: LabelStudioServer, image: np.ndarray, truth: np
             page.wait_for_function(f"n => {SELECTED}.regions.filter(r => r.type === 'polygonregion').length >= n",
                                    arg=done, timeout=WAIT_MS)
             page.keyboard.press("Escape")  # deselect the accepted region; the keypoint tool stays
-            page.keyboard.press(hotkey)
+            select_label(page, hotkey)
             if done % 25 == 0:
                 out["rss_mib"][str(done)] = renderer_rss_mib()
+                out["elapsed_s"][str(done)] = round(time.perf_counter() - started, 1)
+                out["load_average"][str(done)] = load_average()
                 print(f"{done} clicks: {out['rss_mib'][str(done)]} MiB", file=sys.stderr, flush=True)
         out["clicks"] = done
         out["clicks_without_answer"] = missed
         out["seconds_per_click"] = round((time.perf_counter() - started) / max(done, 1), 2)
         out["rss_mib"][str(done)] = renderer_rss_mib()
+        out["load_average"][str(done)] = load_average()
     return out
 
 
