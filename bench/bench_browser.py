@@ -50,6 +50,7 @@ from browser_helpers import (ACCEPT_SUGGESTIONS, STAGE, SUBMIT, choose_smart_too
 from labelstudio_server import LabelStudioServer, ensure_installed  # noqa: E402
 
 from mosaic_toolkit.data.synth import synth_mosaic  # noqa: E402
+from mosaic_toolkit.core.polygons import DEFAULT_IOU  # noqa: E402
 from mosaic_toolkit.data.tasks import CROP_KEY, crop_instances, make_tasks, polygon_results  # noqa: E402
 
 LABEL_CONFIG = (ROOT / "label_config.xml").read_text()
@@ -254,7 +255,7 @@ def prepare(server: LabelStudioServer, image: np.ndarray, truth: np.ndarray, arg
     folder = server.document_root / f"whole-{whole.id}"
     server.add_local_storage(whole.id, folder)
     Image.fromarray(image).save(folder / "mosaic.png")
-    regions = polygon_results(truth)
+    regions = polygon_results(truth, args.iou)
     if args.lean:
         regions = lean(regions)
     prediction = {"model_version": "ground-truth", "result": regions}
@@ -274,7 +275,7 @@ def prepare(server: LabelStudioServer, image: np.ndarray, truth: np.ndarray, arg
     for task in tasks:
         meta = task["meta"][CROP_KEY]
         labels = crop_instances(truth, (meta["y"], meta["x"], meta["y"] + meta["height"], meta["x"] + meta["width"]))
-        results = polygon_results(labels)
+        results = polygon_results(labels, args.iou)
         task["predictions"] = [{"model_version": "ground-truth", "result": lean(results) if args.lean else results}]
         counts.append(int(labels.max()))
     ids = client.projects.import_tasks(id=tiled.id, request=tasks, return_task_ids=True).task_ids
@@ -291,6 +292,8 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=2, help="how many tiled tasks to open")
     parser.add_argument("--clicks", type=int, default=0, help="also click this many tesserae of a crop")
     parser.add_argument("--only-clicks", action="store_true", help="skip the whole/tiled measurements")
+    parser.add_argument("--iou", type=float, default=DEFAULT_IOU,
+                        help="fineness of the pre-labelled polygons (MOSAIC_BACKEND_POLYGON_IOU)")
     parser.add_argument("--lean", action="store_true",
                         help="pre-labels with fewer fields and 2-decimal points (see lean())")
     parser.add_argument("--seed", type=int, default=0)
@@ -303,7 +306,7 @@ def main() -> None:
                                 tessera_size=pitch)
     height, width = truth.shape
     result: dict = {"mosaic": {"width": width, "height": height, "tesserae": int(truth.max())}, "cpus": os.cpu_count(),
-                    "lean": args.lean, "load_average_before": load_average()}
+                    "lean": args.lean, "iou": args.iou, "load_average_before": load_average()}
     with tempfile.TemporaryDirectory(prefix="bench-browser-") as tmp, \
             LabelStudioServer(ensure_installed()) as server:
         opened = [] if args.only_clicks else prepare(server, image, truth, args, Path(tmp), result)
