@@ -108,7 +108,7 @@ def renderer_rss_mib() -> float:
     return round(best, 1)
 
 
-def measure(page, server: LabelStudioServer, project: int, task: int, regions: int) -> dict:
+def measure(page, server: LabelStudioServer, project: int, task: int, regions: int, submit: bool = True) -> dict:
     """Open ``task`` from the Data Manager, wait until its ``regions`` are painted, submit."""
     page.goto(f"{server.url}/projects/{project}/data")
     rows = page.locator("[data-testid=table-row]")
@@ -126,18 +126,21 @@ def measure(page, server: LabelStudioServer, project: int, task: int, regions: i
         poll(); })""", [started, QUIET_MS])
     freezes = [d for s, d in page.evaluate("window.__longtasks") if s + d >= started]
     rss = renderer_rss_mib()
+    figures = {"task": task, "regions": regions, "open_s": round((max(painted, settled) - started) / 1000, 2),
+               "regions_at_s": round((painted - started) / 1000, 2),
+               "longest_freeze_s": round(max(freezes, default=0) / 1000, 2), "submit_s": None,
+               "tab_rss_mib": rss, "load_average": load_average()}
+    if not submit:
+        return figures
     t0 = time.perf_counter()
     with page.expect_response(lambda r: r.request.method == "POST" and f"/api/tasks/{task}/annotations" in r.url,
                               timeout=WAIT_MS) as answer:
         page.click(SUBMIT)
-    submit = time.perf_counter() - t0
+    figures["submit_s"] = round(time.perf_counter() - t0, 2)
     assert answer.value.status == 201, answer.value.text()
     [annotation] = server.client().annotations.list(id=task)
     assert len(annotation.result) == regions, (len(annotation.result), regions)
-    return {"task": task, "regions": regions, "open_s": round((max(painted, settled) - started) / 1000, 2),
-            "regions_at_s": round((painted - started) / 1000, 2),
-            "longest_freeze_s": round(max(freezes, default=0) / 1000, 2), "submit_s": round(submit, 2),
-            "tab_rss_mib": rss, "load_average": load_average()}
+    return figures
 
 
 KEYPOINT_LABEL_SELECTED = f"() => {SELECTED}.names.get('keypoint').selectedLabels.length > 0"
@@ -274,9 +277,12 @@ def prepare(server: LabelStudioServer, image: np.ndarray, truth: np.ndarray, arg
     if args.lean:
         regions = lean(regions)
     prediction = {"model_version": "ground-truth", "result": regions}
+    # --as-annotation: the regions as an annotation of the task (the editor opens it as it is)
+    # instead of a prediction (the editor loads it, then copies it into a new annotation)
+    key, item = ("annotations", {"result": regions}) if args.as_annotation else ("predictions", prediction)
     [whole_task] = client.projects.import_tasks(
         id=whole.id, request=[{"data": {"image": server.local_file_url(folder / "mosaic.png")},
-                               "predictions": [prediction]}], return_task_ids=True).task_ids
+                               key: [item]}], return_task_ids=True).task_ids
     result["whole"] = {"prediction_kb": round(len(json.dumps(prediction)) / 1024),
                        "vertices_per_region": float(np.median([len(r["value"]["points"]) for r in regions]))}
     tiled = client.projects.create(title="tiled mosaic", label_config=LABEL_CONFIG)
@@ -291,11 +297,16 @@ def prepare(server: LabelStudioServer, image: np.ndarray, truth: np.ndarray, arg
         meta = task["meta"][CROP_KEY]
         labels = crop_instances(truth, (meta["y"], meta["x"], meta["y"] + meta["height"], meta["x"] + meta["width"]))
         results = polygon_results(labels, args.iou)
-        task["predictions"] = [{"model_version": "ground-truth", "result": lean(results) if args.lean else results}]
+        results = lean(results) if args.lean else results
+        if args.as_annotation:
+            task["annotations"] = [{"result": results}]
+        else:
+            task["predictions"] = [{"model_version": "ground-truth", "result": results}]
         counts.append(int(labels.max()))
     ids = client.projects.import_tasks(id=tiled.id, request=tasks, return_task_ids=True).task_ids
     result["tiled"] = {"tasks": len(tasks), "tesserae_per_task": counts,
-                       "prediction_kb": [round(len(json.dumps(t["predictions"][0])) / 1024) for t in tasks]}
+                       "prediction_kb": [round(len(json.dumps((t.get("predictions") or t["annotations"])[0])) / 1024)
+                                         for t in tasks]}
     order = sorted(range(len(ids)), key=lambda i: -counts[i])[:args.tiles]
     return [("tiled", tiled.id, ids[i], counts[i]) for i in order] + [("whole", whole.id, whole_task, len(regions))]
 
@@ -311,6 +322,8 @@ def main() -> None:
                         help="fineness of the pre-labelled polygons (MOSAIC_BACKEND_POLYGON_IOU)")
     parser.add_argument("--lean", action="store_true",
                         help="pre-labels with fewer fields and 2-decimal points (see lean())")
+    parser.add_argument("--as-annotation", action="store_true",
+                        help="import the pre-labels as annotations, not predictions (no submit measured)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
@@ -321,7 +334,7 @@ def main() -> None:
                                 tessera_size=pitch)
     height, width = truth.shape
     result: dict = {"mosaic": {"width": width, "height": height, "tesserae": int(truth.max())}, "cpus": os.cpu_count(),
-                    "lean": args.lean, "iou": args.iou, "load_average_before": load_average()}
+                    "lean": args.lean, "iou": args.iou, "as_annotation": args.as_annotation, "load_average_before": load_average()}
     with tempfile.TemporaryDirectory(prefix="bench-browser-") as tmp, \
             LabelStudioServer(ensure_installed()) as server:
         opened = [] if args.only_clicks else prepare(server, image, truth, args, Path(tmp), result)
@@ -332,7 +345,7 @@ def main() -> None:
             login(page, server)
             for where, project, task, regions in opened:  # a fresh tab each
                 tab = context.new_page()
-                measured = measure(tab, server, project, task, regions)
+                measured = measure(tab, server, project, task, regions, submit=not args.as_annotation)
                 if where == "whole":
                     result["whole"]["opened"] = measured
                 else:
