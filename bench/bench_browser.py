@@ -324,7 +324,7 @@ def main() -> None:
                         help="pre-labels with fewer fields and 2-decimal points (see lean())")
     parser.add_argument("--as-annotation", action="store_true",
                         help="import the pre-labels as annotations, not predictions (no submit measured)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic mosaic")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
