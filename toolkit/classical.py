@@ -36,6 +36,12 @@ of the same family). The pipeline, all on Lab colour:
    union stays under 1.3 median tessera areas (texture and highlights split real tiles).
 8. *Tidy at the scale* (``_tidy``): notches closed, grout junction specks, strips of grout
    line and crumbs dropped, all lengths in estimated tessera diameters.
+9. *Missed tesserae* (``rescue_missed``): tesserae too narrow to have an interior at the
+   working scale got no marker; solid pieces of the remaining background coloured unlike the
+   grout (the smooth grout map and the grout right around them) become tiles.
+10. *Outlines onto the edge* (``snap_outlines``): a watershed of the fine colour gradient in a
+   band of -0.05..+0.1 tessera diameters around every tile border moves it onto the
+   strongest edge there (the clean-up leaves borders a pixel or two inside soft tile edges).
 
 Output: an int32 instance map, 0 = grout / background, ids 1..N in raster order, every id one
 4-connected component, no two tiles 4-adjacent. A 1024x1024 image takes 2-4 s on one core.
@@ -95,6 +101,9 @@ class ClassicalParams:
     min_tile_area: float = 0.12  # median tessera areas: smaller tiles are crumbs
     grout_speck_area: float = 0.5  # median tessera areas: grout-coloured tiles under it: grout
     min_inradius: float = 0.1  # tessera diameters: thinner tiles are strips of grout
+    rescue_contrast: float = 2.0  # x min_contrast: a tile found in the grout differs this much
+    snap_out: float = 0.1  # tessera diameters: a tile border may move this far out (0: no snap)
+    snap_in: float = 0.05  # tessera diameters: ... and this far in, to the strongest edge
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -608,6 +617,116 @@ def _tidy(
     return relabel_sequential(_keep_solid(out, 0))
 
 
+def rescue_missed(
+    labels: np.ndarray,
+    colour: np.ndarray,
+    grout_c: np.ndarray,
+    tessera_area: float,
+    p: ClassicalParams,
+) -> np.ndarray:
+    """Tesserae that stage 1 found no marker for, taken from the grout left between the tiles.
+
+    A tessera much narrower than the typical one (a sliver along a curve, a cut piece) has no
+    interior at the working scale, so it has no marker and stage 2 leaves it as grout. What is
+    left of the background after every tile is placed should be grout-coloured: a solid piece
+    of it coloured unlike the grout (farther than ``p.min_contrast`` Lab from the grout colour
+    map), still there after an opening with a disc of ``p.min_inradius`` tessera diameters (so
+    not a strip along a tile border, not a stain on the grout) and at least ``p.min_tile_area``
+    median tessera areas, and differing from the grout around it (the median colours of the
+    piece and of the background 0.1-0.25 diameters around it) by more than
+    ``p.rescue_contrast`` x ``p.min_contrast``, is a tessera: uneven grout (a wide junction
+    coloured off the smooth map) has the colour of the grout around it. It is kept 2 px clear
+    of every tile (tiles never touch); ``snap_outlines`` then takes it to its edges. Returns
+    tiles 1..M.
+    """
+    if p.min_contrast <= 0 or p.min_inradius <= 0:
+        return labels
+    diameter = 2 * np.sqrt(tessera_area / np.pi)
+    background = labels == 0
+    if not background.any():
+        return labels
+    away = cv2.distanceTransform(background.view(np.uint8), cv2.DIST_L2, 3) >= 2
+    unlike = np.linalg.norm(colour - grout_c, axis=2) > p.min_contrast
+    cand = (background & away & unlike).view(np.uint8)
+    r = max(1, int(round(p.min_inradius * diameter)))
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    cand = cv2.morphologyEx(cand, cv2.MORPH_OPEN, disc, borderType=cv2.BORDER_CONSTANT,
+                            borderValue=0)
+    pieces, n = ndi.label(cand.view(bool), structure=FOUR_CONNECTED)
+    if n == 0:
+        return labels
+    keep = np.bincount(pieces.ravel()) >= p.min_tile_area * tessera_area
+    keep[0] = False
+    # Grout is not one colour: where it differs from the smooth grout map (a wide junction,
+    # mortar in a gap) the piece has the colour of the grout around it. A tessera differs
+    # from the grout around it (a ring 0.1-0.25 diameters out) by more than
+    # ``p.rescue_contrast`` times the contrast below which colour cannot tell tile from grout.
+    near, far = 0.1 * diameter, 0.25 * diameter
+    pad = int(math.ceil(far)) + 1
+    h, w = labels.shape
+    for k, sl in enumerate(ndi.find_objects(pieces), start=1):
+        if sl is None or not keep[k]:
+            continue
+        y0, y1 = max(0, sl[0].start - pad), min(h, sl[0].stop + pad)
+        x0, x1 = max(0, sl[1].start - pad), min(w, sl[1].stop + pad)
+        obj = pieces[y0:y1, x0:x1] == k
+        d = cv2.distanceTransform((~obj).view(np.uint8), cv2.DIST_L2, 3)
+        ring = (d > near) & (d <= far) & background[y0:y1, x0:x1]
+        if not ring.any():
+            continue
+        c = colour[y0:y1, x0:x1]
+        gap = np.linalg.norm(np.median(c[obj], axis=0) - np.median(c[ring], axis=0))
+        keep[k] = gap > p.rescue_contrast * p.min_contrast
+    if not keep.any():
+        return labels
+    out = labels.copy()
+    found = keep[pieces]
+    out[found] = pieces[found] + int(labels.max())
+    return relabel_sequential(out)
+
+
+def snap_outlines(
+    labels: np.ndarray,
+    lab: np.ndarray,
+    score: np.ndarray,
+    tessera_area: float,
+    p: ClassicalParams,
+) -> np.ndarray:
+    """Every tile border moved onto the strongest colour edge near it.
+
+    The tile/grout split and the clean-up after it (one-pixel separations, dropped pieces,
+    closing and opening) leave borders a pixel or two off the edge, most often inside the tile
+    where a bevel or soft edge sits between tile and grout colour. A watershed of the fine
+    colour gradient grows each tile's core (its pixels deeper than ``p.snap_in`` tessera
+    diameters) and the grout (background farther than ``p.snap_out`` diameters from every tile,
+    or confidently grout-coloured: ``score`` above ``p.grout_confidence``) into the band
+    between them, so each border lands on the edge within that band; tiles are then separated
+    by one grout pixel again. The number of tiles does not change. Returns tiles 1..M.
+    """
+    n = int(labels.max())
+    if n == 0 or p.snap_out <= 0:
+        return labels
+    diameter = 2 * np.sqrt(tessera_area / np.pi)
+    reach_out = max(1, int(round(p.snap_out * diameter)))
+    reach_in = int(round(p.snap_in * diameter))
+    tiles = labels > 0
+    seeds = labels.copy()
+    if reach_in > 0:
+        # The image border is not a tile edge; a tile thinner than the band keeps all of it.
+        inside = cv2.distanceTransform(np.pad(tiles.view(np.uint8), 1, constant_values=1),
+                                       cv2.DIST_L2, 3)[1:-1, 1:-1]
+        seeds[inside <= reach_in] = 0
+        lost = np.bincount(seeds.ravel(), minlength=n + 1) == 0
+        lost[0] = False
+        seeds[lost[labels]] = labels[lost[labels]]
+    outside = cv2.distanceTransform((~tiles).view(np.uint8), cv2.DIST_L2, 3)
+    seeds[~tiles & ((outside > reach_out) | (score > p.grout_confidence))] = n + 1
+    out = watershed(_gradient(_blur(lab, p.edge_sigma)), seeds)
+    out[out == n + 1] = 0
+    _separate(out, score)
+    return relabel_sequential(_keep_solid(out, 0))
+
+
 # --------------------------------------------------------------------------------------------
 # The two stages
 # --------------------------------------------------------------------------------------------
@@ -744,6 +863,8 @@ def _split_tiles(
         labels = merge_fragments(labels, colour, score, tessera_area, p, grout_c)
     if tessera_area:
         labels = _tidy(labels, colour, grout_c, score, tessera_area, p)
+        labels = rescue_missed(labels, colour, grout_c, tessera_area, p)
+        labels = snap_outlines(labels, lab, score, tessera_area, p)
     return labels
 
 
