@@ -435,6 +435,36 @@ def _flat_background(
 
 
 
+def _ring_contrast(
+    labels: np.ndarray, colour: np.ndarray, ids: np.ndarray, diameter: float
+) -> np.ndarray:
+    """Per id in ``ids``: the Lab distance between the median colour of its pixels and that of
+    the background (label 0) 0.1-0.25 tessera diameters around it; inf where there is none.
+
+    A tessera differs from the grout around it; a piece of grout (a junction, uneven mortar)
+    has the colour of the grout around it even where that is off the smooth grout colour map.
+    """
+    near, far = 0.1 * diameter, 0.25 * diameter
+    pad = int(math.ceil(far)) + 1
+    h, w = labels.shape
+    slices = ndi.find_objects(labels)
+    out = np.full(len(ids), np.inf)
+    for i, k in enumerate(ids):
+        sl = slices[k - 1] if k - 1 < len(slices) else None
+        if sl is None:
+            continue
+        y0, y1 = max(0, sl[0].start - pad), min(h, sl[0].stop + pad)
+        x0, x1 = max(0, sl[1].start - pad), min(w, sl[1].stop + pad)
+        window = labels[y0:y1, x0:x1]
+        obj = window == k
+        d = cv2.distanceTransform((~obj).view(np.uint8), cv2.DIST_L2, 3)
+        ring = (d > near) & (d <= far) & (window == 0)
+        if ring.any():
+            c = colour[y0:y1, x0:x1]
+            out[i] = np.linalg.norm(np.median(c[obj], axis=0) - np.median(c[ring], axis=0))
+    return out
+
+
 def _touching_pairs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Background pixels between two tiles: (row-major pixel index, smaller id, larger id).
 
@@ -612,6 +642,13 @@ def _tidy(
     # Grout junctions (where three or four grout lines meet) are small, coloured like the grout
     # and narrower than half a tessera; a small tile that dark is at least that wide.
     drop |= speck & (contrast < p.min_contrast) & (inner < 0.25 * diameter) & ~edge
+    # A small region with the colour of the grout right around it (within ``p.min_contrast``)
+    # is grout too, even where that grout is off the smooth grout colour map (a junction of
+    # stained or shaded grout lines; cut by the image border or not).
+    check = np.flatnonzero(speck & ~drop)
+    check = check[check > 0]
+    if check.size:
+        drop[check] |= _ring_contrast(out, colour, check, diameter) < p.min_contrast
     drop[0] = True
     out[drop[out]] = 0
     return relabel_sequential(_keep_solid(out, 0))
@@ -650,33 +687,24 @@ def rescue_missed(
     cand = (background & away & unlike).view(np.uint8)
     r = max(1, int(round(p.min_inradius * diameter)))
     disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-    cand = cv2.morphologyEx(cand, cv2.MORPH_OPEN, disc, borderType=cv2.BORDER_CONSTANT,
-                            borderValue=0)
+    # The image border is not an edge of the piece: a tessera cut by it may be thin there.
+    cand = cv2.morphologyEx(cand, cv2.MORPH_OPEN, disc, borderType=cv2.BORDER_REPLICATE)
     pieces, n = ndi.label(cand.view(bool), structure=FOUR_CONNECTED)
     if n == 0:
         return labels
     keep = np.bincount(pieces.ravel()) >= p.min_tile_area * tessera_area
+    keep[np.concatenate([pieces[0], pieces[-1], pieces[:, 0], pieces[:, -1]])] = True
     keep[0] = False
     # Grout is not one colour: where it differs from the smooth grout map (a wide junction,
     # mortar in a gap) the piece has the colour of the grout around it. A tessera differs
-    # from the grout around it (a ring 0.1-0.25 diameters out) by more than
-    # ``p.rescue_contrast`` times the contrast below which colour cannot tell tile from grout.
-    near, far = 0.1 * diameter, 0.25 * diameter
-    pad = int(math.ceil(far)) + 1
-    h, w = labels.shape
-    for k, sl in enumerate(ndi.find_objects(pieces), start=1):
-        if sl is None or not keep[k]:
-            continue
-        y0, y1 = max(0, sl[0].start - pad), min(h, sl[0].stop + pad)
-        x0, x1 = max(0, sl[1].start - pad), min(w, sl[1].stop + pad)
-        obj = pieces[y0:y1, x0:x1] == k
-        d = cv2.distanceTransform((~obj).view(np.uint8), cv2.DIST_L2, 3)
-        ring = (d > near) & (d <= far) & background[y0:y1, x0:x1]
-        if not ring.any():
-            continue
-        c = colour[y0:y1, x0:x1]
-        gap = np.linalg.norm(np.median(c[obj], axis=0) - np.median(c[ring], axis=0))
-        keep[k] = gap > p.rescue_contrast * p.min_contrast
+    # from the grout around it by more than ``p.rescue_contrast`` times the contrast below
+    # which colour cannot tell tile from grout.
+    ids = np.flatnonzero(keep)
+    if ids.size:
+        # The ring is taken on the background with the existing tiles in place.
+        trial = np.where(keep[pieces], pieces + int(labels.max()), labels)
+        gap = _ring_contrast(trial, colour, ids + int(labels.max()), diameter)
+        keep[ids] = gap > p.rescue_contrast * p.min_contrast
     if not keep.any():
         return labels
     out = labels.copy()
