@@ -642,10 +642,11 @@ def _tidy(
     # Grout junctions (where three or four grout lines meet) are small, coloured like the grout
     # and narrower than half a tessera; a small tile that dark is at least that wide.
     drop |= speck & (contrast < p.min_contrast) & (inner < 0.25 * diameter) & ~edge
-    # A small region with the colour of the grout right around it (within ``p.min_contrast``)
-    # is grout too, even where that grout is off the smooth grout colour map (a junction of
-    # stained or shaded grout lines; cut by the image border or not).
-    check = np.flatnonzero(speck & ~drop)
+    # A small region off the smooth grout colour map but with the colour of the grout right
+    # around it (within ``p.min_contrast``) is grout too: a junction of stained or shaded
+    # grout lines, cut by the image border or not. (Regions on the map's colour are judged by
+    # their width above: a small tile as dark as the grout stays.)
+    check = np.flatnonzero(speck & ~drop & (contrast >= p.min_contrast))
     check = check[check > 0]
     if check.size:
         drop[check] |= _ring_contrast(out, colour, check, diameter) < p.min_contrast
