@@ -364,6 +364,27 @@ def test_rescue_finds_tiles_stage_one_missed_but_not_uneven_grout():
     assert not (out[:, 40:42] > 0).any()
 
 
+def test_rescue_splits_a_row_of_missed_tesserae_at_their_colour_edges():
+    """Two narrow tesserae of different colours with no visible grout between them (blurred
+    away) come out of the grout as one piece larger than ``merge_area`` tessera areas: it is
+    split at the colour edge, one tile each."""
+    labels = np.zeros((60, 60), np.int32)
+    colour = np.zeros((60, 60, 3), np.float32)
+    colour[..., 0] = 60.0
+    colour[10:50, 10:22] = (30.0, 20.0, 10.0)
+    colour[10:50, 22:34] = (80.0, -10.0, 40.0)
+    grout_c = np.broadcast_to(np.array([60.0, 0, 0], np.float32), colour.shape)
+    p = ClassicalParams()
+    area = np.pi / 4 * 20 ** 2
+    assert 2 * 12 * 40 > p.merge_area * area
+    out = rescue_missed(labels, colour, grout_c, area, p)
+    assert out.max() == 2 and out[30, 15] > 0 and out[30, 29] > 0 and out[30, 15] != out[30, 29]
+    for k, cols in ((out[30, 15], slice(10, 22)), (out[30, 29], slice(22, 34))):
+        tile = np.zeros(labels.shape, bool)
+        tile[10:50, cols] = True
+        assert np.count_nonzero((out == k) & tile) >= 0.9 * np.count_nonzero(out == k)
+
+
 def test_snap_moves_borders_onto_the_edge_and_keeps_every_tile():
     """Tile A's region lies 2 px inside its edge, tile B's 2 px outside, tile C is a 3-px
     strip (thinner than the inner band): after snapping A and B sit on their edges and C

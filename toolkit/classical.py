@@ -38,7 +38,8 @@ of the same family). The pipeline, all on Lab colour:
    line and crumbs dropped, all lengths in estimated tessera diameters.
 9. *Missed tesserae* (``rescue_missed``): tesserae too narrow to have an interior at the
    working scale got no marker; solid pieces of the remaining background coloured unlike the
-   grout (the smooth grout map and the grout right around them) become tiles.
+   grout (the smooth grout map and the grout right around them) become tiles, large ones
+   split at their colour edges.
 10. *Outlines onto the edge* (``snap_outlines``): a watershed of the fine colour gradient in a
    band of -0.05..+0.1 tessera diameters around every tile border moves it onto the
    strongest edge there (the clean-up leaves borders a pixel or two inside soft tile edges).
@@ -674,8 +675,9 @@ def rescue_missed(
     piece and of the background 0.1-0.25 diameters around it) by more than
     ``p.rescue_contrast`` x ``p.min_contrast``, is a tessera: uneven grout (a wide junction
     coloured off the smooth map) has the colour of the grout around it. It is kept 2 px clear
-    of every tile (tiles never touch); ``snap_outlines`` then takes it to its edges. Returns
-    tiles 1..M.
+    of every tile (tiles never touch); a piece larger than ``p.merge_area`` tessera areas is
+    split at its colour edges (several narrow tesserae joined across blurred grout);
+    ``snap_outlines`` then takes every piece to its edges. Returns tiles 1..M.
     """
     if p.min_contrast <= 0 or p.min_inradius <= 0:
         return labels
@@ -711,6 +713,33 @@ def rescue_missed(
     out = labels.copy()
     found = keep[pieces]
     out[found] = pieces[found] + int(labels.max())
+    # A piece larger than merged fragments may be (``p.merge_area`` tessera areas) is a row
+    # of missed tesserae joined where the thin grout between them is blurred: as in stage 1's
+    # re-split of large regions, its flat parts (the colour gradient under the piece's own
+    # Otsu threshold) of at least ``p.min_area`` squared diameters are one marker each, and a
+    # watershed of the gradient splits the piece between them.
+    area = np.bincount(pieces.ravel(), minlength=n + 1)
+    next_id = int(out.max()) + 1
+    for k, sl in enumerate(ndi.find_objects(pieces), start=1):
+        if sl is None or not keep[k] or area[k] <= p.merge_area * tessera_area:
+            continue
+        obj = pieces[sl] == k
+        grad = _gradient(colour[sl])
+        vals = np.log(grad[obj] + 0.5)
+        if float(vals.max() - vals.min()) < 1e-6:
+            continue
+        flat = (grad < float(np.exp(threshold_otsu(vals)) - 0.5)) & obj
+        cores, m = ndi.label(flat, structure=FOUR_CONNECTED)
+        big = np.bincount(cores.ravel(), minlength=m + 1) >= p.min_area * diameter ** 2
+        big[0] = False
+        if big.sum() < 2:
+            continue
+        renumber = np.zeros(m + 1, np.int32)
+        renumber[big] = np.arange(next_id, next_id + int(big.sum()))
+        next_id += int(big.sum())
+        parts = watershed(grad, renumber[cores], mask=obj)
+        view = out[sl]
+        view[obj] = parts[obj]
     return relabel_sequential(out)
 
 
