@@ -779,7 +779,12 @@ def snap_outlines(
         seeds[lost[labels]] = labels[lost[labels]]
     outside = cv2.distanceTransform((~tiles).view(np.uint8), cv2.DIST_L2, 3)
     seeds[~tiles & ((outside > reach_out) | (score > p.grout_confidence))] = n + 1
-    out = watershed(_gradient(_blur(lab, p.edge_sigma)), seeds)
+    # Only the band is flooded, from the seed pixels that border it (a fraction of the image).
+    band = seeds == 0
+    near = cv2.dilate(band.view(np.uint8), np.ones((3, 3), np.uint8)).view(bool)
+    flooded = watershed(_gradient(_blur(lab, p.edge_sigma)), np.where(near, seeds, 0),
+                        mask=near)
+    out = np.where(band, flooded, seeds)
     out[out == n + 1] = 0
     _separate(out, score)
     return relabel_sequential(_keep_solid(out, 0))
