@@ -42,7 +42,9 @@ of the same family). The pipeline, all on Lab colour:
    split at their colour edges.
 10. *Outlines onto the edge* (``snap_outlines``): a watershed of the fine colour gradient in a
    band of -0.05..+0.1 tessera diameters around every tile border moves it onto the
-   strongest edge there (the clean-up leaves borders a pixel or two inside soft tile edges).
+   strongest edge there (the clean-up leaves borders a pixel or two inside soft tile edges);
+   a pixel that changes hands never touches another tile, not even diagonally. Step 8 then
+   runs once more on the moved outlines (smooth outlines, and the rescued tiles judged too).
 
 Output: an int32 instance map, 0 = grout / background, ids 1..N in raster order, every id one
 4-connected component, no two tiles 4-adjacent. A 1024x1024 image takes 2-4 s on one core.
@@ -759,7 +761,9 @@ def snap_outlines(
     diameters) and the grout (background farther than ``p.snap_out`` diameters from every tile,
     or confidently grout-coloured: ``score`` above ``p.grout_confidence``) into the band
     between them, so each border lands on the edge within that band; tiles are then separated
-    by one grout pixel again. The number of tiles does not change. Returns tiles 1..M.
+    by one grout pixel again, and a pixel that changed hands is given back to the grout where it
+    touches another tile, even diagonally (tiles meeting corner to corner across thin grout
+    would get overlapping polygons). The number of tiles does not change. Returns tiles 1..M.
     """
     n = int(labels.max())
     if n == 0 or p.snap_out <= 0:
@@ -786,6 +790,13 @@ def snap_outlines(
                         mask=near)
     out = np.where(band, flooded, seeds)
     out[out == n + 1] = 0
+    # A pixel that changed hands may not touch another tile, not even diagonally: the band
+    # closes in on thin grout from both sides, and tiles meeting corner to corner there
+    # would leave outlines (polygons) that overlap.
+    big = np.iinfo(np.int32).max
+    hi = ndi.maximum_filter(out, size=3, mode="constant", cval=0)
+    lo = ndi.minimum_filter(np.where(out > 0, out, big), size=3, mode="constant", cval=big)
+    out[(out != labels) & (out > 0) & ((hi != out) | (lo != out))] = 0
     _separate(out, score)
     return relabel_sequential(_keep_solid(out, 0))
 
@@ -928,6 +939,9 @@ def _split_tiles(
         labels = _tidy(labels, colour, grout_c, score, tessera_area, p)
         labels = rescue_missed(labels, colour, grout_c, tessera_area, p)
         labels = snap_outlines(labels, lab, score, tessera_area, p)
+        # Once more on the moved outlines: the snap follows the gradient pixel by pixel (a
+        # ragged outline needs more polygon vertices), and the rescued tiles are judged too.
+        labels = _tidy(labels, colour, grout_c, score, tessera_area, p)
     return labels
 
 
