@@ -11,6 +11,8 @@ from mosaic_toolkit.classical import (
     estimate_tessera_size,
     _tidy,
     merge_fragments,
+    rescue_missed,
+    snap_outlines,
 )
 from mosaic_toolkit.core.dataset import label_components
 from mosaic_toolkit.core.errors import MosaicError
@@ -248,7 +250,8 @@ def test_params_round_trip_and_errors():
 def test_params_change_the_result(grid):
     image, _ = grid
     default = ClassicalEngine().segment(image)
-    coarse = ClassicalEngine(ClassicalParams(min_area=3.0)).segment(image)  # drops every tile
+    # Tiles under 3 tessera areas: stage 2 drops every tile and none is rescued from the grout.
+    coarse = ClassicalEngine(ClassicalParams(min_area=3.0, min_tile_area=3.0)).segment(image)
     assert default.max() == 36 and coarse.max() == 0
 
 
@@ -315,6 +318,98 @@ def test_tidy_drops_grout_junction_specks_but_keeps_small_dark_tiles():
     assert out[24, 26] == 0
     assert out[30, 70] > 0 and out[5, 108] > 0 and out[60, 35] > 0
     assert len(np.unique(out[out > 0])) == 3
+
+
+def test_tidy_drops_small_regions_coloured_like_the_grout_around_them():
+    """A small region off the smooth grout colour map (by more than ``min_contrast``) but with
+    the colour of the grout right around it is a grout junction: it goes. The same region on
+    that grout with a tile's colour stays."""
+    labels = np.zeros((60, 120), np.int32)
+    labels[20:32, 20:36] = 1  # coloured like the stained grout around it
+    labels[20:32, 80:96] = 2  # a small tile on the same stained grout
+    colour = np.zeros((60, 120, 3), np.float32)
+    colour[..., 0] = 50.0  # all the grout here is 10 L off the smooth map (40)
+    colour[labels == 2] = (50.0, 30.0, 0.0)
+    grout_c = np.broadcast_to(np.array([40.0, 0, 0], np.float32), colour.shape)
+    score = np.where(labels > 0, -1.0, 1.0).astype(np.float32)
+    p = ClassicalParams()
+    out = _tidy(labels, colour, grout_c, score, np.pi / 4 * 36 ** 2, p)
+    assert out[25, 28] == 0 and out[25, 88] > 0 and out.max() == 1
+
+
+def test_rescue_finds_tiles_stage_one_missed_but_not_uneven_grout():
+    """Left as grout by stage 1: a narrow tile (10 px of a 30-px tessera) and a small piece of
+    a tile cut by the image border are taken as tiles; a patch of grout off the grout colour
+    map but coloured like the grout around it, and a strip too thin to be a tile, are not."""
+    labels = np.zeros((80, 120), np.int32)
+    labels[10:40, 10:40] = 1  # a tile stage 1 found
+    colour = np.zeros((80, 120, 3), np.float32)
+    colour[..., 0] = 60.0  # grout, on the map ...
+    colour[48:80, 0:50] = (68.0, 0.0, 0.0)  # ... and a stretch of it 8 L off the map
+    tile = (30.0, 20.0, 10.0)
+    colour[10:40, 10:40] = tile
+    colour[10:40, 50:60] = tile  # the narrow tile, no marker in stage 1
+    colour[0:5, 80:92] = tile  # 60 px of a tile cut by the top border of the image
+    colour[60:64, 80:92] = tile  # the same inside the image: a strip 4 px wide
+    grout_c = np.broadcast_to(np.array([60.0, 0, 0], np.float32), colour.shape)
+    p = ClassicalParams()
+    area = np.pi / 4 * 30 ** 2
+    assert 60 < p.min_tile_area * area  # the border piece is only kept for being cut
+    out = rescue_missed(labels, colour, grout_c, area, p)
+    assert out.max() == 3
+    assert out[25, 25] > 0 and out[25, 55] > 0 and out[2, 86] > 0
+    assert len({out[25, 25], out[25, 55], out[2, 86]}) == 3
+    assert not out[48:, :50].any() and not out[58:66, 78:94].any()
+    # A rescued tile never touches another: the rescue keeps 2 px off every tile.
+    assert not (out[:, 40:42] > 0).any()
+
+
+def test_rescue_splits_a_row_of_missed_tesserae_at_their_colour_edges():
+    """Two narrow tesserae of different colours with no visible grout between them (blurred
+    away) come out of the grout as one piece larger than ``merge_area`` tessera areas: it is
+    split at the colour edge, one tile each."""
+    labels = np.zeros((60, 60), np.int32)
+    colour = np.zeros((60, 60, 3), np.float32)
+    colour[..., 0] = 60.0
+    colour[10:50, 10:22] = (30.0, 20.0, 10.0)
+    colour[10:50, 22:34] = (80.0, -10.0, 40.0)
+    grout_c = np.broadcast_to(np.array([60.0, 0, 0], np.float32), colour.shape)
+    p = ClassicalParams()
+    area = np.pi / 4 * 20 ** 2
+    assert 2 * 12 * 40 > p.merge_area * area
+    out = rescue_missed(labels, colour, grout_c, area, p)
+    assert out.max() == 2 and out[30, 15] > 0 and out[30, 29] > 0 and out[30, 15] != out[30, 29]
+    for k, cols in ((out[30, 15], slice(10, 22)), (out[30, 29], slice(22, 34))):
+        tile = np.zeros(labels.shape, bool)
+        tile[10:50, cols] = True
+        assert np.count_nonzero((out == k) & tile) >= 0.9 * np.count_nonzero(out == k)
+
+
+def test_snap_moves_borders_onto_the_edge_and_keeps_every_tile():
+    """Tile A's region lies 2 px inside its edge, tile B's 2 px outside, tile C is a 3-px
+    strip (thinner than the inner band): after snapping A and B sit on their edges and C
+    stays; no tile is added or lost, none touch."""
+    truth = np.zeros((50, 110), np.int32)
+    truth[10:40, 10:40] = 1
+    truth[10:40, 50:80] = 2
+    truth[10:40, 90:93] = 3
+    rgb = np.array([GROUT_RGB, (200, 60, 50), (60, 90, 160), (40, 40, 45)], np.float64)[truth]
+    rgb = cv2.GaussianBlur(rgb.astype(np.float32), (0, 0), 0.7)
+    lab = _lab_of(np.clip(np.rint(rgb), 0, 255))
+    labels = np.zeros_like(truth)
+    labels[12:38, 12:38] = 1
+    labels[8:42, 48:82] = 2
+    labels[truth == 3] = 3
+    score = np.where(truth > 0, -1.0, 1.0).astype(np.float32)
+    p = ClassicalParams()
+    area = np.pi / 4 * 30 ** 2
+    assert round(p.snap_in * 30) <= 2 <= round(p.snap_out * 30)
+    out = snap_outlines(labels, lab, score, area, p)
+    assert out.max() == 3
+    for k in (1, 2, 3):
+        tile = out == out[25, {1: 25, 2: 65, 3: 91}[k]]
+        assert mask_iou(tile, truth == k) >= 0.95
+    assert snap_outlines(labels, lab, score, area, ClassicalParams(snap_out=0)) is labels
 
 
 def test_statistics_of_a_tile_can_come_from_the_whole_image():

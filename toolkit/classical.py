@@ -36,6 +36,15 @@ of the same family). The pipeline, all on Lab colour:
    union stays under 1.3 median tessera areas (texture and highlights split real tiles).
 8. *Tidy at the scale* (``_tidy``): notches closed, grout junction specks, strips of grout
    line and crumbs dropped, all lengths in estimated tessera diameters.
+9. *Missed tesserae* (``rescue_missed``): tesserae too narrow to have an interior at the
+   working scale got no marker; solid pieces of the remaining background coloured unlike the
+   grout (the smooth grout map and the grout right around them) become tiles, large ones
+   split at their colour edges.
+10. *Outlines onto the edge* (``snap_outlines``): a watershed of the fine colour gradient in a
+   band of -0.05..+0.1 tessera diameters around every tile border moves it onto the
+   strongest edge there (the clean-up leaves borders a pixel or two inside soft tile edges);
+   a pixel that changes hands never touches another tile, not even diagonally. Step 8 then
+   runs once more on the moved outlines (smooth outlines, and the rescued tiles judged too).
 
 Output: an int32 instance map, 0 = grout / background, ids 1..N in raster order, every id one
 4-connected component, no two tiles 4-adjacent. A 1024x1024 image takes 2-4 s on one core.
@@ -95,6 +104,9 @@ class ClassicalParams:
     min_tile_area: float = 0.12  # median tessera areas: smaller tiles are crumbs
     grout_speck_area: float = 0.5  # median tessera areas: grout-coloured tiles under it: grout
     min_inradius: float = 0.1  # tessera diameters: thinner tiles are strips of grout
+    rescue_contrast: float = 2.0  # x min_contrast: a tile found in the grout differs this much
+    snap_out: float = 0.1  # tessera diameters: a tile border may move this far out (0: no snap)
+    snap_in: float = 0.05  # tessera diameters: ... and this far in, to the strongest edge
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -426,6 +438,36 @@ def _flat_background(
 
 
 
+def _ring_contrast(
+    labels: np.ndarray, colour: np.ndarray, ids: np.ndarray, diameter: float
+) -> np.ndarray:
+    """Per id in ``ids``: the Lab distance between the median colour of its pixels and that of
+    the background (label 0) 0.1-0.25 tessera diameters around it; inf where there is none.
+
+    A tessera differs from the grout around it; a piece of grout (a junction, uneven mortar)
+    has the colour of the grout around it even where that is off the smooth grout colour map.
+    """
+    near, far = 0.1 * diameter, 0.25 * diameter
+    pad = int(math.ceil(far)) + 1
+    h, w = labels.shape
+    slices = ndi.find_objects(labels)
+    out = np.full(len(ids), np.inf)
+    for i, k in enumerate(ids):
+        sl = slices[k - 1] if k - 1 < len(slices) else None
+        if sl is None:
+            continue
+        y0, y1 = max(0, sl[0].start - pad), min(h, sl[0].stop + pad)
+        x0, x1 = max(0, sl[1].start - pad), min(w, sl[1].stop + pad)
+        window = labels[y0:y1, x0:x1]
+        obj = window == k
+        d = cv2.distanceTransform((~obj).view(np.uint8), cv2.DIST_L2, 3)
+        ring = (d > near) & (d <= far) & (window == 0)
+        if ring.any():
+            c = colour[y0:y1, x0:x1]
+            out[i] = np.linalg.norm(np.median(c[obj], axis=0) - np.median(c[ring], axis=0))
+    return out
+
+
 def _touching_pairs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Background pixels between two tiles: (row-major pixel index, smaller id, larger id).
 
@@ -603,8 +645,159 @@ def _tidy(
     # Grout junctions (where three or four grout lines meet) are small, coloured like the grout
     # and narrower than half a tessera; a small tile that dark is at least that wide.
     drop |= speck & (contrast < p.min_contrast) & (inner < 0.25 * diameter) & ~edge
+    # A small region off the smooth grout colour map but with the colour of the grout right
+    # around it (within ``p.min_contrast``) is grout too: a junction of stained or shaded
+    # grout lines, cut by the image border or not. (Regions on the map's colour are judged by
+    # their width above: a small tile as dark as the grout stays.)
+    check = np.flatnonzero(speck & ~drop & (contrast >= p.min_contrast))
+    check = check[check > 0]
+    if check.size:
+        drop[check] |= _ring_contrast(out, colour, check, diameter) < p.min_contrast
     drop[0] = True
     out[drop[out]] = 0
+    return relabel_sequential(_keep_solid(out, 0))
+
+
+def rescue_missed(
+    labels: np.ndarray,
+    colour: np.ndarray,
+    grout_c: np.ndarray,
+    tessera_area: float,
+    p: ClassicalParams,
+) -> np.ndarray:
+    """Tesserae that stage 1 found no marker for, taken from the grout left between the tiles.
+
+    A tessera much narrower than the typical one (a sliver along a curve, a cut piece) has no
+    interior at the working scale, so it has no marker and stage 2 leaves it as grout. What is
+    left of the background after every tile is placed should be grout-coloured: a solid piece
+    of it coloured unlike the grout (farther than ``p.min_contrast`` Lab from the grout colour
+    map), still there after an opening with a disc of ``p.min_inradius`` tessera diameters (so
+    not a strip along a tile border, not a stain on the grout) and at least ``p.min_tile_area``
+    median tessera areas, and differing from the grout around it (the median colours of the
+    piece and of the background 0.1-0.25 diameters around it) by more than
+    ``p.rescue_contrast`` x ``p.min_contrast``, is a tessera: uneven grout (a wide junction
+    coloured off the smooth map) has the colour of the grout around it. It is kept 2 px clear
+    of every tile (tiles never touch); a piece larger than ``p.merge_area`` tessera areas is
+    split at its colour edges (several narrow tesserae joined across blurred grout);
+    ``snap_outlines`` then takes every piece to its edges. Returns tiles 1..M.
+    """
+    if p.min_contrast <= 0 or p.min_inradius <= 0:
+        return labels
+    diameter = 2 * np.sqrt(tessera_area / np.pi)
+    background = labels == 0
+    if not background.any():
+        return labels
+    away = cv2.distanceTransform(background.view(np.uint8), cv2.DIST_L2, 3) >= 2
+    unlike = np.linalg.norm(colour - grout_c, axis=2) > p.min_contrast
+    cand = (background & away & unlike).view(np.uint8)
+    r = max(1, int(round(p.min_inradius * diameter)))
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    # The image border is not an edge of the piece: a tessera cut by it may be thin there.
+    cand = cv2.morphologyEx(cand, cv2.MORPH_OPEN, disc, borderType=cv2.BORDER_REPLICATE)
+    pieces, n = ndi.label(cand.view(bool), structure=FOUR_CONNECTED)
+    if n == 0:
+        return labels
+    keep = np.bincount(pieces.ravel()) >= p.min_tile_area * tessera_area
+    keep[np.concatenate([pieces[0], pieces[-1], pieces[:, 0], pieces[:, -1]])] = True
+    keep[0] = False
+    # Grout is not one colour: where it differs from the smooth grout map (a wide junction,
+    # mortar in a gap) the piece has the colour of the grout around it. A tessera differs
+    # from the grout around it by more than ``p.rescue_contrast`` times the contrast below
+    # which colour cannot tell tile from grout.
+    ids = np.flatnonzero(keep)
+    if ids.size:
+        # The ring is taken on the background with the existing tiles in place.
+        trial = np.where(keep[pieces], pieces + int(labels.max()), labels)
+        gap = _ring_contrast(trial, colour, ids + int(labels.max()), diameter)
+        keep[ids] = gap > p.rescue_contrast * p.min_contrast
+    if not keep.any():
+        return labels
+    out = labels.copy()
+    found = keep[pieces]
+    out[found] = pieces[found] + int(labels.max())
+    # A piece larger than merged fragments may be (``p.merge_area`` tessera areas) is a row
+    # of missed tesserae joined where the thin grout between them is blurred: as in stage 1's
+    # re-split of large regions, its flat parts (the colour gradient under the piece's own
+    # Otsu threshold) of at least ``p.min_area`` squared diameters are one marker each, and a
+    # watershed of the gradient splits the piece between them.
+    area = np.bincount(pieces.ravel(), minlength=n + 1)
+    next_id = int(out.max()) + 1
+    for k, sl in enumerate(ndi.find_objects(pieces), start=1):
+        if sl is None or not keep[k] or area[k] <= p.merge_area * tessera_area:
+            continue
+        obj = pieces[sl] == k
+        grad = _gradient(colour[sl])
+        vals = np.log(grad[obj] + 0.5)
+        if float(vals.max() - vals.min()) < 1e-6:
+            continue
+        flat = (grad < float(np.exp(threshold_otsu(vals)) - 0.5)) & obj
+        cores, m = ndi.label(flat, structure=FOUR_CONNECTED)
+        big = np.bincount(cores.ravel(), minlength=m + 1) >= p.min_area * diameter ** 2
+        big[0] = False
+        if big.sum() < 2:
+            continue
+        renumber = np.zeros(m + 1, np.int32)
+        renumber[big] = np.arange(next_id, next_id + int(big.sum()))
+        next_id += int(big.sum())
+        parts = watershed(grad, renumber[cores], mask=obj)
+        view = out[sl]
+        view[obj] = parts[obj]
+    return relabel_sequential(out)
+
+
+def snap_outlines(
+    labels: np.ndarray,
+    lab: np.ndarray,
+    score: np.ndarray,
+    tessera_area: float,
+    p: ClassicalParams,
+) -> np.ndarray:
+    """Every tile border moved onto the strongest colour edge near it.
+
+    The tile/grout split and the clean-up after it (one-pixel separations, dropped pieces,
+    closing and opening) leave borders a pixel or two off the edge, most often inside the tile
+    where a bevel or soft edge sits between tile and grout colour. A watershed of the fine
+    colour gradient grows each tile's core (its pixels deeper than ``p.snap_in`` tessera
+    diameters) and the grout (background farther than ``p.snap_out`` diameters from every tile,
+    or confidently grout-coloured: ``score`` above ``p.grout_confidence``) into the band
+    between them, so each border lands on the edge within that band; tiles are then separated
+    by one grout pixel again, and a pixel that changed hands is given back to the grout where it
+    touches another tile, even diagonally (tiles meeting corner to corner across thin grout
+    would get overlapping polygons). The number of tiles does not change. Returns tiles 1..M.
+    """
+    n = int(labels.max())
+    if n == 0 or p.snap_out <= 0:
+        return labels
+    diameter = 2 * np.sqrt(tessera_area / np.pi)
+    reach_out = max(1, int(round(p.snap_out * diameter)))
+    reach_in = int(round(p.snap_in * diameter))
+    tiles = labels > 0
+    seeds = labels.copy()
+    if reach_in > 0:
+        # The image border is not a tile edge; a tile thinner than the band keeps all of it.
+        inside = cv2.distanceTransform(np.pad(tiles.view(np.uint8), 1, constant_values=1),
+                                       cv2.DIST_L2, 3)[1:-1, 1:-1]
+        seeds[inside <= reach_in] = 0
+        lost = np.bincount(seeds.ravel(), minlength=n + 1) == 0
+        lost[0] = False
+        seeds[lost[labels]] = labels[lost[labels]]
+    outside = cv2.distanceTransform((~tiles).view(np.uint8), cv2.DIST_L2, 3)
+    seeds[~tiles & ((outside > reach_out) | (score > p.grout_confidence))] = n + 1
+    # Only the band is flooded, from the seed pixels that border it (a fraction of the image).
+    band = seeds == 0
+    near = cv2.dilate(band.view(np.uint8), np.ones((3, 3), np.uint8)).view(bool)
+    flooded = watershed(_gradient(_blur(lab, p.edge_sigma)), np.where(near, seeds, 0),
+                        mask=near)
+    out = np.where(band, flooded, seeds)
+    out[out == n + 1] = 0
+    # A pixel that changed hands may not touch another tile, not even diagonally: the band
+    # closes in on thin grout from both sides, and tiles meeting corner to corner there
+    # would leave outlines (polygons) that overlap.
+    big = np.iinfo(np.int32).max
+    hi = ndi.maximum_filter(out, size=3, mode="constant", cval=0)
+    lo = ndi.minimum_filter(np.where(out > 0, out, big), size=3, mode="constant", cval=big)
+    out[(out != labels) & (out > 0) & ((hi != out) | (lo != out))] = 0
+    _separate(out, score)
     return relabel_sequential(_keep_solid(out, 0))
 
 
@@ -743,6 +936,11 @@ def _split_tiles(
     if tessera_area and p.merge_area > 0:
         labels = merge_fragments(labels, colour, score, tessera_area, p, grout_c)
     if tessera_area:
+        labels = _tidy(labels, colour, grout_c, score, tessera_area, p)
+        labels = rescue_missed(labels, colour, grout_c, tessera_area, p)
+        labels = snap_outlines(labels, lab, score, tessera_area, p)
+        # Once more on the moved outlines: the snap follows the gradient pixel by pixel (a
+        # ragged outline needs more polygon vertices), and the rescued tiles are judged too.
         labels = _tidy(labels, colour, grout_c, score, tessera_area, p)
     return labels
 
