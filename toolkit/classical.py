@@ -1070,18 +1070,23 @@ class ClassicalEngine:
         so that every tile shares the first grout colour.
         """
         p = self.params
+        lab, tessera_size, found = self._prepare(image, tessera_size)
+        if found is None:
+            return np.zeros(lab.shape[:2], np.int32)
+        area = np.pi / 4 * tessera_size ** 2
+        grout = None if statistics is None else np.asarray(statistics.grout, np.float32)
+        return relabel_sequential(_split_tiles(lab, found, p, area, grout))
+
+    def _prepare(self, image: np.ndarray, tessera_size: float | None):
+        """The start ``segment`` and ``statistics`` share: the checked image in Lab, the tessera
+        size (estimated on ``image`` when not given) and stage 1's tiles (None: nothing tile-like)."""
         image = _check_image(image)
         if tessera_size is None:
             tessera_size = estimate_scale(image).diameter
         if not tessera_size > 0:
             raise MosaicError(f"classical engine: tessera size must be positive, got {tessera_size}")
         lab = _lab(image)
-        found = self._stage1(lab, tessera_size)
-        if found is None:
-            return np.zeros(image.shape[:2], np.int32)
-        area = np.pi / 4 * tessera_size ** 2
-        grout = None if statistics is None else np.asarray(statistics.grout, np.float32)
-        return relabel_sequential(_split_tiles(lab, found, p, area, grout))
+        return lab, tessera_size, self._stage1(lab, tessera_size)
 
     def statistics(self, image: np.ndarray, tessera_size: float | None = None) -> ImageStatistics:
         """The image-wide statistics ``segment`` shares between the tiles of one image.
@@ -1092,13 +1097,7 @@ class ClassicalEngine:
         window of a very large one), every tile is segmented with the same first grout colour.
         """
         p = self.params
-        image = _check_image(image)
-        if tessera_size is None:
-            tessera_size = estimate_scale(image).diameter
-        if not tessera_size > 0:
-            raise MosaicError(f"classical engine: tessera size must be positive, got {tessera_size}")
-        lab = _lab(image)
-        found = self._stage1(lab, tessera_size)
+        lab, tessera_size, found = self._prepare(image, tessera_size)
         grout = None if found is None else _first_grout_colour(_blur(lab, p.class_sigma), found)
         if grout is None:  # nothing tile-like: the image's median colour
             grout = np.median(lab.reshape(-1, 3), axis=0)
