@@ -37,7 +37,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -127,8 +126,15 @@ def try_lock(path: Path):
         return None
     return handle
 
-class TrainingManager:
-    """Starts, watches and reports training runs (module docstring)."""
+class WorkerJobs:
+    """What training runs and pre-label jobs share: one job at a time (a lock file under the
+    models folder, held until the job is handled), run as ``python -m MODULE JOB_DIR/job.json`` in
+    a worker process that gets the Label Studio API key by environment and logs to
+    ``JOB_DIR/worker.log``, and a thread per job that waits for the worker (``_watch``)."""
+
+    lock_name: str  # the lock file, under the models folder
+    module: str  # the worker's module
+    api_key_env: str  # the environment variable that carries the API key to the worker
 
     def __init__(self, settings: Settings, store: ModelStore, engines: EngineManager,
                  link: LabelStudioLink, metrics: Metrics) -> None:
@@ -137,10 +143,78 @@ class TrainingManager:
         self.engines = engines
         self.link = link
         self.metrics = metrics
-        self.annotations: Counter[int] = Counter()  # new annotations per project since the last run
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._watcher: threading.Thread | None = None
+
+    def _try_lock(self):
+        return try_lock(self.store.root / self.lock_name)
+
+    def _spawn(self, job_dir: Path, api_key: str) -> subprocess.Popen:
+        """Start the worker on ``job_dir/job.json`` (the caller holds the job lock)."""
+        with open(job_dir / LOG, "w", encoding="utf-8") as logfile:
+            return subprocess.Popen(
+                [sys.executable, "-m", self.module, str(job_dir / JOB)],
+                stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, self.api_key_env: api_key}, start_new_session=True)
+
+    def _start_watching(self, process: subprocess.Popen, job_dir: Path, lock, name: str) -> None:
+        """Called with ``self._lock`` held: ``_watch`` waits for ``process`` in a thread."""
+        self._process = process
+        self._watcher = threading.Thread(target=self._watch_then_unlock,
+                                         args=(process, job_dir, lock), name=name, daemon=True)
+        self._watcher.start()
+
+    def _watch_then_unlock(self, process: subprocess.Popen, job_dir: Path, lock) -> None:
+        try:
+            self._watch(process, job_dir)
+        finally:
+            lock.close()
+            with self._lock:
+                self._process = None
+
+    def _watch(self, process: subprocess.Popen, job_dir: Path) -> None:
+        """Wait for the worker and record how the job ended (must not raise)."""
+        raise NotImplementedError
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the current job (if any) to be finished and handled; False on timeout."""
+        watcher = self._watcher
+        if watcher is None:
+            return True
+        watcher.join(timeout)
+        return not watcher.is_alive()
+
+    def close(self) -> None:
+        """Stop a running worker (server shutdown)."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            self.wait(30)
+
+
+def worker_main(argv: list[str] | None, usage: str, run_job, api_key_env: str) -> int:
+    """A worker module's ``main``: ``python -m MODULE JOB.json``, the API key in the environment
+    variable ``api_key_env`` (never on disk)."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print(f"usage: {usage}", file=sys.stderr)
+        return 2
+    return run_job(Path(args[0]), os.environ.get(api_key_env, ""))
+
+
+class TrainingManager(WorkerJobs):
+    """Starts, watches and reports training runs (module docstring). Closing it stops a running
+    worker; its run is reported as interrupted."""
+
+    lock_name = LOCK
+    module = "mosaic_backend.worker"
+    api_key_env = API_KEY_ENV
+
+    def __init__(self, settings: Settings, store: ModelStore, engines: EngineManager,
+                 link: LabelStudioLink, metrics: Metrics) -> None:
+        super().__init__(settings, store, engines, link, metrics)
+        self.annotations: Counter[int] = Counter()  # new annotations per project since the last run
 
     # ---------------------------------------------------------------- starting
     def start(self, project: int, reason: str) -> dict[str, Any]:
@@ -162,19 +236,12 @@ class TrainingManager:
                     "state": "running", "stage": "starting", "run": run_dir.name, "project": project,
                     "reason": reason, "started": now(), "base_version": job["base_version"],
                     "epochs": self.settings.train_epochs})
-                with open(run_dir / LOG, "w", encoding="utf-8") as logfile:
-                    process = subprocess.Popen(
-                        [sys.executable, "-m", "mosaic_backend.worker", str(run_dir / JOB)],
-                        stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                        env={**os.environ, API_KEY_ENV: key}, start_new_session=True)
+                process = self._spawn(run_dir, key)
             except BaseException:
                 lock.close()
                 raise
-            self._process = process
             self.annotations[project] = 0
-            self._watcher = threading.Thread(target=self._watch, args=(process, run_dir, lock),
-                                             name=f"training {run_dir.name}", daemon=True)
-            self._watcher.start()
+            self._start_watching(process, run_dir, lock, f"training {run_dir.name}")
         log.info("training run %s started for project %s (%s), worker pid %s", run_dir.name,
                  project, reason, process.pid)
         self.metrics.event("training", "started")
@@ -210,20 +277,13 @@ class TrainingManager:
         }
 
     # ---------------------------------------------------------------- finishing
-    def _try_lock(self):
-        return try_lock(self.store.root / LOCK)
-
-    def _watch(self, process: subprocess.Popen, run_dir: Path, lock) -> None:
+    def _watch(self, process: subprocess.Popen, run_dir: Path) -> None:
         try:
             code = process.wait()
             self._finish(run_dir, code)
         except Exception as exc:  # noqa: BLE001 (a watcher must never die silently)
             log.exception("training run %s: finishing failed", run_dir.name)
             self._write_status(run_dir, state="failed", error=f"finishing the run failed: {exc}")
-        finally:
-            lock.close()
-            with self._lock:
-                self._process = None
 
     def _finish(self, run_dir: Path, code: int) -> None:
         status = read_json(run_dir / STATUS)
@@ -259,21 +319,6 @@ class TrainingManager:
     def _write_status(self, run_dir: Path, **fields: Any) -> None:
         write_json(run_dir / STATUS, {**read_json(run_dir / STATUS), **fields, "finished": now(),
                                       "model_version": self.engines.active_version})
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the current run (if any) to be finished and handled; False on timeout."""
-        watcher = self._watcher
-        if watcher is None:
-            return True
-        watcher.join(timeout)
-        return not watcher.is_alive()
-
-    def close(self) -> None:
-        """Stop a running worker (server shutdown); its run is reported as interrupted."""
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.terminate()
-            self.wait(30)
 
     # ---------------------------------------------------------------- reporting
     def _latest(self) -> Path | None:

@@ -21,7 +21,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,18 +30,12 @@ from mosaic_toolkit.classical import ClassicalEngine
 from mosaic_toolkit.core.errors import MosaicError
 from mosaic_toolkit.core.io import write_json
 
-from .config import Settings
 from .errors import BackendError
-from .images import LabelStudioLink
-from .jobs import try_lock
-from .metrics import Metrics
-from .versions import EngineManager, ModelStore, engine_version, job_base_spec
+from .jobs import JOB, LOG, STATUS, WorkerJobs, now, read_json, tail, worker_main
+from .versions import engine_version, job_base_spec
 
 log = logging.getLogger(__name__)
 
-JOB = "job.json"
-STATUS = "status.json"
-LOG = "worker.log"
 LOCK = "prelabel.lock"
 JOBS_DIR = "jobs"
 API_KEY_ENV = "MOSAIC_BACKEND_PRELABEL_API_KEY"
@@ -50,30 +43,13 @@ MAX_LISTED = 20  # GET /jobs lists this many most recent jobs
 _numbers = itertools.count(1)
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+class PrelabelJobs(WorkerJobs):
+    """Starts, watches and lists pre-label jobs (module docstring). Closing it stops a running
+    worker: the predictions stored so far stay, and a new job does only what is missing."""
 
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-class PrelabelJobs:
-    """Starts, watches and lists pre-label jobs (module docstring)."""
-
-    def __init__(self, settings: Settings, store: ModelStore, engines: EngineManager,
-                 link: LabelStudioLink, metrics: Metrics) -> None:
-        self.settings = settings
-        self.store = store
-        self.engines = engines
-        self.link = link
-        self.metrics = metrics
-        self._lock = threading.Lock()
-        self._process: subprocess.Popen | None = None
-        self._watcher: threading.Thread | None = None
+    lock_name = LOCK
+    module = "mosaic_backend.prelabel_job"
+    api_key_env = API_KEY_ENV
 
     @property
     def root(self) -> Path:
@@ -91,7 +67,7 @@ class PrelabelJobs:
             raise BackendError("prelabel: 'tasks' must be a non-empty list of task ids")
         url, key = self.link.require("pre-labelling a project")
         latest = self._latest()
-        if self._process is not None and latest is not None and _read(latest / STATUS).get("state") != "running":
+        if self._process is not None and latest is not None and read_json(latest / STATUS).get("state") != "running":
             self.wait(30)  # our worker has written its result and is exiting: let it finish
         with self._lock:
             lock = self._try_lock()
@@ -106,20 +82,13 @@ class PrelabelJobs:
                 write_json(job_dir / JOB, job)
                 write_json(job_dir / STATUS, {
                     "job": job_dir.name, "kind": "prelabel", "state": "running", "project": project,
-                    "model_version": job["model_version"], "started": _now(), "finished_tasks": 0,
+                    "model_version": job["model_version"], "started": now(), "finished_tasks": 0,
                     "total_tasks": None, "done": 0, "skipped": 0, "failed": 0})
-                with open(job_dir / LOG, "w", encoding="utf-8") as logfile:
-                    process = subprocess.Popen(
-                        [sys.executable, "-m", "mosaic_backend.prelabel_job", str(job_dir / JOB)],
-                        stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                        env={**os.environ, API_KEY_ENV: key}, start_new_session=True)
+                process = self._spawn(job_dir, key)
             except BaseException:
                 lock.close()
                 raise
-            self._process = process
-            self._watcher = threading.Thread(target=self._watch, args=(process, job_dir, lock),
-                                             name=f"prelabel {job_dir.name}", daemon=True)
-            self._watcher.start()
+            self._start_watching(process, job_dir, lock, f"prelabel {job_dir.name}")
         log.info("pre-label job %s started for project %s with %s, worker pid %s", job_dir.name,
                  project, job["model_version"], process.pid)
         self.metrics.event("prelabel", "started")
@@ -137,40 +106,18 @@ class PrelabelJobs:
             job["params"] = engine.params.to_dict()
         return job
 
-    def _try_lock(self):
-        return try_lock(self.store.root / LOCK)
-
-    def _watch(self, process: subprocess.Popen, job_dir: Path, lock) -> None:
+    def _watch(self, process: subprocess.Popen, job_dir: Path) -> None:
         try:
             code = process.wait()
-            status = _read(job_dir / STATUS)
+            status = read_json(job_dir / STATUS)
             if code != 0 and status.get("state") == "running":
-                tail = "\n".join((job_dir / LOG).read_text(errors="replace").splitlines()[-15:])
-                status.update(state="failed", error=f"the worker exited with status {code}:\n{tail}")
-            status.setdefault("finished", _now())
+                status.update(state="failed",
+                              error=f"the worker exited with status {code}:\n{tail(job_dir / LOG)}")
+            status.setdefault("finished", now())
             write_json(job_dir / STATUS, status)
             self.metrics.event("prelabel", status.get("state", "failed"))
         except Exception:  # noqa: BLE001 (a watcher must never die silently)
             log.exception("pre-label job %s: finishing failed", job_dir.name)
-        finally:
-            lock.close()
-            with self._lock:
-                self._process = None
-
-    def wait(self, timeout: float | None = None) -> bool:
-        watcher = self._watcher
-        if watcher is None:
-            return True
-        watcher.join(timeout)
-        return not watcher.is_alive()
-
-    def close(self) -> None:
-        """Stop a running worker (server shutdown): the predictions stored so far stay, and a
-        new job does only what is missing."""
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.terminate()
-            self.wait(30)
 
     def _latest(self) -> Path | None:
         found = self._all()
@@ -187,7 +134,7 @@ class PrelabelJobs:
         out = []
         held = None
         for job_dir in self._all()[:MAX_LISTED]:
-            status = _read(job_dir / STATUS)
+            status = read_json(job_dir / STATUS)
             if status.get("state") == "running" and self._process is None:
                 if held is None:
                     lock = self._try_lock()
@@ -221,7 +168,7 @@ def run_job(job_path: Path, api_key: str) -> int:
     status_path = Path(job["job_dir"]) / STATUS
 
     def update(**fields: Any) -> None:
-        write_json(status_path, {**_read(status_path), **fields})
+        write_json(status_path, {**read_json(status_path), **fields})
 
     def progress(summary, finished: int, total: int) -> None:
         update(finished_tasks=finished, total_tasks=total, done=len(summary.done),
@@ -236,28 +183,25 @@ def run_job(job_path: Path, api_key: str) -> int:
                                    model_version=job["model_version"], tasks=job["tasks"],
                                    iou=job["polygon_iou"], progress=False, on_task=progress)
         result = summary.to_json()
-        update(state="succeeded" if not summary.failed else "failed", stage="done", finished=_now(),
+        update(state="succeeded" if not summary.failed else "failed", stage="done", finished=now(),
                done=result["done"], skipped=result["skipped"], failed=result["failed"],
                regions=result["regions"], seconds=result["seconds"], failures=result["failures"],
                **({"error": f"{len(summary.failed)} task(s) failed"} if summary.failed else {}))
         print("\n".join(summary.lines()), flush=True)
         return 0 if not summary.failed else 1
     except MosaicError as exc:
-        update(state="failed", stage="failed", error=str(exc), finished=_now())
+        update(state="failed", stage="failed", error=str(exc), finished=now())
         print(f"error: {exc}", flush=True)
     except Exception as exc:  # noqa: BLE001 (reported; the traceback goes to the log)
         traceback.print_exc()
-        update(state="failed", stage="failed", error=f"{type(exc).__name__}: {exc}", finished=_now())
+        update(state="failed", stage="failed", error=f"{type(exc).__name__}: {exc}", finished=now())
     return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m mosaic_backend.prelabel_job JOB.json`` (the API key comes in the environment)."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m mosaic_backend.prelabel_job JOB_DIR/job.json", file=sys.stderr)
-        return 2
-    return run_job(Path(args[0]), os.environ.get(API_KEY_ENV, ""))
+    return worker_main(argv, "python -m mosaic_backend.prelabel_job JOB_DIR/job.json", run_job,
+                       API_KEY_ENV)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from mosaic_toolkit.core.io import atomic_output_dir, write_json
 from mosaic_toolkit.core.errors import MosaicError
 
-from .jobs import API_KEY_ENV, STATUS, now, read_json, should_promote
+from .jobs import API_KEY_ENV, STATUS, now, read_json, should_promote, worker_main
 from .versions import FINETUNE, METADATA, ModelStore
 
 log = logging.getLogger(__name__)
@@ -134,11 +134,7 @@ def store_version(models_dir: Path, version: str, finetune: Path, metadata: dict
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m mosaic_backend.worker JOB.json`` (the API key comes in the environment)."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m mosaic_backend.worker RUN_DIR/job.json", file=sys.stderr)
-        return 2
-    return run_job(Path(args[0]), os.environ.get(API_KEY_ENV, ""))
+    return worker_main(argv, "python -m mosaic_backend.worker RUN_DIR/job.json", run_job, API_KEY_ENV)
 
 
 if __name__ == "__main__":
