@@ -61,7 +61,7 @@ API_KEY_ENV = "MOSAIC_BACKEND_JOB_API_KEY"  # the key reaches the worker by envi
 SPLIT = (0.8, 0.2, 0.0)  # train / val / test fractions of the annotated mosaics
 BULKY = ("export", "augmented", "train/cache", "train/last.pt", "train/tb")
 ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED")
-_run_numbers = itertools.count(1)
+_job_numbers = itertools.count(1)
 
 
 def now() -> str:
@@ -150,6 +150,14 @@ class WorkerJobs:
     def _try_lock(self):
         return try_lock(self.store.root / self.lock_name)
 
+    @staticmethod
+    def _new_job_dir(root: Path) -> Path:
+        """A new folder under ``root``, named by time, process and a counter (sorts by start)."""
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        job_dir = root / f"{stamp}-{os.getpid()}-{next(_job_numbers)}"
+        job_dir.mkdir(parents=True)
+        return job_dir
+
     def _spawn(self, job_dir: Path, api_key: str) -> subprocess.Popen:
         """Start the worker on ``job_dir/job.json`` (the caller holds the job lock)."""
         with open(job_dir / LOG, "w", encoding="utf-8") as logfile:
@@ -229,7 +237,7 @@ class TrainingManager(WorkerJobs):
                 running = self._latest()
                 return {"status": "already running", "job": running.name if running else None}
             try:
-                run_dir = self._new_run_dir()
+                run_dir = self._new_job_dir(self.store.runs_dir)
                 job = self._job(run_dir, project, url)
                 write_json(run_dir / JOB, job)
                 write_json(run_dir / STATUS, {
@@ -254,12 +262,6 @@ class TrainingManager(WorkerJobs):
         if every and self.annotations[project] >= every:
             return self.start(project, f"{self.annotations[project]} new annotations")
         return None
-
-    def _new_run_dir(self) -> Path:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-        run_dir = self.store.runs_dir / f"{stamp}-{os.getpid()}-{next(_run_numbers)}"
-        run_dir.mkdir(parents=True)
-        return run_dir
 
     def _job(self, run_dir: Path, project: int, url: str) -> dict[str, Any]:
         s = self.settings

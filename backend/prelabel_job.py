@@ -15,14 +15,12 @@ worker in its environment), ``status.json`` (rewritten atomically) and ``worker.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
 import subprocess
 import sys
 import traceback
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,6 @@ LOCK = "prelabel.lock"
 JOBS_DIR = "jobs"
 API_KEY_ENV = "MOSAIC_BACKEND_PRELABEL_API_KEY"
 MAX_LISTED = 20  # GET /jobs lists this many most recent jobs
-_numbers = itertools.count(1)
 
 
 class PrelabelJobs(WorkerJobs):
@@ -75,9 +72,7 @@ class PrelabelJobs(WorkerJobs):
                 running = self._latest()
                 return {"status": "already running", "job": running.name if running else None}
             try:
-                job_dir = self.root / (datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-                                       + f"-{os.getpid()}-{next(_numbers)}")
-                job_dir.mkdir(parents=True)
+                job_dir = self._new_job_dir(self.root)
                 job = self._job(job_dir, project, tasks, url)
                 write_json(job_dir / JOB, job)
                 write_json(job_dir / STATUS, {
