@@ -39,7 +39,7 @@ def handle_errors(f):
 
 # Options shared by several commands (as rasterio's rio/options.py): one definition each.
 DEVICE_HELP = "Torch device (cpu, cuda, cuda:1, mps)  [default: CUDA, else MPS, else CPU]"
-METHODS = ("fast", "stock")  # = mosaic_toolkit.sam.params.METHODS (kept here: no torch import)
+METHODS = ("guided", "fast", "stock")  # = mosaic_toolkit.sam.params.METHODS (kept here: no torch import)
 
 
 def device_option(help: str = DEVICE_HELP):
