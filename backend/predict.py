@@ -156,15 +156,23 @@ class Predictor:
         # image once under its own lock, the others then find it in its cache)
         self._segmenting = SingleFlight()
         self.prelabel_scores = prelabel_scores
-        self._tilings: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._tilings: OrderedDict[str, tuple[int, int, float]] = OrderedDict()
 
     def tiling(self, image: np.ndarray, key: str) -> tuple[int, int]:
         """(tile, overlap) of SAM 2 pre-labels and click windows for ``image`` (content ``key``):
         ``resolve_tiling``, i.e. about 100 tesserae per tile at the estimated scale; remembered
         per image, so clicks and pre-labels of one image always use the same grid."""
+        return self._scale(image, key)[:2]
+
+    def tessera_size(self, image: np.ndarray, key: str) -> float:
+        """The tessera size (px) estimated for ``image`` (remembered with its tiling)."""
+        return self._scale(image, key)[2]
+
+    def _scale(self, image: np.ndarray, key: str) -> tuple[int, int, float]:
         found = self._tilings.get(key)
         if found is None:
-            found = resolve_tiling(image)
+            size = estimate_tessera_size(image)
+            found = (*resolve_tiling(image, tessera_size=size), float(size))
             self._tilings[key] = found
             while len(self._tilings) > TILING_CACHE:
                 self._tilings.popitem(last=False)
@@ -186,8 +194,10 @@ class Predictor:
             deadline.check()
         y0, x0, y1, x1 = click_window(image.shape[:2], prompt, *self.tiling(image, key))
         box = None if prompt.box is None else prompt.box - [x0, y0, x0, y0]
+        # A candidate over guided_max_area tessera areas spans neighbours: not the tessera clicked.
+        max_area = engine.params.guided_max_area * math.pi / 4 * self.tessera_size(image, key) ** 2
         local, score = engine.predict_points(
-            writable(image[y0:y1, x0:x1]), prompt.points - [x0, y0], prompt.labels, box)
+            writable(image[y0:y1, x0:x1]), prompt.points - [x0, y0], prompt.labels, box, max_area=max_area)
         local = keep_clicked(local, prompt.positives - [x0, y0])
         mask = np.zeros(image.shape[:2], bool)
         mask[y0:y1, x0:x1] = local

@@ -237,6 +237,7 @@ class Sam2Engine:
         points: Sequence[Sequence[float]] | np.ndarray,
         labels: Sequence[int] | np.ndarray,
         box: Sequence[float] | None = None,
+        max_area: float | None = None,
     ) -> tuple[np.ndarray, float]:
         """The mask for click prompts on ``image`` and its predicted IoU.
 
@@ -246,7 +247,9 @@ class Sam2Engine:
         clicks or a box give one mask. A fine-tuned model answers with the output it was
         trained on, and only that (``sam.adapter.select_output``). Logits are thresholded at 0
         (SAM's own threshold; the tuned ``mask_threshold`` belongs to full-image segmentation).
-        ``last_click_token`` is the decoder token of the mask returned.
+        ``last_click_token`` is the decoder token of the mask returned. ``max_area`` (pixels,
+        e.g. a few times a tessera's area): of several candidates, those larger are not this
+        tessera (a mask spanning its neighbours and their grout) and lose to any smaller one.
         """
         image = as_rgb(image)
         coords = np.asarray(points, dtype=np.float32).reshape(-1, 2)
@@ -262,7 +265,12 @@ class Sam2Engine:
             _, entry = self._encoded(image)
             with torch.inference_mode(), self._autocast():
                 logits, scores, tokens = self._sam.click(entry.features, entry.hw, coords, labs, box_arr)
-            best = int(np.argmax(scores))
+            ranked = np.asarray(scores, dtype=np.float64)
+            if max_area is not None and len(ranked) > 1:
+                small = (logits > 0).reshape(len(ranked), -1).sum(axis=1) <= max_area
+                if small.any():
+                    ranked = np.where(small, ranked, -np.inf)
+            best = int(np.argmax(ranked))
             self.last_click_token = int(tokens[best])
         return logits[best] > 0, float(scores[best])
 
