@@ -68,7 +68,7 @@ def test_tiled_tasks_round_trip_through_label_studio(label_studio: LabelStudioSe
     result = CliRunner().invoke(main, ["export", "--url", label_studio.url, "--api-key", label_studio.token,
                                        "--project", str(project.id), "--out", str(dataset_dir)])
     assert result.exit_code == 0, result.output
-    assert "exported tasks: 1" in result.output and "skipped tasks: 0" in result.output
+    assert f"exported mosaics: 1 (from {len(ids)} tasks)" in result.output and "skipped tasks: 0" in result.output
     dataset = Dataset.open(dataset_dir)
     [sample] = dataset.samples
     assert sample.source["mosaic"] == "wall.png" and sorted(sample.source["tasks"]) == sorted(ids)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .options import handle_errors, overwrite_option
+from .options import count, handle_errors, overwrite_option
 
 
 @click.command("tasks")
@@ -83,6 +83,6 @@ def command(images: tuple[Path, ...], out: Path, max_tesserae: int, tessera_size
                        engine=chosen, model_version=version, iou=polygon_iou,
                        document_root=document_root, url_prefix=url_prefix, overwrite=overwrite)
     regions = sum(len(p["result"]) for t in tasks for p in t.get("predictions", []))
-    click.echo(f"{len(paths)} mosaics -> {len(tasks)} tasks"
+    click.echo(f"{count(len(paths), 'mosaic')} -> {count(len(tasks), 'task')}"
                + (f", {regions} pre-labelled regions ({version})" if prelabel else "")
                + f"; import {out / 'tasks.json'}")
