@@ -196,4 +196,5 @@ def test_backend_prelabel_job_runs_in_a_worker(label_studio, tmp_path) -> None:
         second = http.post("/prelabel", json={"project": project.id}).json()
         status = finished(http, second["job"])
         assert (status["state"], status["done"], status["skipped"]) == ("succeeded", 0, 3)
+        assert (status["finished_tasks"], status["total_tasks"]) == (0, 0)  # nothing left to do, not null
         assert len(client.predictions.list(project=project.id)) == 3
