@@ -370,7 +370,8 @@ class TrainingManager(WorkerJobs):
         status["epochs_completed"] = len(history)
         status["history"] = [{k: row.get(k) for k in ("epoch", "train_loss", "val_dice", "val_prompt_iou", "seconds")}
                              for row in history]
-        status["log"] = str(run_dir / LOG)
+        if (run_dir / LOG).is_file():  # a run that could not start has none
+            status["log"] = str(run_dir / LOG)
         return status
 
     def status(self, run: str | None = None) -> dict[str, Any]:

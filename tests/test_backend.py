@@ -757,7 +757,7 @@ def test_training_that_cannot_start_is_reported(tmp_path_factory, hosts) -> None
             assert "needs the SAM 2 engine" in error and "weights fetch" in error
             status = client.get("/train/status").json()
             assert (status["state"], status["stage"], status["project"]) == ("failed", "starting", 3), status
-            assert status["error"] == error and status["finished"]
+            assert status["error"] == error and status["finished"] and "log" not in status
             assert client.post("/job_status", json={"job": status["run"]}).json()["error"] == error
             assert client.get("/jobs").json()["training"]["error"] == error
         assert client.get("/health").json()["model_version"] == "classical"  # still serving
