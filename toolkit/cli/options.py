@@ -9,6 +9,11 @@ from ..core.errors import MosaicError
 from ..sam.params import OUTPUTS
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and the noun, singular or plural: "1 mosaic", "2 mosaics", "0 tasks"."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def overwrite_option(f):
     return click.option(
         "--overwrite",
