@@ -22,9 +22,11 @@ Clicks (``Predictor.click``):
   at least half inside it, merged into one region; when none does (a box drawn inside one
   tessera), the tessera covering most of the box.
 
-Pre-labels (``Predictor.prelabel``) segment the whole image through
-``mosaic_toolkit.core.tiling.segment_tiled`` (SAM 2: tiles of about 100 tesserae, the fast path;
-classical: 1024-pixel tiles), stopping with a 504 error when the request's deadline passes
+Pre-labels (``Predictor.prelabel``) segment the whole image: SAM 2's guided method (the
+default) outlines the classical segmentation's tesserae (the one cached for classical clicks),
+decoding each in the tile of about 100 tesserae whose core holds it; the other SAM 2 methods go
+through ``mosaic_toolkit.core.tiling.segment_tiled`` (tiles of about 100 tesserae), the classical
+engine through 1024-pixel tiles. Either stops with a 504 error when the request's deadline passes
 between two tiles (a 503 when the server shuts down). The same ``Deadline`` covers a click: the
 classical segmentation of a first click stops between tiles, SAM 2 checks it before the model
 call; concurrent first clicks on one image share one segmentation (``SingleFlight``). With SAM 2 every tessera also gets a score (MOSAIC_BACKEND_PRELABEL_SCORES):
@@ -244,8 +246,14 @@ class Predictor:
         if isinstance(engine, ClassicalEngine):
             return self.classical_index(engine, image, key, deadline).instances, None
         tile, overlap = self.tiling(image, key)
-        instances = segment_tiled(image, guarded(engine.segment, deadline), tile=tile, overlap=overlap,
-                                  progress=False)
+        if engine.params.method == "guided":  # SAM 2 outlines the classical proposals, tile by tile
+            proposals = self.classical_index(ClassicalEngine(), image, key, deadline).instances
+            instances = engine.segment_guided(
+                image, tessera_size=self.tessera_size(image, key), proposals=proposals, tile=tile,
+                overlap=overlap, progress=lambda done: deadline.check())
+        else:
+            instances = segment_tiled(image, guarded(engine.segment, deadline), tile=tile, overlap=overlap,
+                                      progress=False)
         scores = None
         if self.prelabel_scores and instances.any() and not deadline.passed():
             scores = self._tessera_scores(engine, image, instances, tile, overlap)
