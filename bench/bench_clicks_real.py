@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--columns", default=None, help="x0:x1, score only this column range")
     parser.add_argument("--model", default="sam2-tiny", help="SAM 2 model name or checkpoint")
     parser.add_argument("--max-clicks", type=int, default=400, help="at most this many clicks")
+    parser.add_argument("--click-tile", type=int, default=None,
+                        help="click window side (px) instead of the backend's (about 100 tesserae)")
     args = parser.parse_args()
     images = sorted((args.root / "images").glob("*"))
     if not images:
@@ -69,6 +71,12 @@ def main() -> None:
     engine = open_engine("sam2", args.model, cache_bytes=2 << 30)
     predictor = Predictor(cache_bytes=1 << 30)
     key = "bench"
+    if args.click_tile:
+        from mosaic_toolkit.core.scale import estimate_tessera_size
+        from mosaic_toolkit.core.tiling import resolve_tiling
+
+        size = estimate_tessera_size(image)
+        predictor._tilings[key] = (*resolve_tiling(image, args.click_tile, None, size), float(size))
     rows: dict[str, dict[str, list[float]]] = {
         name: {"mask": [], "polygon": [], "ms": []} for name in ("best-scored", "scale-aware")}
     ceiling = []
@@ -107,7 +115,7 @@ def main() -> None:
         return {"mean": round(statistics.fmean(values), 4), "p5": round(float(np.percentile(values, 5)), 4)}
 
     result = {
-        "image": str(images[0].name), "columns": args.columns, "clicks": len(labels), "model": args.model,
+        "image": str(images[0].name), "columns": args.columns, "click_tile": predictor.tiling(image, key)[0], "clicks": len(labels), "model": args.model,
         "polygon_fineness": DEFAULT_IOU,
         "ceiling_best_of_three": summary(ceiling) if ceiling else None,
     }
