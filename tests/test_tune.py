@@ -106,11 +106,27 @@ def assert_png(path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ the memo is faithful
+def test_cached_guided_trials_equal_engine_segment(spread_model, tiny_dataset):
+    """The guided method too: every trial equals engine.segment, later ones from the memo."""
+    engine = Sam2Engine(spread_model, version="spread", cache_bytes=0)
+    _, images = load_images(tiny_dataset, "val", None)
+    base = GeneratorParams(**{**FEW_PROMPTS, "method": "guided"})
+    trials = [base.replace(pred_iou_thresh=0.0, mask_threshold=0.3, erosion=0),
+              base.replace(pred_iou_thresh=0.2, mask_threshold=-0.2, erosion=1, guided_max_area=1.5)]
+    segmenter = CachedSegmenter(engine)
+    for params in trials:
+        for item in images:
+            cached = segmenter.segment(item.image, params)
+            np.testing.assert_array_equal(cached, engine.segment(item.image, params))
+            assert cached.max() > 0
+    assert segmenter.hits >= segmenter.misses > 0, "later trials reuse decoded windows"
+
+
 def test_cached_trials_equal_engine_segment(spread_model, tiny_dataset):
     """Every parameter set gives exactly engine.segment's map, later ones from the memo."""
     engine = Sam2Engine(spread_model, version="spread", cache_bytes=0)
     _, images = load_images(tiny_dataset, "val", None)
-    base = GeneratorParams(**FEW_PROMPTS)
+    base = GeneratorParams(**{**FEW_PROMPTS, "method": "fast"})
     trials = [
         base.replace(pred_iou_thresh=0.5, stability_score_thresh=0.6, mask_threshold=0.3, opening=0, erosion=0, min_area=0),
         base.replace(pred_iou_thresh=0.5, stability_score_thresh=0.65, mask_threshold=0.55, opening=2, min_area=20, erosion=2),
