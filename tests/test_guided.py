@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from mosaic_toolkit.core.instances import paint_instances
-from mosaic_toolkit.sam.guided import paint_windows, upsample_window
+from mosaic_toolkit.core.instances import paint_windows
+from mosaic_toolkit.sam.guided import upsample_window
 from mosaic_toolkit.sam.params import GeneratorParams
 from test_engine import assert_valid_instances
 

@@ -73,16 +73,25 @@ def paint_instances(
     A mask only takes pixels no earlier mask took; it is skipped when its still-free part is
     less than ``min_new_fraction`` of its area. ``instances`` continues an existing map.
     """
+    return paint_windows(((0, 0, mask) for mask in masks), shape, min_new_fraction, instances)
+
+
+def paint_windows(
+    masks: Iterable[tuple[int, int, np.ndarray]], shape: tuple[int, int], min_new_fraction: float = 0.0,
+    instances: np.ndarray | None = None,
+) -> np.ndarray:
+    """:func:`paint_instances` for masks given as windows ``(row, column, mask)`` of the map."""
     out = np.zeros(shape, dtype=np.int32) if instances is None else instances.copy()
     next_id = int(out.max(initial=0)) + 1
-    for mask in masks:
+    for y0, x0, mask in masks:
         area = int(np.count_nonzero(mask))
         if area == 0:
             continue
-        free = mask & (out == 0)
+        view = out[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]]
+        free = mask[: view.shape[0], : view.shape[1]] & (view == 0)
         n_free = int(np.count_nonzero(free))
         if n_free == 0 or n_free < min_new_fraction * area:
             continue
-        out[free] = next_id
+        view[free] = next_id
         next_id += 1
     return out

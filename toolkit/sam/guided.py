@@ -36,6 +36,7 @@ import torch
 from scipy import ndimage as ndi
 
 from ..core.dataset import relabel_sequential, tessera_points
+from ..core.instances import paint_windows
 from ..core.tiling import _axis_spans, _core_bounds
 from .params import GeneratorParams
 
@@ -211,22 +212,3 @@ def upsample_window(
     cols = _interp_matrix(x0, x1, sx, c0, size, lw)
     up = rows @ logits.astype(np.float64) @ cols.T
     return y0, x0, up > threshold
-
-
-def paint_windows(masks: Iterator[tuple[int, int, np.ndarray]], shape: tuple[int, int],
-                  min_new_fraction: float) -> np.ndarray:
-    """``core.instances.paint_instances`` for masks given as windows ``(row, column, mask)``."""
-    out = np.zeros(shape, dtype=np.int32)
-    next_id = 1
-    for y0, x0, mask in masks:
-        area = int(np.count_nonzero(mask))
-        if area == 0:
-            continue
-        view = out[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]]
-        free = mask[: view.shape[0], : view.shape[1]] & (view == 0)
-        n_free = int(np.count_nonzero(free))
-        if n_free == 0 or n_free < min_new_fraction * area:
-            continue
-        view[free] = next_id
-        next_id += 1
-    return out
