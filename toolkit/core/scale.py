@@ -72,8 +72,9 @@ TARGET_DIAMETER = 10.0  # px: the size a too-coarse photograph should be retaken
 SPECTRAL_SIGNIFICANCE = 0.45  # whitened log-power prominence of a lattice peak (noise: < 0.4)
 SPECTRAL_WEAK = 0.3  # a fine peak this prominent still speaks for unresolved tesserae
 SPECTRAL_STRONG = 1.0  # a lattice peak this prominent is unmistakable (confidence 1)
+FINER_SHARE = 0.5  # ... and this share of the agreed period's peak, to override it
 SPECTRAL_TO_DIAMETER = 1.0  # median equivalent diameter per spectral lattice period
-AGREE = 0.15  # the two methods agree when their periods' log ratio is under this
+AGREE = 0.2  # the two methods agree when their periods' log ratio is under this
 AC_CLEAR = 0.03  # an autocorrelation peak this prominent is a clear periodic structure
 UNCONFIRMED = 0.5  # confidence factor of a period only one method found
 _LOG_STEP = 0.02  # resolution of the log-lag axis (2 %)
@@ -271,14 +272,18 @@ def spectral_peaks(edges: np.ndarray) -> list[tuple[float, float]]:
     return [(float(p), float(q)) for p, q in found]
 
 
-def _lattice(peaks: list[tuple[float, float]], significance: float) -> tuple[float, float] | None:
-    """The grout lattice among spectral peaks: the finest significant one that is not the 2nd or
-    3rd harmonic of a coarser peak at least as strong (a lattice of period P also has power at
-    P/2 and P/3; a design only repeats more slowly than its tesserae)."""
+def _lattice(peaks: list[tuple[float, float]], significance: float, below: float = math.inf
+             ) -> tuple[float, float] | None:
+    """The grout lattice among spectral peaks: the finest one at least ``significance``
+    prominent and finer than ``below`` that is not the 2nd harmonic of a coarser peak at least as
+    strong (a lattice of period P also has power at P/2; a design only repeats more slowly than
+    its tesserae)."""
     strong = [(p, q) for p, q in peaks if q >= significance]
     for p, q in sorted(strong):
+        if p >= below:
+            break
         harmonic = any(
-            P > p and Q >= q and any(abs(p * k / P - 1) < 0.16 for k in (2, 3))
+            P > p and Q >= q and abs(2 * p / P - 1) < 0.16
             for P, Q in strong
         )
         if not harmonic:
@@ -318,6 +323,16 @@ def estimate_scale(image: np.ndarray) -> ScaleEstimate:
     # apart in the two, a lattice's within ~10 %).
     match = [q for p, q in spectral if period > 0 and abs(math.log(period / p)) < AGREE]
     if match and max(match) >= SPECTRAL_SIGNIFICANCE and prominence >= AC_CLEAR:
+        # ... unless the spectrum shows a much finer lattice, unmistakably (strong, and at least
+        # FINER_SHARE as strong as the agreed period's peak, and no harmonic of it: a sharp
+        # lattice has power at P/2..P/5): then the agreed period is a design's bands (tesserae
+        # a few px across, borders of several rows).
+        finer = _lattice(spectral, max(SPECTRAL_STRONG, FINER_SHARE * max(match)),
+                         below=period / 1.5)
+        if finer is not None and not any(abs(period / finer[0] / k - 1) < 0.06 for k in range(2, 6)):
+            return ScaleEstimate(SPECTRAL_TO_DIAMETER * finer[0], finer[0], prominence, True,
+                                 UNCONFIRMED * min(1.0, finer[1] / SPECTRAL_STRONG), "spectrum",
+                                 alternatives)
         return ScaleEstimate(PERIOD_TO_DIAMETER * period, period, prominence, True,
                              min(1.0, max(match) / SPECTRAL_STRONG), "agreed", alternatives)
     # Unconfirmed: the autocorrelation saw a design's period, or nothing. The grout lattice is
