@@ -76,6 +76,7 @@ FINER_SHARE = 0.5  # ... and this share of the agreed period's peak, to override
 SPECTRAL_TO_DIAMETER = 1.0  # median equivalent diameter per spectral lattice period
 AGREE = 0.2  # the two methods agree when their periods' log ratio is under this
 AC_CLEAR = 0.03  # an autocorrelation peak this prominent is a clear periodic structure
+CREDIBLE_UNSEEN = 4 * RESOLVABLE_DIAMETER  # px: larger periods need a clear autocorrelation
 UNCONFIRMED = 0.5  # confidence factor of a period only one method found
 _LOG_STEP = 0.02  # resolution of the log-lag axis (2 %)
 _SPECTRAL_STEP = 0.04  # resolution of the spectrum's log-frequency axis (4 %)
@@ -93,13 +94,15 @@ class ScaleEstimate:
     prominence: float  # height of the autocorrelation peak over its surroundings (0..1)
     found: bool  # False: no periodic structure; ``diameter`` is a fallback guess
     confidence: float = 0.0  # 0 (a guess) .. 1 (both methods agree on a clear lattice)
-    method: str = "none"  # "agreed", "spectrum" (replaced the autocorrelation's), "autocorrelation"
+    method: str = "none"  # "agreed", "spectrum" (replaced the autocorrelation's), "autocorrelation",
+    # "unresolved" (a design's period only: tesserae not resolved), "none" (nothing periodic)
     alternatives: tuple = ()  # (source, period px, prominence) of every candidate considered
 
     @property
     def coarse(self) -> bool:
-        """The tesserae are too small (in pixels) to segment one by one."""
-        return self.found and self.diameter < RESOLVABLE_DIAMETER
+        """The tesserae are too small (in pixels) to segment one by one: measured under
+        RESOLVABLE_DIAMETER, or not resolved at all (only a design's period was seen)."""
+        return self.found and (self.diameter < RESOLVABLE_DIAMETER or self.method == "unresolved")
 
     @property
     def ambiguous(self) -> bool:
@@ -108,6 +111,11 @@ class ScaleEstimate:
 
     def warning(self) -> str | None:
         """A one-line warning for the user, or None when the estimate is usable as it is."""
+        if self.method == "unresolved":
+            return (f"no tessera lattice resolved (only a design's period of {self.period:.0f} px, "
+                    f"no grout network): tesserae probably under {RESOLVABLE_DIAMETER:g} px, too "
+                    "coarse to segment one by one; photograph at a higher resolution or segment "
+                    "closer crops (or give --tessera-size if you know it)")
         if self.coarse:
             return coarse_message(self.diameter)
         if not self.found:
@@ -344,6 +352,11 @@ def estimate_scale(image: np.ndarray) -> ScaleEstimate:
     if (fine is not None and SPECTRAL_TO_DIAMETER * fine[0] < RESOLVABLE_DIAMETER
             and prominence < AC_CLEAR and (lattice is None or lattice[0] > 3 * fine[0])):
         lattice = fine
+    if lattice is not None and prominence < AC_CLEAR and lattice[0] >= CREDIBLE_UNSEEN:
+        # Tesserae this large always show in the autocorrelation; a period the spectrum alone
+        # sees is a design's, and the tesserae were not resolved.
+        return ScaleEstimate(SPECTRAL_TO_DIAMETER * lattice[0], lattice[0], prominence, True,
+                             0.0, "unresolved", alternatives)
     if lattice is not None:
         return ScaleEstimate(SPECTRAL_TO_DIAMETER * lattice[0], lattice[0], prominence, True,
                              UNCONFIRMED * min(1.0, lattice[1] / SPECTRAL_STRONG), "spectrum",
