@@ -352,9 +352,10 @@ def estimate_scale(image: np.ndarray) -> ScaleEstimate:
     if (fine is not None and SPECTRAL_TO_DIAMETER * fine[0] < RESOLVABLE_DIAMETER
             and prominence < AC_CLEAR and (lattice is None or lattice[0] > 3 * fine[0])):
         lattice = fine
-    if lattice is not None and prominence < AC_CLEAR and lattice[0] >= CREDIBLE_UNSEEN:
+    seen = any(abs(math.log(p / lattice[0])) < AGREE for p, _ in ac_peaks) if lattice else False
+    if lattice is not None and prominence < AC_CLEAR and lattice[0] >= CREDIBLE_UNSEEN and not seen:
         # Tesserae this large always show in the autocorrelation; a period the spectrum alone
-        # sees is a design's, and the tesserae were not resolved.
+        # sees (no autocorrelation peak near it at all) is a design's: tesserae not resolved.
         return ScaleEstimate(SPECTRAL_TO_DIAMETER * lattice[0], lattice[0], prominence, True,
                              0.0, "unresolved", alternatives)
     if lattice is not None:
