@@ -781,6 +781,7 @@ def test_every_n_annotations_starts_a_run(sam) -> None:
 # Metrics, settings, command line
 # --------------------------------------------------------------------------------------------
 def test_metrics(classical) -> None:
+    assert predict(classical).status_code == 200  # a pre-label: the image's scale is estimated
     text = classical.get("/metrics").text
     assert 'mosaic_backend_info{engine="classical",model_version="classical"} 1' in text
     assert 'mosaic_backend_requests_total{endpoint="/predict",status="200"}' in text
@@ -788,6 +789,13 @@ def test_metrics(classical) -> None:
     summary = classical.get("/metrics", params={"format": "json"}).json()
     assert summary["click"]["count"] >= 1 and summary["click"]["p95"] >= summary["click"]["p50"] > 0
     assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([], 50) is None
+    # the tessera scale of the images segmented: outcome counts, the last with its confidence
+    assert 'mosaic_backend_scale_estimates_total{outcome="confident"}' in text
+    assert 'mosaic_backend_scale_last{value="confidence"}' in text
+    scale = summary["scale"]
+    assert scale["confident"] >= 1 and scale["coarse"] == 0
+    assert scale["last"]["diameter_px"] == pytest.approx(28, rel=0.25)
+    assert scale["last"]["confidence"] > 0.5 and scale["last"]["alternatives"]
 
 
 def test_settings_from_environment() -> None:

@@ -333,11 +333,15 @@ def estimate_scale(image: np.ndarray) -> ScaleEstimate:
     if match and max(match) >= SPECTRAL_SIGNIFICANCE and prominence >= AC_CLEAR:
         # ... unless the spectrum shows a much finer lattice, unmistakably (strong, and at least
         # FINER_SHARE as strong as the agreed period's peak, and no harmonic of it: a sharp
-        # lattice has power at P/2..P/5): then the agreed period is a design's bands (tesserae
-        # a few px across, borders of several rows).
+        # lattice has power at P/2..P/5), and the agreed period does not repeat (a lattice's
+        # autocorrelation peaks again at twice its period; a design's bands are not that
+        # regular): then the agreed period is a design's bands (tesserae a few px across,
+        # borders of several rows).
+        repeats = any(abs(math.log(p / (2 * period))) < 0.1 for p, _ in ac_peaks)
         finer = _lattice(spectral, max(SPECTRAL_STRONG, FINER_SHARE * max(match)),
                          below=period / 1.5)
-        if finer is not None and not any(abs(period / finer[0] / k - 1) < 0.06 for k in range(2, 6)):
+        if (finer is not None and not repeats
+                and not any(abs(period / finer[0] / k - 1) < 0.06 for k in range(2, 6))):
             return ScaleEstimate(SPECTRAL_TO_DIAMETER * finer[0], finer[0], prominence, True,
                                  UNCONFIRMED * min(1.0, finer[1] / SPECTRAL_STRONG), "spectrum",
                                  alternatives)
@@ -352,10 +356,12 @@ def estimate_scale(image: np.ndarray) -> ScaleEstimate:
     if (fine is not None and SPECTRAL_TO_DIAMETER * fine[0] < RESOLVABLE_DIAMETER
             and prominence < AC_CLEAR and (lattice is None or lattice[0] > 3 * fine[0])):
         lattice = fine
-    seen = any(abs(math.log(p / lattice[0])) < AGREE for p, _ in ac_peaks) if lattice else False
+    seen = lattice is not None and any(abs(math.log(p / lattice[0])) < AGREE and q >= AC_CLEAR / 3
+                                       for p, q in ac_peaks)
     if lattice is not None and prominence < AC_CLEAR and lattice[0] >= CREDIBLE_UNSEEN and not seen:
         # Tesserae this large always show in the autocorrelation; a period the spectrum alone
-        # sees (no autocorrelation peak near it at all) is a design's: tesserae not resolved.
+        # sees (no autocorrelation peak of a third of a clear one near it) is a design's:
+        # the tesserae were not resolved.
         return ScaleEstimate(SPECTRAL_TO_DIAMETER * lattice[0], lattice[0], prominence, True,
                              0.0, "unresolved", alternatives)
     if lattice is not None:
