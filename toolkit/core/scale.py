@@ -73,10 +73,11 @@ SPECTRAL_SIGNIFICANCE = 0.45  # whitened log-power prominence of a lattice peak 
 SPECTRAL_WEAK = 0.3  # a fine peak this prominent still speaks for unresolved tesserae
 SPECTRAL_STRONG = 1.0  # a lattice peak this prominent is unmistakable (confidence 1)
 FINER_SHARE = 0.5  # ... and this share of the agreed period's peak, to override it
-SPECTRAL_TO_DIAMETER = 1.0  # median equivalent diameter per spectral lattice period
+SPECTRAL_TO_DIAMETER = PERIOD_TO_DIAMETER  # the same for the spectrum's period (0.94 measured)
 AGREE = 0.2  # the two methods agree when their periods' log ratio is under this
 AC_CLEAR = 0.03  # an autocorrelation peak this prominent is a clear periodic structure
-CREDIBLE_UNSEEN = 4 * RESOLVABLE_DIAMETER  # px: larger periods need a clear autocorrelation
+AC_FAINT = 0.006  # ... and this prominent, a faint one (supports a spectral period near it)
+CREDIBLE_UNSEEN = 4 * RESOLVABLE_DIAMETER  # px: larger periods need an autocorrelation peak
 UNCONFIRMED = 0.5  # confidence factor of a period only one method found
 _LOG_STEP = 0.02  # resolution of the log-lag axis (2 %)
 _SPECTRAL_STEP = 0.04  # resolution of the spectrum's log-frequency axis (4 %)
@@ -113,9 +114,10 @@ class ScaleEstimate:
         """A one-line warning for the user, or None when the estimate is usable as it is."""
         if self.method == "unresolved":
             return (f"no tessera lattice resolved (only a design's period of {self.period:.0f} px, "
-                    f"no grout network): tesserae probably under {RESOLVABLE_DIAMETER:g} px, too "
-                    "coarse to segment one by one; photograph at a higher resolution or segment "
-                    "closer crops (or give --tessera-size if you know it)")
+                    "no grout network): too coarse to segment tesserae (probably under "
+                    f"{RESOLVABLE_DIAMETER:g} px), or their grout too faint to measure; not "
+                    "segmented. Photograph at a higher resolution or segment closer crops, or "
+                    "give --tessera-size if you know the size")
         if self.coarse:
             return coarse_message(self.diameter)
         if not self.found:
@@ -347,23 +349,26 @@ def estimate_scale(image: np.ndarray) -> ScaleEstimate:
                                  alternatives)
         return ScaleEstimate(PERIOD_TO_DIAMETER * period, period, prominence, True,
                              min(1.0, max(match) / SPECTRAL_STRONG), "agreed", alternatives)
-    # Unconfirmed: the autocorrelation saw a design's period, or nothing. The grout lattice is
-    # the finest periodic structure; and where the autocorrelation shows nothing clear,
-    # tesserae too small to resolve still leave a weak bump at a few px: a design-sized period
-    # next to it is not the tesserae' (figure-sized "tesserae" are the worst answer).
+    # Unconfirmed: the autocorrelation saw a design's period, or nothing clear. The grout
+    # lattice is the finest periodic structure of a mosaic: the finest significant spectral
+    # peak. When even a faint autocorrelation peak sits at it, it stands. Otherwise a design
+    # may have won: a finer, weaker lattice (tesserae weathered or a few px across) is
+    # preferred; and a large period with nothing finer and no autocorrelation peak is a
+    # design's: tesserae that large would show in the autocorrelation, so the tesserae were
+    # not resolved (figure-sized "tesserae" are the worst answer).
     lattice = _lattice(spectral, SPECTRAL_SIGNIFICANCE)
-    fine = _lattice(spectral, SPECTRAL_WEAK)
-    if (fine is not None and SPECTRAL_TO_DIAMETER * fine[0] < RESOLVABLE_DIAMETER
-            and prominence < AC_CLEAR and (lattice is None or lattice[0] > 3 * fine[0])):
-        lattice = fine
-    seen = lattice is not None and any(abs(math.log(p / lattice[0])) < AGREE and q >= AC_CLEAR / 3
-                                       for p, q in ac_peaks)
-    if lattice is not None and prominence < AC_CLEAR and lattice[0] >= CREDIBLE_UNSEEN and not seen:
-        # Tesserae this large always show in the autocorrelation; a period the spectrum alone
-        # sees (no autocorrelation peak of a third of a clear one near it) is a design's:
-        # the tesserae were not resolved.
-        return ScaleEstimate(SPECTRAL_TO_DIAMETER * lattice[0], lattice[0], prominence, True,
-                             0.0, "unresolved", alternatives)
+
+    def seen(candidate: tuple[float, float] | None) -> bool:
+        return candidate is not None and any(
+            abs(math.log(p / candidate[0])) < AGREE and q >= AC_FAINT for p, q in ac_peaks)
+
+    if not seen(lattice) and prominence < AC_CLEAR:
+        weak = _lattice(spectral, SPECTRAL_WEAK)
+        if weak is not None and (lattice is None or lattice[0] > 3 * weak[0]):
+            lattice = weak
+        elif lattice is not None and lattice[0] >= CREDIBLE_UNSEEN:
+            return ScaleEstimate(SPECTRAL_TO_DIAMETER * lattice[0], lattice[0], prominence, True,
+                                 0.0, "unresolved", alternatives)
     if lattice is not None:
         return ScaleEstimate(SPECTRAL_TO_DIAMETER * lattice[0], lattice[0], prominence, True,
                              UNCONFIRMED * min(1.0, lattice[1] / SPECTRAL_STRONG), "spectrum",

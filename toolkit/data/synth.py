@@ -576,6 +576,8 @@ def _photographic_tiles(
     tiles *= (1 + k * np.float32(rng.uniform(0.2, 0.6)) * np.clip(facing, -1, 1))[..., None]
     # Glass: streaks along a direction per tile, and bubbles; the rest is stone grain.
     glass = rng.random(n) < rng.uniform(0.2, 0.7)
+    if params.weathering > 0:  # a stone floor: no glass
+        glass[:] = False
     theta = rng.uniform(0, math.pi, n).astype(np.float32)
     yy = np.arange(h, dtype=np.float32)[:, None]
     xx = np.arange(w, dtype=np.float32)[None, :]
@@ -601,7 +603,7 @@ def _photographic_tiles(
     sigma = (s * rng.uniform(0.08, 0.2, n)).astype(np.float32)
     d2 = (xx - hx[cells]) ** 2 + (yy - hy[cells]) ** 2
     spot = np.exp(-d2 / (2 * sigma[cells] ** 2)) * (glossy[cells] & tile_mask)
-    spot *= k * np.float32(rng.uniform(0.5, 1.0))
+    spot *= k * np.float32(rng.uniform(0.5, 1.0)) * np.float32(1 - params.weathering)  # worn: matte
     tiles += spot[..., None] * (np.float32(255) - tiles) * np.float32(0.85)
 
 
@@ -612,8 +614,9 @@ def _weather(
     """A weathered stone floor, drawn into ``image`` (float RGB) in place; the instance map is
     not touched (a cracked or stained tessera is still one tessera).
 
-    * Worn stone: every tile's colour pulled towards the floor's mean and desaturated, so
-      neighbouring tiles and the tight grout between them differ little.
+    * Worn stone: the grout worn flush and dusty, pulled towards the colour of the tiles around
+      it (85 % of their brightness); every tile's colour pulled towards the floor's mean and
+      desaturated, so neighbouring tiles and the tight grout between them differ little.
     * Stains and patina: broad smooth blotches (several tesserae across) darkening or
       yellowing tiles and grout alike.
     * Cracks: thin dark wandering lines across tiles and grout.
@@ -621,6 +624,12 @@ def _weather(
     """
     h, w = cells.shape
     s, k = params.tessera_size, np.float32(params.weathering)
+    # Grout worn flush and filled with dust of the stone: close to the tiles around it.
+    weight = cv2.GaussianBlur(tile_mask.astype(np.float32), (0, 0), max(1.0, s / 3))
+    local = cv2.GaussianBlur(image * tile_mask[..., None], (0, 0), max(1.0, s / 3))
+    local /= np.maximum(weight, 1e-3)[..., None]
+    grout = ~tile_mask
+    image[grout] = (1 - 0.4 * k) * image[grout] + (0.4 * k * 0.85) * local[grout]
     mean = image[tile_mask].mean(axis=0) if tile_mask.any() else image.reshape(-1, 3).mean(axis=0)
     grey = image.mean(axis=2, keepdims=True)
     image *= 1 - 0.35 * k
@@ -654,7 +663,7 @@ def _photographic_grout(
     k = np.float32(params.realism)
     for c in range(3):
         grout[..., c] += _smooth_noise(rng, h, w, max(2.0, params.tessera_size / 2)) * (k * 6)
-    if rng.random() < 0.35:
+    if rng.random() < 0.35 and params.weathering == 0:  # weathered grout is worn flush
         depth = np.float32(rng.uniform(0.3, 0.6)) * k
         grout *= (1 - depth * np.exp(-(outer - 1) / 3))[..., None]
 
