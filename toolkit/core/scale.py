@@ -333,17 +333,17 @@ def estimate_scale(image: np.ndarray) -> ScaleEstimate:
     # apart in the two, a lattice's within ~10 %).
     match = [q for p, q in spectral if period > 0 and abs(math.log(period / p)) < AGREE]
     if match and max(match) >= SPECTRAL_SIGNIFICANCE and prominence >= AC_CLEAR:
-        # ... unless the spectrum shows a much finer lattice, unmistakably (strong, and at least
-        # FINER_SHARE as strong as the agreed period's peak, and no harmonic of it: a sharp
-        # lattice has power at P/2..P/5), and the agreed period does not repeat (a lattice's
-        # autocorrelation peaks again at twice its period; a design's bands are not that
-        # regular): then the agreed period is a design's bands (tesserae a few px across,
-        # borders of several rows).
+        # ... unless the spectrum shows a much finer lattice, unmistakably (strong, at least
+        # FINER_SHARE as strong as the agreed period's peak, not its 2nd or 3rd harmonic), and
+        # the agreed period does not repeat (a lattice's autocorrelation peaks again at twice
+        # its period, which also keeps a sharp lattice's higher harmonics out; a design's bands
+        # are not that regular): then the agreed period is a design's bands (tesserae a few px
+        # across, borders of several rows).
         repeats = any(abs(math.log(p / (2 * period))) < 0.1 for p, _ in ac_peaks)
         finer = _lattice(spectral, max(SPECTRAL_STRONG, FINER_SHARE * max(match)),
                          below=period / 1.5)
         if (finer is not None and not repeats
-                and not any(abs(period / finer[0] / k - 1) < 0.06 for k in range(2, 6))):
+                and not any(abs(period / finer[0] / k - 1) < 0.06 for k in (2, 3))):
             return ScaleEstimate(SPECTRAL_TO_DIAMETER * finer[0], finer[0], prominence, True,
                                  UNCONFIRMED * min(1.0, finer[1] / SPECTRAL_STRONG), "spectrum",
                                  alternatives)
