@@ -30,18 +30,27 @@ peak is not always the grout's: a design of bands and borders a few tesserae wid
 surface whose grout is tight and barely darker than the stone, or tesserae of 4-10 px (a whole
 panel photographed at once) leave the grout peak weak or absent, and a design-sized period or
 nothing wins (then the old fallback, a twentieth of the image side, gave figure-sized
-"tesserae"). The grout lattice is the *finest* periodic structure of a mosaic: a design is
-built of tesserae and repeats more slowly. So the radially averaged power spectrum of the same
-edge image (Hann window; the 8-px JPEG block grid notched out) is whitened (its smooth trend
-removed on a log-frequency axis) and its peaks are listed; the *lattice* is the finest peak at
-least ``SPECTRAL_SIGNIFICANCE`` prominent that is not the 2nd or 3rd harmonic of a coarser,
-stronger peak. Then:
+"tesserae" in silence). The grout lattice is the *finest* periodic structure of a mosaic: a
+design is built of tesserae and repeats more slowly. So the radially averaged power spectrum
+of the same edge image (Hann window; JPEG's 8/16-px block grid notched out) is whitened (its
+smooth trend removed on a log-frequency axis) and its peaks listed (``spectral_peaks``); a
+*lattice* is the finest peak at least so prominent that is not the 2nd harmonic of a coarser,
+stronger one (``_lattice``). Then, in ``estimate_scale``:
 
-* the autocorrelation's period agrees with the lattice (within ``AGREE``): it is kept, and the
-  estimate is confident;
-* they disagree, or the autocorrelation found nothing: the lattice replaces it (the
-  autocorrelation saw a design or nothing), with lower confidence;
-* the spectrum shows no lattice: the autocorrelation's period is kept, unconfirmed.
+* *agreed*: a clear autocorrelation peak (``AC_CLEAR``) has a significant spectral peak within
+  ``AGREE`` (log ratio): the autocorrelation's period is kept, confidence up to 1 (a design's
+  broad bumps land 15-20 % apart in the two, a lattice's within ~10 %). Unless the spectrum
+  shows a much finer lattice that is strong (``SPECTRAL_STRONG``, ``FINER_SHARE`` of the agreed
+  peak), not its 2nd/3rd harmonic, and the agreed period shows no lattice regularity (an
+  autocorrelation peak at twice it, or spectral peaks at its 2nd/3rd harmonic; design bands
+  have neither): then the agreed period was a design's and the finer lattice replaces it;
+* *spectrum*: otherwise the finest significant lattice (``SPECTRAL_SIGNIFICANCE``) is used,
+  confidence at most 0.5. When no autocorrelation peak, not even a faint one (``AC_FAINT``),
+  sits at it and the autocorrelation shows nothing clear, a finer weak lattice
+  (``SPECTRAL_WEAK``, e.g. 4-6 px tesserae) is preferred to it; and a period of
+  ``CREDIBLE_UNSEEN`` px or more with nothing finer is a design's (tesserae that large always
+  show in the autocorrelation): *unresolved*, which counts as too coarse;
+* *autocorrelation*: no spectral lattice: the autocorrelation's period, unconfirmed.
 
 ``ScaleEstimate.confidence`` (0-1) says how sure the estimate is, ``alternatives`` lists the
 periods both methods considered, and ``coarse`` says that the tesserae measure under
@@ -331,15 +340,19 @@ def estimate_scale(image: np.ndarray) -> ScaleEstimate:
     )
     # Both methods see the same clear period: a lattice (a design's broad bumps land ~15-20 %
     # apart in the two, a lattice's within ~10 %).
-    match = [q for p, q in spectral if period > 0 and abs(math.log(period / p)) < AGREE]
+    matches = [(p, q) for p, q in spectral if period > 0 and abs(math.log(period / p)) < AGREE]
+    match = [q for _, q in matches]
     if match and max(match) >= SPECTRAL_SIGNIFICANCE and prominence >= AC_CLEAR:
         # ... unless the spectrum shows a much finer lattice, unmistakably (strong, at least
         # FINER_SHARE as strong as the agreed period's peak, not its 2nd or 3rd harmonic), and
-        # the agreed period does not repeat (a lattice's autocorrelation peaks again at twice
-        # its period, which also keeps a sharp lattice's higher harmonics out; a design's bands
-        # are not that regular): then the agreed period is a design's bands (tesserae a few px
-        # across, borders of several rows).
-        repeats = any(abs(math.log(p / (2 * period))) < 0.1 for p, _ in ac_peaks)
+        # the agreed period shows no sign of a lattice's regularity (its autocorrelation peaks
+        # again at twice the period, or its spectrum at the 2nd or 3rd harmonic: a sharp
+        # lattice has strong higher harmonics too, a design's bands have neither): then the
+        # agreed period is a design's bands (tesserae a few px across, borders of several rows).
+        spectral_period = max(matches, key=lambda t: t[1])[0]
+        repeats = any(abs(math.log(p / (2 * period))) < 0.1 for p, _ in ac_peaks) or any(
+            q >= SPECTRAL_SIGNIFICANCE and abs(k * p / spectral_period - 1) < 0.16
+            for p, q in spectral for k in (2, 3))
         finer = _lattice(spectral, max(SPECTRAL_STRONG, FINER_SHARE * max(match)),
                          below=period / 1.5)
         if (finer is not None and not repeats
