@@ -37,20 +37,22 @@ smooth trend removed on a log-frequency axis) and its peaks listed (``spectral_p
 *lattice* is the finest peak at least so prominent that is not the 2nd harmonic of a coarser,
 stronger one (``_lattice``). Then, in ``estimate_scale``:
 
-* *agreed*: a clear autocorrelation peak (``AC_CLEAR``) has a significant spectral peak within
-  ``AGREE`` (log ratio): the autocorrelation's period is kept, confidence up to 1 (a design's
-  broad bumps land 15-20 % apart in the two, a lattice's within ~10 %). Unless the spectrum
-  shows a much finer lattice that is strong (``SPECTRAL_STRONG``, ``FINER_SHARE`` of the agreed
-  peak), not its 2nd/3rd harmonic, and the agreed period shows no lattice regularity (an
-  autocorrelation peak at twice it, or spectral peaks at its 2nd/3rd harmonic; design bands
-  have neither): then the agreed period was a design's and the finer lattice replaces it;
-* *spectrum*: otherwise the finest significant lattice (``SPECTRAL_SIGNIFICANCE``) is used,
-  confidence at most 0.5. When no autocorrelation peak, not even a faint one (``AC_FAINT``),
-  sits at it and the autocorrelation shows nothing clear, a finer weak lattice
-  (``SPECTRAL_WEAK``, e.g. 4-6 px tesserae) is preferred to it; and a period of
-  ``CREDIBLE_UNSEEN`` px or more with nothing finer is a design's (tesserae that large always
-  show in the autocorrelation): *unresolved*, which counts as too coarse;
-* *autocorrelation*: no spectral lattice: the autocorrelation's period, unconfirmed.
+* a *clear* autocorrelation peak (``AC_CLEAR``) is kept (*agreed* when the spectrum has a
+  significant peak within ``AGREE``, confidence up to 1; else *autocorrelation*, at most 0.5),
+  unless the spectrum shows a much finer lattice that is strong (``SPECTRAL_STRONG``,
+  ``FINER_SHARE`` of the spectral peak at the period), not its 2nd/3rd harmonic, while the
+  period shows no lattice regularity (an autocorrelation peak at twice it, or spectral peaks
+  at its 2nd/3rd harmonic; design bands have neither): then the period was a design's and the
+  finer lattice replaces it (*spectrum*, at most 0.5);
+* with *no clear* autocorrelation peak, the finest significant spectral lattice
+  (``SPECTRAL_SIGNIFICANCE``) is used (*spectrum*, at most 0.5). When not even a faint
+  autocorrelation peak (``AC_FAINT``) sits at it, a finer weak lattice (``SPECTRAL_WEAK``,
+  e.g. 4-6 px tesserae) is preferred to it, and a period of ``CREDIBLE_UNSEEN`` px or more with
+  nothing finer is a design's (tesserae that large always show in the autocorrelation):
+  *unresolved*, which counts as too coarse;
+* no spectral lattice: the faint autocorrelation period, if any (*autocorrelation*).
+
+The spectrum is only used on windows of ``MIN_SPECTRAL_SIDE`` px or more.
 
 ``ScaleEstimate.confidence`` (0-1) says how sure the estimate is, ``alternatives`` lists the
 periods both methods considered, and ``coarse`` says that the tesserae measure under
@@ -83,11 +85,12 @@ SPECTRAL_WEAK = 0.3  # a fine peak this prominent still speaks for unresolved te
 SPECTRAL_STRONG = 1.0  # a lattice peak this prominent is unmistakable (confidence 1)
 FINER_SHARE = 0.5  # ... and this share of the agreed period's peak, to override it
 SPECTRAL_TO_DIAMETER = PERIOD_TO_DIAMETER  # the same for the spectrum's period (0.94 measured)
-AGREE = 0.2  # the two methods agree when their periods' log ratio is under this
+AGREE = 0.25  # the two methods see the same period when their log ratio is under this
 AC_CLEAR = 0.03  # an autocorrelation peak this prominent is a clear periodic structure
 AC_FAINT = 0.006  # ... and this prominent, a faint one (supports a spectral period near it)
 CREDIBLE_UNSEEN = 4 * RESOLVABLE_DIAMETER  # px: larger periods need an autocorrelation peak
 UNCONFIRMED = 0.5  # confidence factor of a period only one method found
+MIN_SPECTRAL_SIDE = 128  # px: a smaller window has too few frequencies for the spectrum's trend
 _LOG_STEP = 0.02  # resolution of the log-lag axis (2 %)
 _SPECTRAL_STEP = 0.04  # resolution of the spectrum's log-frequency axis (4 %)
 _SPECTRAL_TREND = 8.0  # smoothing (in bins) of the trend removed from the log spectrum
@@ -260,7 +263,7 @@ def spectral_peaks(edges: np.ndarray) -> list[tuple[float, float]]:
     """
     h, w = edges.shape
     hi = min(h, w) / MAX_PERIODS_ACROSS
-    if hi <= MIN_PERIOD:
+    if min(h, w) < MIN_SPECTRAL_SIDE:
         return []
     f = edges.astype(np.float64) - float(edges.mean())
     f *= np.outer(np.hanning(h), np.hanning(w))
@@ -338,44 +341,47 @@ def estimate_scale(image: np.ndarray) -> ScaleEstimate:
         [("autocorrelation", p, q) for p, q in sorted(ac_peaks, key=lambda t: -t[1])[:4]]
         + [("spectrum", p, q) for p, q in sorted(spectral, key=lambda t: -t[1])[:4]]
     )
-    # Both methods see the same clear period: a lattice (a design's broad bumps land ~15-20 %
-    # apart in the two, a lattice's within ~10 %).
-    matches = [(p, q) for p, q in spectral if period > 0 and abs(math.log(period / p)) < AGREE]
-    match = [q for _, q in matches]
-    if match and max(match) >= SPECTRAL_SIGNIFICANCE and prominence >= AC_CLEAR:
-        # ... unless the spectrum shows a much finer lattice, unmistakably (strong, at least
-        # FINER_SHARE as strong as the agreed period's peak, not its 2nd or 3rd harmonic), and
-        # the agreed period shows no sign of a lattice's regularity (its autocorrelation peaks
-        # again at twice the period, or its spectrum at the 2nd or 3rd harmonic: a sharp
-        # lattice has strong higher harmonics too, a design's bands have neither): then the
-        # agreed period is a design's bands (tesserae a few px across, borders of several rows).
-        spectral_period = max(matches, key=lambda t: t[1])[0]
-        repeats = any(abs(math.log(p / (2 * period))) < 0.1 for p, _ in ac_peaks) or any(
-            q >= SPECTRAL_SIGNIFICANCE and abs(k * p / spectral_period - 1) < 0.16
+    if period > 0 and prominence >= AC_CLEAR:
+        # A clear autocorrelation period: the lattice, or a design's bands. It is a design's
+        # when the spectrum shows a much finer lattice, unmistakably (strong, at least
+        # FINER_SHARE as strong as the spectral peak at the period, not its 2nd or 3rd
+        # harmonic) and the period shows no sign of a lattice's regularity (its
+        # autocorrelation peaks again at twice the period, or its spectrum at the 2nd or 3rd
+        # harmonic: a sharp lattice has strong higher harmonics too, a design's bands have
+        # neither). Then the finer lattice replaces it (tesserae a few px across, borders of
+        # several rows of them).
+        matches = [(p, q) for p, q in spectral if abs(math.log(period / p)) < AGREE]
+        reference = max(matches, key=lambda t: t[1]) if matches else (period, 0.0)
+        regular = any(abs(math.log(p / (2 * period))) < 0.1 for p, _ in ac_peaks) or any(
+            q >= SPECTRAL_SIGNIFICANCE and abs(k * p / reference[0] - 1) < 0.16
             for p, q in spectral for k in (2, 3))
-        finer = _lattice(spectral, max(SPECTRAL_STRONG, FINER_SHARE * max(match)),
+        finer = _lattice(spectral, max(SPECTRAL_STRONG, FINER_SHARE * reference[1]),
                          below=period / 1.5)
-        if (finer is not None and not repeats
+        if (finer is not None and not regular
                 and not any(abs(period / finer[0] / k - 1) < 0.06 for k in (2, 3))):
             return ScaleEstimate(SPECTRAL_TO_DIAMETER * finer[0], finer[0], prominence, True,
                                  UNCONFIRMED * min(1.0, finer[1] / SPECTRAL_STRONG), "spectrum",
                                  alternatives)
+        if reference[1] >= SPECTRAL_SIGNIFICANCE:  # both methods see it: confident
+            return ScaleEstimate(PERIOD_TO_DIAMETER * period, period, prominence, True,
+                                 min(1.0, reference[1] / SPECTRAL_STRONG), "agreed", alternatives)
         return ScaleEstimate(PERIOD_TO_DIAMETER * period, period, prominence, True,
-                             min(1.0, max(match) / SPECTRAL_STRONG), "agreed", alternatives)
-    # Unconfirmed: the autocorrelation saw a design's period, or nothing clear. The grout
-    # lattice is the finest periodic structure of a mosaic: the finest significant spectral
-    # peak. When even a faint autocorrelation peak sits at it, it stands. Otherwise a design
-    # may have won: a finer, weaker lattice (tesserae weathered or a few px across) is
-    # preferred; and a large period with nothing finer and no autocorrelation peak is a
-    # design's: tesserae that large would show in the autocorrelation, so the tesserae were
-    # not resolved (figure-sized "tesserae" are the worst answer).
+                             UNCONFIRMED * min(1.0, prominence / 0.1), "autocorrelation",
+                             alternatives)
+    # No clear autocorrelation period: it saw nothing, or only faintly. The grout lattice is
+    # the finest periodic structure of a mosaic: the finest significant spectral peak. When
+    # even a faint autocorrelation peak sits at it, it stands. Otherwise a design may have
+    # won: a finer, weaker lattice (tesserae weathered or a few px across) is preferred; and
+    # a large period with nothing finer and no autocorrelation peak is a design's: tesserae
+    # that large would show in the autocorrelation, so the tesserae were not resolved
+    # (figure-sized "tesserae" are the worst answer).
     lattice = _lattice(spectral, SPECTRAL_SIGNIFICANCE)
 
     def seen(candidate: tuple[float, float] | None) -> bool:
         return candidate is not None and any(
             abs(math.log(p / candidate[0])) < AGREE and q >= AC_FAINT for p, q in ac_peaks)
 
-    if not seen(lattice) and prominence < AC_CLEAR:
+    if not seen(lattice):
         weak = _lattice(spectral, SPECTRAL_WEAK)
         if weak is not None and (lattice is None or lattice[0] > 3 * weak[0]):
             lattice = weak
