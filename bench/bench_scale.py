@@ -97,7 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="5,8,12,20,35,55",
                         help="synthetic tessera sizes in px, comma-separated (default: 5,8,12,20,35,55)")
-    parser.add_argument("--seeds", type=int, default=2, help="seeds per style and size (default: 2)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per style and size (default: 3)")
     parser.add_argument("--photos", type=Path, default=None,
                         help="folder of photographs to measure at several sizes (optional)")
     parser.add_argument("--factors", default="1,0.75,0.6,0.45,0.3",

@@ -46,10 +46,11 @@ stronger one (``_lattice``). Then, in ``estimate_scale``:
   finer lattice replaces it (*spectrum*, at most 0.5);
 * with *no clear* autocorrelation peak, the finest significant spectral lattice
   (``SPECTRAL_SIGNIFICANCE``) is used (*spectrum*, at most 0.5). When not even a faint
-  autocorrelation peak (``AC_FAINT``) sits at it, a finer weak lattice (``SPECTRAL_WEAK``,
-  e.g. 4-6 px tesserae) is preferred to it, and a period of ``CREDIBLE_UNSEEN`` px or more with
-  nothing finer is a design's (tesserae that large always show in the autocorrelation):
-  *unresolved*, which counts as too coarse;
+  autocorrelation peak (``AC_FAINT``) sits at it, a significant peak that one does confirm
+  is taken instead when the finer one has under ``FINER_SHARE`` of its strength; else a finer weak lattice (``SPECTRAL_WEAK``, e.g. 4-6
+  px tesserae, at least ``FINER_SHARE`` as strong) is preferred to it, and a period of
+  ``CREDIBLE_UNSEEN`` px or more with nothing finer is a design's (tesserae that large always
+  show in the autocorrelation): *unresolved*, which counts as too coarse;
 * no spectral lattice: the faint autocorrelation period, if any (*autocorrelation*).
 
 The spectrum is only used on windows of ``MIN_SPECTRAL_SIDE`` px or more.
@@ -83,12 +84,12 @@ TARGET_DIAMETER = 10.0  # px: the size a too-coarse photograph should be retaken
 SPECTRAL_SIGNIFICANCE = 0.45  # whitened log-power prominence of a lattice peak (noise: < 0.4)
 SPECTRAL_WEAK = 0.3  # a fine peak this prominent still speaks for unresolved tesserae
 SPECTRAL_STRONG = 1.0  # a lattice peak this prominent is unmistakable (confidence 1)
-FINER_SHARE = 0.5  # ... and this share of the agreed period's peak, to override it
+FINER_SHARE = 0.5  # a finer lattice replaces a coarser one when at least this share as strong
 SPECTRAL_TO_DIAMETER = PERIOD_TO_DIAMETER  # the same for the spectrum's period (0.94 measured)
 AGREE = 0.25  # the two methods see the same period when their log ratio is under this
 AC_CLEAR = 0.03  # an autocorrelation peak this prominent is a clear periodic structure
 AC_FAINT = 0.006  # ... and this prominent, a faint one (supports a spectral period near it)
-CREDIBLE_UNSEEN = 4 * RESOLVABLE_DIAMETER  # px: larger periods need an autocorrelation peak
+CREDIBLE_UNSEEN = 8 * RESOLVABLE_DIAMETER  # px: larger periods need an autocorrelation peak
 UNCONFIRMED = 0.5  # confidence factor of a period only one method found
 MIN_SPECTRAL_SIDE = 128  # px: a smaller window has too few frequencies for the spectrum's trend
 _LOG_STEP = 0.02  # resolution of the log-lag axis (2 %)
@@ -119,8 +120,9 @@ class ScaleEstimate:
 
     @property
     def ambiguous(self) -> bool:
-        """The estimate is a weak or contested one (check it, or give the size)."""
-        return self.confidence < 0.5
+        """The estimate is a weak or contested one (check it, or give the size): the two
+        measurements did not agree on it, or only weakly."""
+        return self.method != "agreed" or self.confidence < 0.5
 
     def warning(self) -> str | None:
         """A one-line warning for the user, or None when the estimate is usable as it is."""
@@ -381,9 +383,17 @@ def estimate_scale(image: np.ndarray) -> ScaleEstimate:
         return candidate is not None and any(
             abs(math.log(p / candidate[0])) < AGREE and q >= AC_FAINT for p, q in ac_peaks)
 
+    supported = [c for c in spectral if c[1] >= SPECTRAL_SIGNIFICANCE and seen(c)]
+    if lattice is not None and not seen(lattice) and supported:
+        # a coarser lattice a faint autocorrelation peak confirms wins over a finer one under
+        # FINER_SHARE of its strength (the rule of the clear case)
+        strongest = max(supported, key=lambda t: t[1])
+        if lattice[1] < FINER_SHARE * strongest[1]:
+            lattice = strongest
     if not seen(lattice):
         weak = _lattice(spectral, SPECTRAL_WEAK)
-        if weak is not None and (lattice is None or lattice[0] > 3 * weak[0]):
+        if weak is not None and (lattice is None or (
+                lattice[0] > 3 * weak[0] and weak[1] >= FINER_SHARE * lattice[1])):
             lattice = weak
         elif lattice is not None and lattice[0] >= CREDIBLE_UNSEEN:
             return ScaleEstimate(SPECTRAL_TO_DIAMETER * lattice[0], lattice[0], prominence, True,
