@@ -13,7 +13,7 @@ mosaics, seed 2024, as ``bench/bench_classical.py``) and prints ``gap``: synthet
 tile F, count error and pixel IoU. A synthetic mosaic on which the engine scores much better
 than on a photograph is a test that lies; the target is a tile-F gap of at most 0.03.
 
-Run: ``.venv/bin/python bench/bench_real.py [--root ../shared/real] [--synth 8] [--engine classical]``.
+Run: ``.venv/bin/python bench/bench_real.py [--root ../shared/real] [--synth 8]``.
 """
 from __future__ import annotations
 
@@ -106,9 +106,6 @@ def main() -> None:
                         help="folder of real datasets (default: ../shared/real)")
     parser.add_argument("--synth", type=int, default=8,
                         help="synthetic mosaics for the synthetic-vs-real gap (0: skip)")
-    parser.add_argument("--engine", choices=["all", "classical", "sam2"], default="all",
-                        help="engines to run: all (classical, and SAM 2 when a model is "
-                        "installed), or only one of them (default: all)")
     args = parser.parse_args()
 
     cv2.setNumThreads(1)
@@ -117,13 +114,7 @@ def main() -> None:
         print(json.dumps({"skipped": f"no real datasets under {args.root}"}))
         return
     engines = ["classical"] + (["sam2"] if weights.default_model() else [])
-    if args.engine != "all":
-        if args.engine not in engines:
-            print(f"bench_real: engine {args.engine} is not available (no SAM 2 model installed)",
-                  file=sys.stderr)
-            sys.exit(1)
-        engines = [args.engine]
-    elif len(engines) == 1:
+    if len(engines) == 1:
         print("bench_real: no SAM 2 weights installed; classical engine only", file=sys.stderr)
     result: dict = {"root": str(args.root), "engines": engines, "datasets": {}}
     with tempfile.TemporaryDirectory() as tmp:
