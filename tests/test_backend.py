@@ -643,6 +643,11 @@ def test_image_sources(classical, hosts, mosaic, tmp_path_factory, classical_ins
         assert ok.status_code == 200 and not requests  # read from disk, not over HTTP
         refused = predict(client, keypoint(x, y), tasks=[task("/data/local-files/?d=project/link.png")])
         assert refused.status_code == 400 and "escapes the document root" in refused.json()["error"]
+        # a file missing under the shared root is "not found" there, not fetched over HTTP
+        missing = predict(client, keypoint(x, y), tasks=[task("/data/local-files/?d=project/gone.png")])
+        assert missing.status_code == 404 and not requests, missing.text
+        error = missing.json()["error"]
+        assert "project/gone.png" in error and "not found" in error and str(root) in error, error
     assert local_files_path("/data/local-files/?d=a/./b/../c.png") == "a/c.png"
 
 
@@ -736,6 +741,26 @@ def test_webhook_events(classical, sam, hosts) -> None:
     assert refused.status_code == 400 and "needs the SAM 2 engine" in refused.json()["error"]
     assert sam.post("/webhook", json={"action": "START_TRAINING"}).status_code == 400
     assert sam.post("/webhook", json=[]).status_code == 400
+
+
+def test_training_that_cannot_start_is_reported(tmp_path_factory, hosts) -> None:
+    """"Start training" on a backend without SAM 2 weights: Label Studio gets an error status
+    with the reason (it stores it as the model's error), and /train/status, /job_status and
+    /jobs report the failed start instead of "idle"."""
+    with make_client(tmp_path_factory, hosts, engine="classical") as client:
+        assert client.get("/train/status").json()["state"] == "idle"
+        for path, body in (("/webhook", {"action": "START_TRAINING", "project": {"id": 3}}),
+                           ("/train", {"project": "3.1700000000"})):
+            refused = client.post(path, json=body)
+            assert refused.status_code == 400, refused.text
+            error = refused.json()["error"]
+            assert "needs the SAM 2 engine" in error and "weights fetch" in error
+            status = client.get("/train/status").json()
+            assert (status["state"], status["stage"], status["project"]) == ("failed", "starting", 3), status
+            assert status["error"] == error and status["finished"] and "log" not in status
+            assert client.post("/job_status", json={"job": status["run"]}).json()["error"] == error
+            assert client.get("/jobs").json()["training"]["error"] == error
+        assert client.get("/health").json()["model_version"] == "classical"  # still serving
 
 
 def test_failed_training_run_is_reported_and_the_backend_keeps_serving(sam, hosts) -> None:

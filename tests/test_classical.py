@@ -151,7 +151,7 @@ def test_accuracy_floor_on_photographic_synthetic_mosaics(engine):
     """The same five at realism 0.75 (texture, glass, bevels, highlights, mixed sizes,
     perspective, uneven grout, vignetting, camera noise). Measured: Dice 0.935 / 0.904 / 0.946 /
     0.910 / 0.736, F 0.879 / 0.826 / 0.929 / 0.827 / 0.433: large (80 px) glossy glass tesserae
-    are still split by their streaks and highlights (see notes/i10.md)."""
+    are still split by their streaks and highlights (docs/real-photographs.md)."""
     dice, f = [], []
     for seed, width, height, style, size in SYNTH_CASES:
         image, gt = synth_mosaic(

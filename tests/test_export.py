@@ -368,7 +368,7 @@ def test_round_trip_through_the_sdk_rle_encoder_gives_identical_masks(tmp_path):
     out = tmp_path / "ds"
     result = run_cli(export_json, "--images", tmp_path / "images", "--out", out)
     assert result.exit_code == 0, result.output
-    assert "exported tasks: 2" in result.output
+    assert "exported mosaics: 2 (from 2 tasks)" in result.output
     assert f"tesserae: {sum(int(m.max()) for m in maps)}" in result.output
     ds = Dataset.open(out)
     assert [s.stem for s in ds.samples] == ["task100_mosaic0", "task101_mosaic1"]

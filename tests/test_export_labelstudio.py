@@ -178,7 +178,7 @@ def test_summary_reports_exported_and_skipped_tasks(project: Project,
     """Two tasks exported; the cancelled one is listed as skipped, with its reason."""
     result, dataset = exported
     lines = result.stdout.splitlines()
-    assert lines[0] == "exported tasks: 2"
+    assert lines[0] == "exported mosaics: 2 (from 2 tasks)"
     assert lines[1] == f"tesserae: {int(project.brush_truth.max()) + POLYGON_TILES}"
     assert lines[2:] == ["skipped tasks: 1", f"  task {project.cancelled_task}: all annotations cancelled"]
     assert "Dataset written to" in result.stderr
@@ -273,3 +273,18 @@ def test_unknown_project_is_a_one_line_error(label_studio: LabelStudioServer, pr
     result = run_export("--url", label_studio.url, "--api-key", label_studio.token,
                         "--project", str(missing), "--out", str(out))
     assert_clean_failure(result, out, label_studio.url, f"project {missing}", "HTTP 404: not found")
+
+
+def test_localhost_warning_is_printed_once(label_studio: LabelStudioServer, project: Project,
+                                           tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """With --url http://localhost:PORT the SDK warns that localhost is not reachable from a
+    docker container on every image download; the export lets that warning through once."""
+    out = tmp_path / "dataset"
+    url = label_studio.url.replace("127.0.0.1", "localhost")
+    with caplog.at_level("WARNING"):
+        result = run_export("--url", url, "--api-key", label_studio.token,
+                            "--project", str(project.id), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == "exported mosaics: 2 (from 2 tasks)"
+    warnings = [r for r in caplog.records if "localhost" in r.getMessage() and "docker" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]

@@ -21,7 +21,8 @@ def test_estimate_within_15_percent_on_synthetic_mosaics():
     blur and JPEG as drawn): at least 55 of the 60 within 15 %.
 
     The misses are images of 12-20 px tesserae with 1-px grout under blur and JPEG, where no
-    period or a multiple of it wins (see notes/i10.md for the measured rate)."""
+    period or a multiple of it wins (measured rate: docs/decisions/0001-tessera-scale-from-the-
+    grout-period.md)."""
     misses = []
     for realism in (0.0, 1.0):
         for style in STYLES:

@@ -68,7 +68,7 @@ def test_tiled_tasks_round_trip_through_label_studio(label_studio: LabelStudioSe
     result = CliRunner().invoke(main, ["export", "--url", label_studio.url, "--api-key", label_studio.token,
                                        "--project", str(project.id), "--out", str(dataset_dir)])
     assert result.exit_code == 0, result.output
-    assert "exported tasks: 1" in result.output and "skipped tasks: 0" in result.output
+    assert f"exported mosaics: 1 (from {len(ids)} tasks)" in result.output and "skipped tasks: 0" in result.output
     dataset = Dataset.open(dataset_dir)
     [sample] = dataset.samples
     assert sample.source["mosaic"] == "wall.png" and sorted(sample.source["tasks"]) == sorted(ids)
@@ -196,4 +196,5 @@ def test_backend_prelabel_job_runs_in_a_worker(label_studio, tmp_path) -> None:
         second = http.post("/prelabel", json={"project": project.id}).json()
         status = finished(http, second["job"])
         assert (status["state"], status["done"], status["skipped"]) == ("succeeded", 0, 3)
+        assert (status["finished_tasks"], status["total_tasks"]) == (0, 0)  # nothing left to do, not null
         assert len(client.predictions.list(project=project.id)) == 3

@@ -110,16 +110,32 @@ def segment_image_info(
         statistics = engine.statistics(window(), tessera_size) if max(h, w) > tile else None
         segment_fn = functools.partial(engine.segment, tessera_size=tessera_size,
                                        statistics=statistics)
+    elif engine.params.method == "guided":  # SAM 2 outlines the classical engine's proposals
+        classical = ClassicalEngine()
+        statistics = classical.statistics(window(), tessera_size) if max(h, w) > CLASSICAL_TILE else None
+        proposals = segment_tiled(image, functools.partial(classical.segment, tessera_size=tessera_size,
+                                                           statistics=statistics), tile=CLASSICAL_TILE,
+                                  overlap=resolve_tiling(image, CLASSICAL_TILE, None, tessera_size)[1])
+        tile, overlap = resolve_tiling(image, tile, None, tessera_size)
+        instances = engine.segment_guided(np.asarray(image), tessera_size=tessera_size, proposals=proposals,
+                                          tile=tile, overlap=overlap)
+        info = {"tessera_size_px": round(float(tessera_size), 2), "tile": tile, "overlap": overlap}
+        return instances, _with_scale(info, scale)
     else:
         segment_fn = engine.segment
     tile, overlap = resolve_tiling(image, tile, None, tessera_size)
     instances = segment_tiled(image, segment_fn, tile=tile, overlap=overlap, progress=progress)
     info = {"tessera_size_px": round(float(tessera_size), 2), "tile": tile, "overlap": overlap}
+    return instances, _with_scale(info, scale)
+
+
+def _with_scale(info: dict, scale) -> dict:
+    """``info`` with the estimate (``ScaleEstimate.to_json``) and its warning, when estimated."""
     if scale is not None:
         info["scale"] = scale.to_json()
         if scale.warning():
             info["warning"] = scale.warning()
-    return instances, info
+    return info
 
 
 def outline_width(shape: tuple[int, ...]) -> int:

@@ -50,7 +50,7 @@ def main(verbose: bool) -> None:
     """Digitise mosaics by segmenting every tessera.
 
     Typical flow: export (or synth) -> augment -> train -> tune -> segment -> eval.
-    Every dataset folder follows the dataset contract described in the README.
+    Every dataset folder follows the dataset contract in docs/user-guide.md.
     """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,

@@ -7,7 +7,7 @@ import click
 
 from ..data.augment import DEFAULT_SPLIT, TRANSFORMS, augment_dataset, parse_split, parse_transform_names
 from ..core.dataset import SPLITS
-from .options import handle_errors, overwrite_option, seed_option
+from .options import count, handle_errors, overwrite_option, seed_option
 
 
 @click.command("augment")
@@ -76,12 +76,12 @@ def command(
         overwrite=overwrite,
     )
     per_split = ", ".join(
-        f"{name} {summary.per_split[name]} ({summary.mosaics_per_split[name]} mosaics)"
+        f"{name} {summary.per_split[name]} ({count(summary.mosaics_per_split[name], 'mosaic')})"
         for name in SPLITS
     )
-    skipped = f", {summary.skipped_empty} empty crops skipped" if summary.skipped_empty else ""
+    skipped = f", {count(summary.skipped_empty, 'empty crop')} skipped" if summary.skipped_empty else ""
     click.echo(
-        f"{summary.parents} images from {summary.mosaics} mosaics -> {summary.crops} crops"
-        f"{skipped} -> {summary.outputs} samples in {out}"
+        f"{count(summary.parents, 'image')} from {count(summary.mosaics, 'mosaic')} -> "
+        f"{count(summary.crops, 'crop')}{skipped} -> {count(summary.outputs, 'sample')} in {out}"
     )
     click.echo(f"splits: {per_split}")

@@ -9,6 +9,11 @@ from ..core.errors import MosaicError
 from ..sam.params import OUTPUTS
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and the noun, singular or plural: "1 mosaic", "2 mosaics", "0 tasks"."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def overwrite_option(f):
     return click.option(
         "--overwrite",
@@ -39,7 +44,7 @@ def handle_errors(f):
 
 # Options shared by several commands (as rasterio's rio/options.py): one definition each.
 DEVICE_HELP = "Torch device (cpu, cuda, cuda:1, mps)  [default: CUDA, else MPS, else CPU]"
-METHODS = ("fast", "stock")  # = mosaic_toolkit.sam.params.METHODS (kept here: no torch import)
+METHODS = ("guided", "fast", "stock")  # = mosaic_toolkit.sam.params.METHODS (kept here: no torch import)
 
 
 def device_option(help: str = DEVICE_HELP):

@@ -41,8 +41,10 @@ MIN_TILE_OPTION = 64  # smaller tiles hold too little context to segment anythin
     help="Torch device for SAM 2 (cpu, cuda, cuda:1, mps) [default: CUDA, else MPS, else CPU].",
 )
 @method_option(
-    help="SAM 2 whole-image method: fast prompts at likely tessera centres, stock is SAM 2's "
-    "automatic mask generator [default: the model's tuned setting, else fast].",
+    help="SAM 2 whole-image method: guided lets SAM 2 outline each tessera the classical engine "
+    "proposes (one prompt per tessera; the right choice for a base model), fast prompts at likely "
+    "tessera centres without proposals, stock is SAM 2's automatic mask generator "
+    "[default: the model's tuned setting, else guided].",
 )
 @tile_option(
     help="Tile side in pixels for large images; 0 = automatic (about 100 tesserae per tile for "

@@ -48,9 +48,9 @@ from .options import (
     help="Score trials on the first N images of the split only.",
 )
 @method_option(
-    show_default="the model's setting, else fast",
-    help="Whole-image method to tune. fast reuses decoded prompts across trials; stock re-runs "
-    "SAM 2's automatic mask generator in every trial (slow).",
+    show_default="the model's setting, else guided",
+    help="Whole-image method to tune. guided and fast reuse decoded prompts across trials; stock "
+    "re-runs SAM 2's automatic mask generator in every trial (slow).",
 )
 @tile_option(
     help="Tile side for images larger than a tile, as `segment --tile`; 0 = automatic.",

@@ -21,14 +21,16 @@ RLE cannot make the decoder allocate gigabytes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
@@ -88,10 +90,16 @@ class ExportSummary:
     def tesserae(self) -> int:
         return sum(s.tesserae for s in self.samples)
 
+    @property
+    def tasks(self) -> int:
+        """Annotated tasks behind the samples (a tiled mosaic is one sample from many tasks)."""
+        return sum(len(s.source.get("tasks") or ()) if "tasks" in s.source else 1 for s in self.samples)
+
     def lines(self) -> list[str]:
         """Human-readable summary, one line per fact."""
+        n, tasks = len(self.samples), self.tasks
         out = [
-            f"exported tasks: {len(self.samples)}",
+            f"exported mosaics: {n} (from {tasks} task{'' if tasks == 1 else 's'})",
             f"tesserae: {self.tesserae}",
             f"skipped tasks: {len(self.skipped)}",
         ]
@@ -653,6 +661,23 @@ def _client(url: str, api_key: str):
     return LabelStudio(base_url=url, api_key=api_key)
 
 
+SDK_IO_LOGGER = "label_studio_sdk._extensions.label_studio_tools.core.utils.io"
+
+
+@contextlib.contextmanager
+def _dropping(logger_name: str, fragment: str) -> Iterator[None]:
+    """While inside: drop the warnings of ``logger_name`` whose message holds ``fragment``."""
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno != logging.WARNING or fragment not in record.getMessage()
+
+    logger = logging.getLogger(logger_name)
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
 def _api_error_detail(body: Any) -> str:
     """The reason in a Label Studio error body, on one line: the JSON ``detail`` if there is
     one; nothing for an HTML page (an unknown project answers 404 with the web app's page)."""
@@ -704,12 +729,19 @@ def label_studio_resolver(url: str, api_key: str, cache_dir: str | os.PathLike) 
         except (ApiError, httpx.HTTPError) as exc:
             raise MosaicError(f"{url}: cannot exchange the personal access token ({exc})") from exc
 
+    downloads = 0
+
     def resolve(task_id: Any, reference: str) -> Path:
+        nonlocal downloads
+        # the SDK warns about a `localhost` URL on every download: let it through once
+        quiet = _dropping(SDK_IO_LOGGER, "localhost") if downloads else contextlib.nullcontext()
+        downloads += 1
         try:
-            path = get_local_path(
-                reference, cache_dir=str(cache_dir), hostname=url, access_token=token,
-                task_id=task_id,
-            )
+            with quiet:
+                path = get_local_path(
+                    reference, cache_dir=str(cache_dir), hostname=url, access_token=token,
+                    task_id=task_id,
+                )
         except (requests.RequestException, OSError, ValueError) as exc:
             raise MosaicError(f"task {task_id}: cannot download image {reference} ({exc})") from exc
         return Path(path)

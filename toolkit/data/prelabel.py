@@ -147,7 +147,8 @@ def prelabel_project(
 ) -> PrelabelSummary:
     """Pre-label the tasks of ``project`` that have no prediction of ``model_version`` (module
     docstring). ``stop`` ends the run between two tasks; ``on_task(summary, finished, total)``
-    is called after each task (progress for the backend's job list)."""
+    is called once the tasks to do are known (``finished`` 0; ``total`` counts the tasks that
+    need a pre-label, not those skipped) and after each task (progress for the backend's job list)."""
     import httpx
     from label_studio_sdk.core.api_error import ApiError
 
@@ -181,6 +182,8 @@ def prelabel_project(
             summary.skipped[task_id] = f"already pre-labelled by {model_version}"
         else:
             todo.append(task_id)
+    if on_task is not None:
+        on_task(summary, 0, len(todo))
     with tempfile.TemporaryDirectory(prefix="mosaic-prelabel-") as cache:
         resolve = label_studio_resolver(url, api_key, cache)
         bar = tqdm(todo, desc="prelabel", unit="task", disable=None if progress else True)

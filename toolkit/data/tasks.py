@@ -1,8 +1,8 @@
 """Tiled Label Studio tasks for large mosaics, and putting their annotations back together.
 
 A whole mosaic of thousands of tesserae is too heavy for one task in Label Studio's editor (see
-the README's browser figures), so ``make_tasks`` cuts each mosaic into overlapping crops of at
-most about ``max_tesserae`` tesserae, using the tessera scale estimate:
+docs/performance.md, "Label Studio's editor"), so ``make_tasks`` cuts each mosaic into
+overlapping crops of at most about ``max_tesserae`` tesserae, using the tessera scale estimate:
 
 * crop side ``tessera_size * sqrt(max_tesserae)``, overlap about two tessera diameters
   (``tiling.choose_overlap``), laid out by ``tiling.plan_tiles`` (raster order, the last crop of

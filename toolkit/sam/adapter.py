@@ -222,15 +222,18 @@ class ServedDecoder:
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embedding: torch.Tensor,
         high_res_features: list[torch.Tensor],
+        multimask_output: bool = False,
+        windows: torch.Tensor | None = None,
+        window_cells: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """As ``__call__`` (single-mask, one image repeated for every prompt) for point prompts
-        whose dense embedding ``1xCxhxw`` is the same for all (no mask prompt), through
+        """As ``__call__`` (one image repeated for every prompt) for point prompts whose dense
+        embedding ``1xCxhxw`` is the same for all (no mask prompt), through
         :func:`predict_masks_shared_image`: the same values, less work."""
         masks, ious, mask_tokens_out, object_score_logits = predict_masks_shared_image(
             self.decoder, image_embeddings, image_pe, sparse_prompt_embeddings,
-            dense_prompt_embedding, high_res_features,
+            dense_prompt_embedding, high_res_features, windows, window_cells,
         )
-        return self._select(masks, ious, mask_tokens_out, object_score_logits, False)
+        return self._select(masks, ious, mask_tokens_out, object_score_logits, multimask_output)
 
 
 def _attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -254,10 +257,17 @@ def predict_masks_shared_image(
     sparse_prompt_embeddings: torch.Tensor,
     dense_prompt_embedding: torch.Tensor,
     high_res_features: list[torch.Tensor] | None,
+    windows: torch.Tensor | None = None,
+    window_cells: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``MaskDecoder.predict_masks(..., repeat_image=True)`` for B prompts on one image whose
     dense prompt embedding (``1xCxhxw``) is the same for every prompt, without repeating the
     image B times where nothing depends on the prompt.
+
+    ``windows`` (B x 2, top-left ``[row, column]`` in cells of the image embedding) with
+    ``window_cells`` = S: the masks of each prompt are computed in its S x S-cell window only,
+    B x M x 4S x 4S (the same values as that window of the full masks): a tessera's mask
+    needs a small part of the image, and the upscaling is a large part of the per-prompt work.
 
     sam2 copies the image tokens (and their positional encoding) once per prompt and runs the
     two-way transformer on every copy. Up to the first layer's image-to-token attention the
@@ -301,6 +311,14 @@ def predict_masks_shared_image(
     iou_token_out = hs[:, s, :]
     mask_tokens_out = hs[:, s + 1 : (s + 1 + dec.num_mask_tokens), :]
     src = keys.transpose(1, 2).view(batch, c, h, w)
+    if windows is not None:
+        # The upscaling (2x2 stride-2 transposed convolutions, per-pixel LayerNorm and GELU)
+        # and the mask product are pixel-local: a window of the embedding gives exactly the
+        # same window of the low-resolution logits.
+        src = _window(src, windows, window_cells, 1)
+        if high_res_features is not None:
+            high_res_features = [_window(high_res_features[0], windows, window_cells, 4),
+                                 _window(high_res_features[1], windows, window_cells, 2)]
     if not dec.use_high_res_features:
         upscaled_embedding = dec.output_upscaling(src)
     else:
@@ -319,6 +337,18 @@ def predict_masks_shared_image(
     else:
         object_score_logits = 10.0 * iou_pred.new_ones(iou_pred.shape[0], 1)
     return masks, iou_pred, mask_tokens_out, object_score_logits
+
+
+def _window(features: torch.Tensor, windows: torch.Tensor, cells: int, scale: int) -> torch.Tensor:
+    """Per-prompt ``cells*scale``-square windows (top-left ``windows*scale``) of ``features``
+    (1 or B x C x H x W) -> B x C x cells*scale x cells*scale."""
+    size = cells * scale
+    offsets = torch.arange(size, device=windows.device)
+    rows = (windows[:, 0:1] * scale + offsets)[:, :, None]  # B x size x 1
+    cols = (windows[:, 1:2] * scale + offsets)[:, None, :]  # B x 1 x size
+    batch = torch.arange(len(windows), device=windows.device)[:, None, None]
+    source = features.expand(len(windows), -1, -1, -1)
+    return source.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
 
 
 class _ServedModel:
@@ -432,18 +462,32 @@ class PromptDecoder(nn.Module):
         return self.served.output
 
     def forward(
-        self, batch: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor], torch.Tensor]]
+        self, batch: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor], torch.Tensor]],
+        multimask: bool = False,
+        windows: Sequence[torch.Tensor] | None = None,
+        window_cells: int = 0,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``batch``: (image_embed 1xCxhxw, [high-res features], points Kx2 in model-input
-        pixels) per image; returns (low-res logits K x 4h x 4w, predicted IoU K) per image."""
+        pixels) per image; returns (low-res logits K x 4h x 4w, predicted IoU K) per image.
+
+        ``multimask``: every candidate of the model's output instead, (K x M x 4h x 4w, K x M):
+        a base model's three (tokens 1-3), a trained output's one. ``windows`` (one K x 2
+        tensor per image) and ``window_cells``: the masks in those windows only
+        (:func:`predict_masks_shared_image`), K x M x 4S x 4S.
+        """
         image_pe = self.prompt_encoder.get_dense_pe()
         out = []
-        for embed, high_res, coords in batch:
+        for index, (embed, high_res, coords) in enumerate(batch):
             labels = torch.ones((len(coords), 1), dtype=torch.int, device=coords.device)
             sparse, dense = self.prompt_encoder(points=(coords[:, None, :], labels), boxes=None, masks=None)
-            if self.share_image:
+            if self.share_image or multimask or windows is not None:
                 # No mask prompt: every prompt's dense embedding is the same (no_mask_embed).
-                low_res, iou, _, _ = self.served.points(embed, image_pe, sparse, dense[:1], list(high_res))
+                low_res, iou, _, _ = self.served.points(
+                    embed, image_pe, sparse, dense[:1], list(high_res), multimask_output=multimask,
+                    windows=None if windows is None else windows[index], window_cells=window_cells)
+                if multimask:
+                    out.append((low_res, iou))
+                    continue
             else:
                 low_res, iou, _, _ = self.served(
                     image_embeddings=embed,

@@ -60,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,7 @@ from ..core.errors import InternalError, MosaicError
 from .adapter import PromptDecoder, Sam2Adapter, autocast, stock_generator
 from ..core.instances import paint_instances, postprocess
 from .fast import Decoder, FastState, tile_interior
+from .guided import WindowDecoder, guided_instances
 from .params import METHODS, OUTPUT_SAM2, GeneratorParams
 from .models import ModelSpec, declare_output, load_model, model_version, pick_device, resolve_model
 
@@ -235,6 +237,7 @@ class Sam2Engine:
         points: Sequence[Sequence[float]] | np.ndarray,
         labels: Sequence[int] | np.ndarray,
         box: Sequence[float] | None = None,
+        max_area: float | None = None,
     ) -> tuple[np.ndarray, float]:
         """The mask for click prompts on ``image`` and its predicted IoU.
 
@@ -244,7 +247,9 @@ class Sam2Engine:
         clicks or a box give one mask. A fine-tuned model answers with the output it was
         trained on, and only that (``sam.adapter.select_output``). Logits are thresholded at 0
         (SAM's own threshold; the tuned ``mask_threshold`` belongs to full-image segmentation).
-        ``last_click_token`` is the decoder token of the mask returned.
+        ``last_click_token`` is the decoder token of the mask returned. ``max_area`` (pixels,
+        e.g. a few times a tessera's area): of several candidates, those larger are not this
+        tessera (a mask spanning its neighbours and their grout) and lose to any smaller one.
         """
         image = as_rgb(image)
         coords = np.asarray(points, dtype=np.float32).reshape(-1, 2)
@@ -260,7 +265,12 @@ class Sam2Engine:
             _, entry = self._encoded(image)
             with torch.inference_mode(), self._autocast():
                 logits, scores, tokens = self._sam.click(entry.features, entry.hw, coords, labs, box_arr)
-            best = int(np.argmax(scores))
+            ranked = np.asarray(scores, dtype=np.float64)
+            if max_area is not None and len(ranked) > 1:
+                small = (logits > 0).reshape(len(ranked), -1).sum(axis=1) <= max_area
+                if small.any():
+                    ranked = np.where(small, ranked, -np.inf)
+            best = int(np.argmax(ranked))
             self.last_click_token = int(tokens[best])
         return logits[best] > 0, float(scores[best])
 
@@ -268,12 +278,15 @@ class Sam2Engine:
 
     # ---------------------------------------------------------------- full image
     def segment(
-        self, image: np.ndarray, params: GeneratorParams | None = None, method: str | None = None
+        self, image: np.ndarray, params: GeneratorParams | None = None, method: str | None = None,
+        *, tessera_size: float | None = None, statistics: Any = None,
     ) -> np.ndarray:
         """Instance map (int32, 0 = background, 1..N) of every tessera in ``image``.
 
         ``params`` default to the engine's (tuned) parameters; ``method`` overrides
-        ``params.method`` ("fast" or "stock", see the module docstring).
+        ``params.method`` ("fast", "stock" or "guided", see the module docstring).
+        ``tessera_size`` and ``statistics`` (the classical engine's, for the whole image) only
+        serve the guided method's proposals.
         """
         image = as_rgb(image)
         params = params or self.params
@@ -283,7 +296,65 @@ class Sam2Engine:
         with self._lock:
             if method == "fast":
                 return self.prepare_fast(image).generate(params)
+            if method == "guided":
+                return self.segment_guided(image, params, tessera_size=tessera_size, statistics=statistics)
             raw = self._segment_stock(image, params)
+        return postprocess(raw, params.opening, params.min_area, params.erosion)
+
+    def candidate_decoder(self, image: np.ndarray) -> WindowDecoder:
+        """A :data:`guided.WindowDecoder` on ``image`` (encoded now, or taken from the cache).
+
+        Each call decodes every candidate of a batch of positive prompts in a square window of
+        the low-resolution logits around each prompt's ``center``, wide enough for ``extent``
+        image pixels; it returns (logits K x M x L x L, IoU K x M, window top-left K x 2
+        ``[row, column]`` in low-resolution pixels, the low-resolution size ``(lh, lw)``).
+        """
+        with self._lock:
+            _, entry = self._encoded(as_rgb(image))
+        grid_h, grid_w = self._sam.feat_sizes[-1]
+        low_h, low_w = self._sam.feat_sizes[0]
+        h, w = entry.hw
+        per_px = max(grid_h / h, grid_w / w)
+
+        def decode(points: np.ndarray, centers: np.ndarray, extent: float):
+            cells = int(min(grid_h, grid_w, max(2, math.ceil(extent * per_px) + 2)))
+            top = np.clip(np.round(centers[:, 1] * grid_h / h - cells / 2), 0, grid_h - cells)
+            left = np.clip(np.round(centers[:, 0] * grid_w / w - cells / 2), 0, grid_w - cells)
+            windows = torch.from_numpy(np.stack([top, left], axis=1).astype(np.int64))
+            with self._lock:
+                logits, ious = self._decode(entry, points, max(1, len(points)), multimask=True,
+                                            windows=windows, cells=cells)
+            scale = low_h // grid_h
+            return logits, ious, windows.numpy() * scale, (low_h, low_w)
+
+        return decode
+
+    def segment_guided(
+        self, image: np.ndarray, params: GeneratorParams | None = None, *,
+        tessera_size: float | None = None, statistics: Any = None, proposals: np.ndarray | None = None,
+        tile: int | None = None, overlap: int | None = None, progress: Any = None,
+        decoder_for: Any = None,
+    ) -> np.ndarray:
+        """The guided path (``sam.guided``): SAM 2 outlines of the classical engine's proposals.
+
+        ``proposals`` default to ``ClassicalEngine().segment(image, tessera_size, statistics)``;
+        ``tile``/``overlap`` to about 100 tesserae per tile (``core.tiling.resolve_tiling``);
+        ``decoder_for`` to :meth:`candidate_decoder` (``tune`` passes one that remembers).
+        """
+        from ..classical import ClassicalEngine
+        from ..core.scale import estimate_tessera_size
+        from ..core.tiling import resolve_tiling
+
+        image = as_rgb(image)
+        params = params or self.params
+        if tessera_size is None:
+            tessera_size = estimate_tessera_size(image)
+        if proposals is None:
+            proposals = ClassicalEngine().segment(image, tessera_size=tessera_size, statistics=statistics)
+        tile, overlap = resolve_tiling(image, tile, overlap, tessera_size)
+        with self._lock:
+            raw = guided_instances(image, proposals, params, decoder_for or self.candidate_decoder,
+                                   tile, overlap, progress)
         return postprocess(raw, params.opening, params.min_area, params.erosion)
 
     def _segment_stock(self, image: np.ndarray, params: GeneratorParams) -> np.ndarray:
@@ -326,18 +397,24 @@ class Sam2Engine:
                 _, entry = self._encoded(as_rgb(key_or_image))
             return self._decode(entry, points, batch)
 
-    def _decode(self, entry: _Encoded, points: np.ndarray, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(self, entry: _Encoded, points: np.ndarray, batch: int, multimask: bool = False,
+                windows: torch.Tensor | None = None, cells: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits N x h x w, IoU N); with ``multimask`` every candidate (N x M x h x w, N x M);
+        with ``windows`` (N x 2 embedding cells) the logits in those ``cells``-square windows."""
         feats = entry.features
         side = self._sam.feat_sizes[0]
         if len(points) == 0:
-            return torch.zeros((0, *side)), torch.zeros(0)
+            m = (3 if self.output == OUTPUT_SAM2 else 1,) if multimask else ()
+            return torch.zeros((0, *m, *side)), torch.zeros((0, *m))
         coords = torch.as_tensor(points, dtype=torch.float32, device=self.device)
         coords = self._sam.model_coords(coords, entry.hw)
         logits, ious = [], []
         with torch.inference_mode(), self._autocast():
             for start in range(0, len(coords), batch):
                 chunk = coords[start : start + batch]
-                [(low_res, iou)] = self._decoder([(feats["image_embed"], feats["high_res_feats"], chunk)])
+                window = None if windows is None else [windows[start : start + batch].to(self.device)]
+                [(low_res, iou)] = self._decoder([(feats["image_embed"], feats["high_res_feats"], chunk)],
+                                                 multimask=multimask, windows=window, window_cells=cells)
                 logits.append(low_res.float().cpu())
                 ious.append(iou.float().cpu())
         return torch.cat(logits), torch.cat(ious)

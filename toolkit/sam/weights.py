@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import logging
 import os
 import re
@@ -121,6 +122,7 @@ class ModelStatus:
     path: Path
     installed: bool  # the checkpoint file exists
     verified: bool  # ... and its sidecar records the expected hash (or size, without one)
+    source: str | None = None  # "imported from <package>" for an imported checkpoint
 
 
 def home() -> Path:
@@ -173,8 +175,45 @@ def _sidecar_digest(path: Path) -> str | None:
     return text[0].lower() if text and re.fullmatch(r"[0-9a-fA-F]{64}", text[0]) else None
 
 
+def _provenance_path(path: Path) -> Path:
+    return path.with_name(path.name + ".source.json")
+
+
+def provenance(path: Path) -> dict | None:
+    """The provenance record of a checkpoint that was imported, not downloaded (else None).
+
+    ``mosaic-toolkit weights import`` writes it beside the checkpoint (``<file>.source.json``):
+    where the weights came from (package, file hashes) and the checkpoint's own SHA-256.
+    """
+    try:
+        record = json.loads(_provenance_path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("format") == "mosaic-sam-import" else None
+
+
+def write_provenance(path: Path, record: dict, digest: str) -> None:
+    """Record where the checkpoint at ``path`` (SHA-256 ``digest``) came from, and its sidecar."""
+    with atomic_file(_provenance_path(path)) as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    _write_sidecar(path, digest)
+
+
+def sidecar_matches(path: Path) -> bool:
+    """True when ``path``'s sidecar is current and its provenance record names the same hash."""
+    record = provenance(path)
+    digest = _sidecar_digest(path)
+    return record is not None and digest is not None and digest == record.get("checkpoint_sha256")
+
+
 def _is_verified(path: Path, info: ModelInfo) -> bool:
-    """True when ``path`` has the expected size and its sidecar records the expected hash."""
+    """True when ``path`` has the expected size and its sidecar records the expected hash.
+
+    An imported checkpoint (see :func:`provenance`) is verified against its own record instead:
+    it holds the official weights, but is not byte-identical to the official file.
+    """
+    if provenance(path) is not None:
+        return sidecar_matches(path)
     try:
         size = path.stat().st_size
     except OSError:
@@ -191,7 +230,9 @@ def model_status(registry: Mapping[str, ModelInfo] | None = None) -> list[ModelS
     for name, info in _registry(registry).items():
         path = home() / info.filename
         installed = path.is_file()
-        rows.append(ModelStatus(info, path, installed, installed and _is_verified(path, info)))
+        record = provenance(path) if installed else None
+        source = f"imported from {record.get('package')}" if record else None
+        rows.append(ModelStatus(info, path, installed, installed and _is_verified(path, info), source))
     return rows
 
 
@@ -395,6 +436,7 @@ def fetch(
             f"got {digest}) from {source}; partial download deleted"
         )
     _sidecar(dest).unlink(missing_ok=True)  # never leave the old file's hash beside the new one
+    _provenance_path(dest).unlink(missing_ok=True)  # nor an imported file's record
     os.replace(part, dest)
     _write_sidecar(dest, digest)
     return dest

@@ -1,6 +1,6 @@
 """Fine-tuning SAM 2's prompt encoder and mask decoder on a dataset (the thesis's recipe).
 
-The recipe (see /work/shared/method.md):
+The recipe (docs/training.md describes it for users):
 
 * the image encoder is frozen; only the prompt encoder and the mask decoder are trained, so a run
   produces a small fine-tune file (``models.save_finetune``);

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from ..core.dataset import Dataset, mask_foreground
@@ -96,6 +97,12 @@ STUDY_ATTR = "mosaic_tune"  # study user attribute recording what the study is a
 # --------------------------------------------------------------------------------------------
 # Segmentation with a memo of decoded prompts
 # --------------------------------------------------------------------------------------------
+def _nbytes(value: tuple[Any, ...]) -> int:
+    """Bytes of the tensors and arrays in a memo entry."""
+    return sum(t.numel() * t.element_size() if isinstance(t, torch.Tensor)
+               else getattr(t, "nbytes", 0) for t in value)
+
+
 class CachedSegmenter:
     """``Sam2Engine.segment`` for many parameter sets on the same images, model run once.
 
@@ -114,10 +121,10 @@ class CachedSegmenter:
         self.hits = 0  # prompt batches served from the memo
         self.misses = 0  # prompt batches decoded by the model
         self._states: dict[str, FastState] = {}
+        self._proposals: dict[str, np.ndarray] = {}  # guided: the classical proposals per image
+        self._guided_decoders: dict[str, Any] = {}  # guided: a window decoder per encoded crop
         # (image key, batch points as bytes) -> (low-res logits, predicted IoUs)
-        self._memo: ByteLRU[tuple[Any, Any]] = ByteLRU(
-            self.memo_bytes, lambda value: sum(t.numel() * t.element_size() for t in value)
-        )
+        self._memo: ByteLRU[tuple[Any, ...]] = ByteLRU(self.memo_bytes, _nbytes)
 
     @property
     def memo_used(self) -> int:
@@ -125,6 +132,8 @@ class CachedSegmenter:
 
     def segment(self, image: np.ndarray, params: GeneratorParams) -> np.ndarray:
         """Instance map of ``image`` under ``params``, equal to ``engine.segment(image, params)``."""
+        if params.method == "guided":
+            return self._segment_guided(as_rgb(image), params)
         if params.method != "fast":
             return self.engine.segment(image, params)
         image = as_rgb(image)
@@ -145,6 +154,37 @@ class CachedSegmenter:
             return found
 
         return state.with_decoder(decode).generate(params)
+
+
+    def _segment_guided(self, image: np.ndarray, params: GeneratorParams) -> np.ndarray:
+        """The guided path with the proposals and every decoded window batch remembered."""
+        key = self.engine.image_key(image)
+        if key not in self._proposals:
+            from ..classical import ClassicalEngine
+
+            self._proposals[key] = ClassicalEngine().segment(image)
+        decoders: dict[str, Any] = self._guided_decoders
+
+        def decoder_for(crop: np.ndarray):
+            crop_key = self.engine.image_key(crop)
+            if crop_key not in decoders:
+                decoders[crop_key] = self.engine.candidate_decoder(crop)
+            decode = decoders[crop_key]
+
+            def remembered(points: np.ndarray, centers: np.ndarray, extent: float):
+                memo_key = (crop_key, points.tobytes(), centers.tobytes(), float(extent))
+                found = self._memo.get(memo_key)
+                if found is not None:
+                    self.hits += 1
+                    return found
+                self.misses += 1
+                found = decode(points, centers, extent)
+                self._memo.put(memo_key, found)
+                return found
+
+            return remembered
+
+        return self.engine.segment_guided(image, params, proposals=self._proposals[key], decoder_for=decoder_for)
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,6 +236,8 @@ SegmentWith = Callable[[np.ndarray, GeneratorParams], np.ndarray]
 
 def segment_for_tuning(segment: SegmentWith, item: TuningImage, params: GeneratorParams) -> np.ndarray:
     """The instance map ``mosaic-toolkit segment`` would produce for the image (same tiling)."""
+    if params.method == "guided":  # the guided path tiles the image itself
+        return segment(item.image, params)
     return segment_tiled(
         item.image, lambda crop: segment(crop, params),
         tile=item.tile, overlap=item.overlap, progress=False,

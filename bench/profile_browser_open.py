@@ -1,6 +1,6 @@
 # CPU profile of opening the 2,000-region whole-mosaic task of bench/bench_browser.py (CDP Profiler,
 # self and inclusive time per function). Run from the repository root:
-#   .venv/bin/python notes/i11b/profile_whole_open.py   (about 2 minutes; output: profile_whole_open.txt)
+#   .venv/bin/python bench/profile_browser_open.py   (about 2 minutes; output: profile_whole_open.txt)
 import sys, json, tempfile, collections
 from pathlib import Path
 sys.argv = ["x", "--tiles", "0"]

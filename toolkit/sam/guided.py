@@ -1,0 +1,232 @@
+"""The guided path of full-image segmentation: SAM 2 draws the outline of each proposed tessera.
+
+A base SAM 2 asked for "a mask" at a point of a mosaic has several right answers: the tessera,
+a group of tesserae with their grout, the whole panel. Prompt-free generation with a base
+model therefore keeps masks that cover many tesserae. Two facts settle the ambiguity:
+
+* where the tesserae are: the classical engine's regions (``toolkit/classical.py``) are right
+  for most tesserae; each gives one prompt (its interior point, as the dataset contract
+  computes it) and its expected extent;
+* how large a tessera is: SAM 2 returns three candidates per prompt (a fine-tune its one
+  trained output). A candidate far larger than the proposal it was prompted from, or than the
+  median proposal, is the wrong candidate, not a tessera.
+
+So, per proposal: decode every candidate at the proposal's point, in a window of the decoder's
+low-resolution logits one proposal-size wide around the proposal (the decoder's upscaling is
+pixel-local, so the window costs a fraction of the full map and holds the same values). A
+candidate is dropped when it does not hold its own prompt, reaches the window's edge (it spills
+beyond the tessera), is larger than ``guided_max_area`` times the larger of the proposal's area
+and the median proposal area, or is predicted under ``pred_iou_thresh``. Of the rest, the
+best-scored is kept: predicted IoU plus its IoU with the proposal, which breaks near-ties toward
+the tessera the proposal saw. Kept masks are upsampled (exact bilinear, as SAM 2's own
+post-processing) in their window only and painted into one map by decreasing score, without
+overwriting, skipping a mask that is mostly painted already (a duplicate). A proposal with no
+candidate left keeps the classical region, painted after all SAM 2 masks.
+
+Large images: each proposal is decoded once, in the tile (``core.tiling.plan_tiles``, about
+100 tesserae, as the model was trained) whose core holds its point; a tile is encoded once,
+and only when it owns a proposal.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+
+from ..core.dataset import relabel_sequential, tessera_points
+from ..core.tiling import _axis_spans, _core_bounds
+from .params import GeneratorParams
+
+#: Decodes every candidate of positive prompts ``points`` (float32 Kx2, ``[x, y]`` pixels of the
+#: image it is bound to) in square windows around ``centers`` (Kx2) wide enough for ``extent``
+#: pixels: (logits K x M x L x L, IoU K x M, window top-left K x 2 ``[row, col]`` in
+#: low-resolution pixels, the low-resolution size ``(lh, lw)``).
+WindowDecoder = Callable[[np.ndarray, np.ndarray, float],
+                         "tuple[torch.Tensor, torch.Tensor, np.ndarray, tuple[int, int]]"]
+#: Compatibility name: a decoder of candidates.
+CandidateDecoder = WindowDecoder
+
+GUIDED_MIN_NEW_FRACTION = 0.5  # skip a mask when less than this part is still unpainted
+MARGIN = 1.0  # the window reaches this many proposal diameters beyond the proposal's box
+AGREEMENT_WEIGHT = 1.0  # weight of a candidate's IoU with its proposal in its score
+
+
+def guided_instances(
+    image: np.ndarray,
+    proposals: np.ndarray,
+    params: GeneratorParams,
+    decoder_for: Callable[[np.ndarray], WindowDecoder],
+    tile: int | None = None,
+    overlap: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """The raw instance map (before ``postprocess``) of SAM 2 outlines of ``proposals``.
+
+    ``proposals`` is an instance map of likely tesserae (the classical engine's);
+    ``decoder_for(crop)`` encodes an image crop and returns its :data:`WindowDecoder`;
+    ``tile``/``overlap`` cut a large image into crops (None: the whole image at once);
+    ``progress(n)`` is told when n more tiles are done.
+    """
+    h, w = proposals.shape
+    proposals = relabel_sequential(proposals.astype(np.int32, copy=False))
+    count = int(proposals.max(initial=0))
+    if count == 0:
+        return np.zeros((h, w), dtype=np.int32)
+    points = np.asarray(tessera_points(proposals), dtype=np.float32).reshape(-1, 2)
+    areas = np.bincount(proposals.ravel(), minlength=count + 1)[1:].astype(np.float64)
+    boxes = np.zeros((count, 4), dtype=np.int64)  # y0, y1, x0, x1
+    for i, sl in enumerate(ndi.find_objects(proposals, max_label=count)):
+        if sl is not None:
+            boxes[i] = (sl[0].start, sl[0].stop, sl[1].start, sl[1].stop)
+    cap = params.guided_max_area * np.maximum(areas, float(np.median(areas)))
+
+    tile = tile or max(h, w)
+    rows, cols = _axis_spans(h, tile, overlap), _axis_spans(w, tile, overlap)
+    row_of = np.searchsorted(_core_bounds(rows, h)[1:-1], points[:, 1], side="right")
+    col_of = np.searchsorted(_core_bounds(cols, w)[1:-1], points[:, 0], side="right")
+
+    kept: list[tuple[float, int, int, np.ndarray]] = []  # score, y0, x0, window mask
+    fallback = np.ones(count, dtype=bool)
+    for r, (ty0, ty1) in enumerate(rows):
+        for c, (tx0, tx1) in enumerate(cols):
+            members = np.flatnonzero((row_of == r) & (col_of == c))
+            if len(members):
+                crop = np.ascontiguousarray(image[ty0:ty1, tx0:tx1])
+                decode = decoder_for(crop)
+                for start in range(0, len(members), params.points_per_batch):
+                    batch = members[start : start + params.points_per_batch]
+                    kept += _outline_batch(decode, batch, proposals[ty0:ty1, tx0:tx1], points, boxes,
+                                           cap, params, (ty0, tx0), fallback)
+            if progress is not None:
+                progress(1)
+
+    def masks() -> Iterator[tuple[int, int, np.ndarray]]:
+        for _, y0, x0, mask in sorted(kept, key=lambda item: -item[0]):
+            yield y0, x0, mask
+        for index in np.flatnonzero(fallback):  # no SAM 2 candidate: the proposal itself
+            y0, y1, x0, x1 = boxes[index]
+            yield int(y0), int(x0), proposals[y0:y1, x0:x1] == index + 1
+
+    return paint_windows(masks(), (h, w), GUIDED_MIN_NEW_FRACTION)
+
+
+def _outline_batch(
+    decode: WindowDecoder, batch: np.ndarray, crop_proposals: np.ndarray, points: np.ndarray,
+    boxes: np.ndarray, cap: np.ndarray, params: GeneratorParams, origin: tuple[int, int],
+    fallback: np.ndarray,
+) -> list[tuple[float, int, int, np.ndarray]]:
+    """Decode one batch of proposals of one tile; the kept masks in image coordinates."""
+    ty0, tx0 = origin
+    th, tw = crop_proposals.shape
+    local_points = points[batch] - np.array([tx0, ty0], dtype=np.float32)
+    b = boxes[batch] - np.array([ty0, ty0, tx0, tx0])
+    centers = np.stack([(b[:, 2] + b[:, 3]) / 2, (b[:, 0] + b[:, 1]) / 2], axis=1)
+    extent = float(np.max(np.maximum(b[:, 1] - b[:, 0], b[:, 3] - b[:, 2])))
+    logits, ious, corners, (lh, lw) = decode(local_points, centers, extent * (1 + 2 * MARGIN))
+    k, m, size, _ = logits.shape
+    sy, sx = th / lh, tw / lw  # crop pixels per low-resolution pixel
+    fg = (logits > params.mask_threshold).numpy()
+    ious = ious.numpy()
+    out = []
+    for i in range(k):
+        index = int(batch[i])
+        r0, c0 = int(corners[i, 0]), int(corners[i, 1])
+        cand = fg[i]  # M x size x size
+        area = cand.reshape(m, -1).sum(1) * sy * sx
+        py = int(np.clip((local_points[i, 1] + 0.5) / sy, 0, lh - 1)) - r0
+        px = int(np.clip((local_points[i, 0] + 0.5) / sx, 0, lw - 1)) - c0
+        inside = cand[:, py, px] if 0 <= py < size and 0 <= px < size else np.zeros(m, dtype=bool)
+        edge = np.zeros(m, dtype=bool)  # touches a window edge that is not the image's edge
+        if r0 > 0:
+            edge |= cand[:, 0, :].any(1)
+        if c0 > 0:
+            edge |= cand[:, :, 0].any(1)
+        if r0 + size < lh:
+            edge |= cand[:, -1, :].any(1)
+        if c0 + size < lw:
+            edge |= cand[:, :, -1].any(1)
+        own = _low_res_region(crop_proposals, index + 1, (r0, c0), size, (sy, sx))
+        inter = (cand & own).reshape(m, -1).sum(1)
+        union = np.maximum((cand | own).reshape(m, -1).sum(1), 1)
+        score = ious[i] + AGREEMENT_WEIGHT * inter / union
+        valid = inside & ~edge & (area <= cap[index]) & (ious[i] > params.pred_iou_thresh)
+        if not valid.any():
+            continue
+        best = int(np.argmax(np.where(valid, score, -np.inf)))
+        y0, x0, mask = upsample_window(logits[i, best].numpy(), (r0, c0), (lh, lw), (th, tw),
+                                       params.mask_threshold)
+        if mask.any():
+            fallback[index] = False
+            out.append((float(score[best]), y0 + ty0, x0 + tx0, mask))
+    return out
+
+
+def _low_res_region(crop_proposals: np.ndarray, label: int, corner: tuple[int, int], size: int,
+                    scale: tuple[float, float]) -> np.ndarray:
+    """Proposal ``label`` sampled at the centres of a ``size``-square window of low-res pixels."""
+    th, tw = crop_proposals.shape
+    sy, sx = scale
+    ys = np.clip(((np.arange(size) + corner[0] + 0.5) * sy).astype(np.int64), 0, th - 1)
+    xs = np.clip(((np.arange(size) + corner[1] + 0.5) * sx).astype(np.int64), 0, tw - 1)
+    return crop_proposals[np.ix_(ys, xs)] == label
+
+
+def _interp_matrix(out_start: int, out_stop: int, scale: float, src_start: int, src_len: int,
+                   src_total: int) -> np.ndarray:
+    """Bilinear weights (out x src_len) of torch's ``interpolate(align_corners=False)`` from a
+    ``src_total`` axis to an output axis ``scale`` times finer, for output pixels
+    ``[out_start, out_stop)`` and source pixels ``[src_start, src_start + src_len)``."""
+    out = np.arange(out_start, out_stop, dtype=np.float64)
+    src = np.maximum((out + 0.5) / scale - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), src_total - 1)
+    i1 = np.minimum(i0 + 1, src_total - 1)
+    frac = src - i0
+    weights = np.zeros((len(out), src_len))
+    rows = np.arange(len(out))
+    np.add.at(weights, (rows, np.clip(i0 - src_start, 0, src_len - 1)), 1.0 - frac)
+    np.add.at(weights, (rows, np.clip(i1 - src_start, 0, src_len - 1)), frac)
+    return weights
+
+
+def upsample_window(
+    logits: np.ndarray, corner: tuple[int, int], low_hw: tuple[int, int], hw: tuple[int, int],
+    threshold: float,
+) -> tuple[int, int, np.ndarray]:
+    """The image-size mask of a window of low-resolution logits: (row, column, boolean mask).
+
+    The same values as upsampling the whole low-resolution map bilinearly to the image size
+    (SAM 2's post-processing) and cutting the window's interior: the outermost low-resolution
+    pixel on each side (not at the image border) only serves as context.
+    """
+    size = logits.shape[0]
+    (r0, c0), (lh, lw), (h, w) = corner, low_hw, hw
+    sy, sx = h / lh, w / lw
+    y0 = 0 if r0 == 0 else int(np.ceil((r0 + 1) * sy))
+    y1 = h if r0 + size >= lh else int(np.floor((r0 + size - 1) * sy))
+    x0 = 0 if c0 == 0 else int(np.ceil((c0 + 1) * sx))
+    x1 = w if c0 + size >= lw else int(np.floor((c0 + size - 1) * sx))
+    rows = _interp_matrix(y0, y1, sy, r0, size, lh)
+    cols = _interp_matrix(x0, x1, sx, c0, size, lw)
+    up = rows @ logits.astype(np.float64) @ cols.T
+    return y0, x0, up > threshold
+
+
+def paint_windows(masks: Iterator[tuple[int, int, np.ndarray]], shape: tuple[int, int],
+                  min_new_fraction: float) -> np.ndarray:
+    """``core.instances.paint_instances`` for masks given as windows ``(row, column, mask)``."""
+    out = np.zeros(shape, dtype=np.int32)
+    next_id = 1
+    for y0, x0, mask in masks:
+        area = int(np.count_nonzero(mask))
+        if area == 0:
+            continue
+        view = out[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]]
+        free = mask[: view.shape[0], : view.shape[1]] & (view == 0)
+        n_free = int(np.count_nonzero(free))
+        if n_free == 0 or n_free < min_new_fraction * area:
+            continue
+        view[free] = next_id
+        next_id += 1
+    return out
