@@ -4,7 +4,9 @@ Kept in memory per server process (no extra dependency): requests by endpoint an
 for the prediction kinds (``click``, ``prelabel``) the count, total seconds and the 50th/95th
 percentiles of the last ``WINDOW`` durations; and the vertices of the polygon regions answered
 (count, total and percentiles of the last ``VERTEX_WINDOW`` regions), which tell how light the
-regions are that the editor has to draw.
+regions are that the editor has to draw; and the tessera-scale estimates of the images
+segmented by the classical engine (how many were confident, uncertain or too coarse to segment,
+and the last one with its confidence and alternatives).
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ class Metrics:
         self.region_vertices: deque[int] = deque(maxlen=VERTEX_WINDOW)
         self.polygons = 0
         self.vertices_total = 0
+        self.scales: Counter[str] = Counter()
+        self.last_scale: dict[str, Any] | None = None
 
     def request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -66,6 +70,15 @@ class Metrics:
             self.polygons += len(counts)
             self.vertices_total += sum(counts)
 
+    def scale(self, estimate: Any) -> None:
+        """Record a tessera-scale estimate (``ScaleEstimate``) by outcome."""
+        outcome = ("coarse" if estimate.coarse else "uncertain" if estimate.warning()
+                   else "confident")
+        record = {**estimate.to_json(), "outcome": outcome, "warning": estimate.warning()}
+        with self._lock:
+            self.scales[outcome] += 1
+            self.last_scale = record
+
     def summary(self) -> dict[str, Any]:
         """JSON view: per kind count, total, p50 and p95 seconds; ``polygon_vertices``: regions,
         total vertices, p50 and p95 vertices per region."""
@@ -80,6 +93,9 @@ class Metrics:
                     "regions": self.polygons, "vertices_total": self.vertices_total,
                     "p50": percentile(self.region_vertices, 50),
                     "p95": percentile(self.region_vertices, 95)}
+            if self.scales:
+                out["scale"] = {**{k: self.scales[k] for k in ("confident", "uncertain", "coarse")},
+                                "last": self.last_scale}
             return out
 
     def prometheus(self, info: dict[str, str]) -> str:
@@ -112,4 +128,16 @@ class Metrics:
                              f'{percentile(self.region_vertices, q)}')
             lines.append(f"mosaic_backend_polygon_vertices_sum {self.vertices_total}")
             lines.append(f"mosaic_backend_polygon_vertices_count {self.polygons}")
+            lines += ["# HELP mosaic_backend_scale_estimates_total Tessera-scale estimates by "
+                      "outcome (confident, uncertain, coarse: too coarse to segment).",
+                      "# TYPE mosaic_backend_scale_estimates_total counter"]
+            for outcome in ("confident", "uncertain", "coarse"):
+                lines.append(f'mosaic_backend_scale_estimates_total{{outcome="{outcome}"}} '
+                             f"{self.scales[outcome]}")
+            if self.last_scale is not None:
+                lines += ["# HELP mosaic_backend_scale_last The last tessera-scale estimate: "
+                          "diameter (px) and confidence (0-1).",
+                          "# TYPE mosaic_backend_scale_last gauge",
+                          f'mosaic_backend_scale_last{{value="diameter_px"}} {self.last_scale["diameter_px"]}',
+                          f'mosaic_backend_scale_last{{value="confidence"}} {self.last_scale["confidence"]}']
         return "\n".join(lines) + "\n"

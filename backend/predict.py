@@ -47,7 +47,7 @@ from scipy import ndimage as ndi
 from mosaic_toolkit.classical import ClassicalEngine, ClassicalIndex
 from mosaic_toolkit.core.cache import ByteLRU
 from mosaic_toolkit.core.dataset import tessera_points
-from mosaic_toolkit.core.scale import estimate_tessera_size
+from mosaic_toolkit.core.scale import ScaleEstimate, estimate_scale
 from mosaic_toolkit.segment import CLASSICAL_TILE
 from mosaic_toolkit.core.tiling import MAX_TILE, plan_tiles, resolve_tiling, segment_tiled
 from mosaic_toolkit.engines import Engine
@@ -159,6 +159,27 @@ class Predictor:
         self._segmenting = SingleFlight()
         self.prelabel_scores = prelabel_scores
         self._tilings: OrderedDict[str, tuple[int, int, float]] = OrderedDict()
+        self._scales: OrderedDict[str, ScaleEstimate] = OrderedDict()
+        self._scale_lock = threading.Lock()
+        # called with every new estimate (the backend's /metrics counts them)
+        self.on_scale: Callable[[ScaleEstimate], None] | None = None
+
+    def scale(self, image: np.ndarray, key: str) -> ScaleEstimate:
+        """The tessera scale of ``image`` (content ``key``), estimated once per image (as
+        `segment` does: one scale for every tile), with its confidence."""
+        with self._scale_lock:
+            found = self._scales.get(key)
+            if found is not None:
+                self._scales.move_to_end(key)
+                return found
+        found = estimate_scale(image)
+        with self._scale_lock:
+            self._scales[key] = found
+            while len(self._scales) > TILING_CACHE:
+                self._scales.popitem(last=False)
+        if self.on_scale is not None:
+            self.on_scale(found)
+        return found
 
     def tiling(self, image: np.ndarray, key: str) -> tuple[int, int]:
         """(tile, overlap) of SAM 2 pre-labels and click windows for ``image`` (content ``key``):
@@ -173,7 +194,7 @@ class Predictor:
     def _scale(self, image: np.ndarray, key: str) -> tuple[int, int, float]:
         found = self._tilings.get(key)
         if found is None:
-            size = estimate_tessera_size(image)
+            size = self.scale(image, key).diameter
             found = (*resolve_tiling(image, tessera_size=size), float(size))
             self._tilings[key] = found
             while len(self._tilings) > TILING_CACHE:
@@ -209,7 +230,8 @@ class Predictor:
                         deadline: Deadline | None = None) -> ClassicalIndex:
         """The classical segmentation of ``image`` (cached by its content ``key``; computed
         once for concurrent requests), within ``deadline``. One scale for the whole image, as
-        `segment` does: every tile is cut alike."""
+        `segment` does: every tile is cut alike. An image whose tesserae are too coarse to
+        segment (``ScaleEstimate.coarse``) gets no tesserae (the estimate is in /metrics)."""
         index = self.classical_cache.get(key)
         if index is not None:
             return index
@@ -218,7 +240,12 @@ class Predictor:
             found = self.classical_cache.get(key)
             if found is not None:
                 return found
-            size = estimate_tessera_size(image)
+            scale = self.scale(image, key)
+            if scale.coarse:  # tesserae of a few px: no figure-sized regions (see /metrics)
+                made = ClassicalIndex.of(np.zeros(image.shape[:2], np.int32))
+                self.classical_cache.put(key, made)
+                return made
+            size = scale.diameter
             segment = engine.segment if deadline is None else guarded(engine.segment, deadline)
             made = ClassicalIndex.of(segment_tiled(
                 image, lambda crop: segment(crop, tessera_size=size), tile=CLASSICAL_TILE, progress=False))

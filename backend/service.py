@@ -110,6 +110,7 @@ class Backend:
         self.engines = engines or EngineManager(settings, self.store)
         self.predictor = Predictor(settings.image_cache_mb * 2**20, settings.prelabel_scores)
         self.metrics = Metrics()
+        self.predictor.on_scale = self.metrics.scale
         self.training = TrainingManager(settings, self.store, self.engines, self.link, self.metrics)
         self.prelabels = PrelabelJobs(settings, self.store, self.engines, self.link, self.metrics)
         # project id -> label config sent to /setup (bounded: least recently used go first)

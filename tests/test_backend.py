@@ -806,6 +806,7 @@ def test_every_n_annotations_starts_a_run(sam) -> None:
 # Metrics, settings, command line
 # --------------------------------------------------------------------------------------------
 def test_metrics(classical) -> None:
+    assert predict(classical).status_code == 200  # a pre-label: the image's scale is estimated
     text = classical.get("/metrics").text
     assert 'mosaic_backend_info{engine="classical",model_version="classical"} 1' in text
     assert 'mosaic_backend_requests_total{endpoint="/predict",status="200"}' in text
@@ -813,6 +814,14 @@ def test_metrics(classical) -> None:
     summary = classical.get("/metrics", params={"format": "json"}).json()
     assert summary["click"]["count"] >= 1 and summary["click"]["p95"] >= summary["click"]["p50"] > 0
     assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([], 50) is None
+    # the tessera scale of the images segmented: outcome counts, the last with its confidence
+    assert 'mosaic_backend_scale_estimates_total{outcome="confident"}' in text
+    assert 'mosaic_backend_scale_last{value="confidence"}' in text
+    scale = summary["scale"]  # the module's images so far; "last" is the latest estimated
+    assert scale["confident"] + scale["uncertain"] >= 1 and scale["coarse"] == 0
+    last = scale["last"]
+    assert last["diameter_px"] > 0 and 0 <= last["confidence"] <= 1 and last["alternatives"]
+    assert last["outcome"] in ("confident", "uncertain") and not last["coarse"]
 
 
 def test_settings_from_environment() -> None:
@@ -853,3 +862,24 @@ def test_command_line_help_lists_every_setting(monkeypatch) -> None:
     bad = CliRunner().invoke(cli_command, ["--engine", "sam2", "--model", "/no/such.pt"])
     assert bad.exit_code == 1 and "Error: /no/such.pt" in bad.output
     assert os.environ["MOSAIC_BACKEND_MODEL"] == "/no/such.pt"
+
+
+def test_too_coarse_image_gets_no_classical_tesserae_and_is_counted() -> None:
+    """A whole panel at 5 px per tessera: the classical pre-label is empty (no figure-sized
+    regions), the estimate is made once per image and /metrics counts it as coarse."""
+    from mosaic_backend.metrics import Metrics
+    from mosaic_backend.predict import Predictor
+    from mosaic_toolkit.classical import ClassicalEngine
+
+    panel, _ = synth_mosaic(np.random.default_rng(2), 700, 560, style="opus", tessera_size=5,
+                            realism=1.0, weathering=1.0)
+    metrics = Metrics()
+    predictor = Predictor(64 * 2**20)
+    predictor.on_scale = metrics.scale
+    index = predictor.classical_index(ClassicalEngine(), panel, "panel")
+    assert index.instances.shape == panel.shape[:2] and not index.instances.any()
+    assert predictor.scale(panel, "panel").coarse  # cached: not estimated twice
+    summary = metrics.summary()["scale"]
+    assert summary["coarse"] == 1 and summary["confident"] == summary["uncertain"] == 0
+    assert "too coarse" in summary["last"]["warning"]
+    assert 'mosaic_backend_scale_estimates_total{outcome="coarse"} 1' in metrics.prometheus({})

@@ -86,3 +86,63 @@ def test_radial_autocorrelation_peaks_at_the_period():
     prof = radial_autocorrelation(dots, 40)
     assert prof[0] == pytest.approx(1.0)
     assert np.argmax(prof[10:20]) + 10 == 16
+
+
+# --------------------------------------------------------------------------------------------
+# Photographs unlike the butterfly: weathered floors with tight grout, whole panels
+# --------------------------------------------------------------------------------------------
+def test_tight_grout_small_stone_tesserae_within_25_percent():
+    """Weathered stone floors with one-pixel grout close to the stone's colour, 10-16 px
+    tesserae (detail photographs of Roman floors): the autocorrelation alone picked a design's
+    period on such images (3-7x too large); with the spectrum's lattice every one is within 25 %
+    and none is called too coarse."""
+    for size in (10, 12, 16):
+        for seed in (1, 2):
+            image, instances = synth_mosaic(np.random.default_rng(seed), 640, 512,
+                                            tessera_size=size, realism=1.0, weathering=1.0)
+            estimate = estimate_scale(image)
+            truth = median_diameter(instances)
+            assert estimate.diameter == pytest.approx(truth, rel=0.25), (size, seed, estimate)
+            assert not estimate.coarse
+
+
+def test_design_period_does_not_win_over_a_fine_lattice():
+    """10 px irregular tesserae under a design of broad colour areas: the autocorrelation's
+    most prominent peak is the design's (~70 px); the estimate is the tesserae', and it says
+    it is not the agreed kind."""
+    image, instances = synth_mosaic(np.random.default_rng(10), 600, 480, style="irregular",
+                                    tessera_size=10, realism=1.0)
+    estimate = estimate_scale(image)
+    assert estimate.diameter == pytest.approx(median_diameter(instances), rel=0.25)
+    assert any(source == "autocorrelation" and period > 40
+               for source, period, _ in estimate.alternatives)
+
+
+def test_whole_panel_tesserae_under_6_px_are_too_coarse():
+    """Whole-panel photographs: 5 px tesserae, clean and weathered. The estimate says the
+    photograph is too coarse and what resolution would do, instead of a figure-sized size."""
+    coarse = 0
+    for weathering, seed in ((0.0, 1), (1.0, 1), (1.0, 2), (1.0, 3)):
+        image, _ = synth_mosaic(np.random.default_rng(seed), 700, 560, style="opus",
+                                tessera_size=5, realism=1.0, weathering=weathering)
+        estimate = estimate_scale(image)
+        # never figure-sized: too coarse, or at worst a size near the tesserae' (a warning then)
+        assert estimate.coarse or estimate.diameter < 8, (weathering, seed, estimate)
+        if estimate.coarse:
+            coarse += 1
+            message = estimate.warning()
+            assert "too coarse" in message and "resolution" in message
+    assert coarse >= 2  # measured: 2 of the 4 flagged, the other two estimated at 6.5-6.8 px
+
+
+def test_estimate_reports_confidence_and_alternatives():
+    image, _ = synth_mosaic(np.random.default_rng(1), 600, 480, style="irregular",
+                            tessera_size=24, realism=1.0)
+    estimate = estimate_scale(image)
+    record = estimate.to_json()
+    assert record["method"] == "agreed" and record["confidence"] > 0.5 and not record["coarse"]
+    sources = {a["source"] for a in record["alternatives"]}
+    assert sources == {"autocorrelation", "spectrum"}
+    assert estimate.warning() is None
+    flat = estimate_scale(np.full((200, 300, 3), 128, np.uint8))
+    assert flat.to_json()["confidence"] == 0 and "no tessera lattice" in flat.warning()

@@ -237,3 +237,33 @@ def test_segment_with_sam2_model_end_to_end(sam2_home: Path, sam2_engine, tmp_pa
     assert int(instances.max()) == info["images"][0]["tesserae"] > 0
     assert np.array_equal(read_mask(out / "grid.png"), instances_to_mask(instances))
     assert (out / "overlays" / "grid.jpg").is_file()
+
+
+def test_too_coarse_image_gets_a_warning_and_no_regions(tmp_path: Path, no_weights):
+    """A whole panel photographed at 5 px per tessera: `segment` writes an empty mask and a
+    warning naming the image and the resolution to use, records the estimate (confidence,
+    alternatives) in segment.json, and still segments the other images (exit status 0)."""
+    from mosaic_toolkit.data.synth import synth_mosaic
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    panel, _ = synth_mosaic(np.random.default_rng(2), 700, 560, style="opus", tessera_size=5,
+                            realism=1.0, weathering=1.0)
+    detail, _ = synth_mosaic(np.random.default_rng(1), 360, 300, style="irregular",
+                             tessera_size=24, realism=1.0)
+    write_image(folder / "panel.png", panel)
+    write_image(folder / "detail.png", detail)
+    out = tmp_path / "out"
+    result = run("segment", folder, "--out", out, "--engine", "classical")
+    assert result.exit_code == 0, result.output
+    assert "Warning:" in result.output and "panel.png" in result.output
+    assert "too coarse" in result.output and "resolution" in result.output
+    assert "1 too coarse" in result.output
+    records = {r["stem"]: r for r in json.loads((out / "segment.json").read_text())["images"]}
+    assert records["panel"]["tesserae"] == 0 and records["panel"]["scale"]["coarse"]
+    assert "too coarse" in records["panel"]["warning"]
+    assert (read_mask(out / "panel.png") == 255).all()  # nothing segmented
+    assert records["detail"]["tesserae"] > 50 and not records["detail"]["scale"]["coarse"]
+    assert records["detail"]["scale"]["confidence"] > 0
+    assert {a["source"] for a in records["detail"]["scale"]["alternatives"]} == {
+        "autocorrelation", "spectrum"}

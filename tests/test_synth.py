@@ -226,3 +226,35 @@ def test_realism_keeps_the_ground_truth_exact_and_changes_the_image(style):
     assert spread[1] > 1.3 * spread[0], spread
     with pytest.raises(MosaicError, match="realism"):
         draw_params(np.random.default_rng(0), 100, 100, realism=1.5)
+
+
+def test_weathering_tight_low_contrast_grout_same_ground_truth(tmp_path):
+    """--weathering: the ground truth stays a valid partition with one-pixel grout, the grout is
+    closer to the tiles' colour than without it (weathered floors: grout worn flush, stained),
+    and the CLI writes it into the manifest."""
+    def contrast(image, instances):
+        tile, grout = image[instances > 0].mean(axis=0), image[instances == 0].mean(axis=0)
+        return float(np.linalg.norm(tile - grout))
+
+    for seed in range(3):
+        params = draw_params(np.random.default_rng(seed), 300, 240, tessera_size=10,
+                             realism=1.0, weathering=1.0)
+        assert params.grout_width == 1.0 and params.missing_fraction >= 0.03
+        image, instances = synth_mosaic(np.random.default_rng(seed), 300, 240, tessera_size=10,
+                                        realism=1.0, weathering=1.0)
+        assert_valid_instances(instances)
+        plain, plain_instances = synth_mosaic(np.random.default_rng(seed), 300, 240,
+                                              tessera_size=10, realism=1.0)
+        assert contrast(image, instances) < contrast(plain, plain_instances)
+    assert "weathering" not in draw_params(np.random.default_rng(0), 100, 100).to_json()
+    with pytest.raises(MosaicError, match="weathering"):
+        draw_params(np.random.default_rng(0), 100, 100, weathering=2)
+    out = tmp_path / "weathered"
+    result = CliRunner().invoke(main, ["synth", "--out", str(out), "--n", "1", "--min-size", "64",
+                                       "--max-size", "96", "--tessera-size", "8",
+                                       "--weathering", "0.8"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["synthetic"]["weathering"] == 0.8
+    help_text = CliRunner().invoke(main, ["synth", "--help"]).output
+    assert "--weathering" in help_text and "tight" in help_text

@@ -31,7 +31,7 @@ from .core.dataset import IMAGE_EXTENSIONS
 from .core.errors import MosaicError
 from .core.io import atomic_output_dir, write_instances, write_mask
 from .core.predictions import INSTANCES_DIR, OVERLAYS_DIR, RESULT_FILE, write_result
-from .core.scale import estimate_tessera_size
+from .core.scale import estimate_scale
 from .core.tiling import MAX_TILE, resolve_tiling, segment_tiled
 from .engines import Engine, engine_info
 
@@ -67,7 +67,12 @@ def segment_image_info(
     tessera_size: float | None = None,
     progress: bool = False,
 ) -> tuple[np.ndarray, dict]:
-    """(instance map, {"tessera_size_px", "tile", "overlap"}) of ``image``.
+    """(instance map, {"tessera_size_px", "tile", "overlap"[, "scale", "warning"]}) of ``image``.
+
+    When the size is estimated, ``scale`` is the estimate (``ScaleEstimate.to_json``: confidence,
+    method, alternatives) and ``warning`` a one-line message when it is uncertain. When the
+    tesserae are too coarse to segment (``ScaleEstimate.coarse``: under ~6 px), nothing is
+    segmented: the instance map is empty and ``warning`` says what resolution would do.
 
     The tessera size (median equivalent diameter, px) is ``tessera_size`` when given, else
     estimated once for the whole image (``core.scale.estimate_tessera_size``; on a streamed TIFF,
@@ -88,11 +93,14 @@ def segment_image_info(
             return image
         return np.asarray(image[top:top + side, left:left + side])
 
+    scale = None
     if tessera_size is None:
-        if isinstance(image, np.ndarray):
-            tessera_size = estimate_tessera_size(image)
-        else:
-            tessera_size = estimate_tessera_size(window())
+        scale = estimate_scale(image if isinstance(image, np.ndarray) else window())
+        tessera_size = scale.diameter
+        if scale.coarse:  # tesserae of a few px: a warning, not figure-sized "tesserae"
+            info = {"tessera_size_px": round(float(tessera_size), 2), "tile": None,
+                    "overlap": None, "scale": scale.to_json(), "warning": scale.warning()}
+            return np.zeros((h, w), np.int32), info
     elif not tessera_size > 0:
         raise MosaicError(f"tessera size must be positive, got {tessera_size}")
     if isinstance(engine, ClassicalEngine):
@@ -111,13 +119,23 @@ def segment_image_info(
         tile, overlap = resolve_tiling(image, tile, None, tessera_size)
         instances = engine.segment_guided(np.asarray(image), tessera_size=tessera_size, proposals=proposals,
                                           tile=tile, overlap=overlap)
-        return instances, {"tessera_size_px": round(float(tessera_size), 2), "tile": tile, "overlap": overlap}
+        info = {"tessera_size_px": round(float(tessera_size), 2), "tile": tile, "overlap": overlap}
+        return instances, _with_scale(info, scale)
     else:
         segment_fn = engine.segment
     tile, overlap = resolve_tiling(image, tile, None, tessera_size)
     instances = segment_tiled(image, segment_fn, tile=tile, overlap=overlap, progress=progress)
     info = {"tessera_size_px": round(float(tessera_size), 2), "tile": tile, "overlap": overlap}
-    return instances, info
+    return instances, _with_scale(info, scale)
+
+
+def _with_scale(info: dict, scale) -> dict:
+    """``info`` with the estimate (``ScaleEstimate.to_json``) and its warning, when estimated."""
+    if scale is not None:
+        info["scale"] = scale.to_json()
+        if scale.warning():
+            info["warning"] = scale.warning()
+    return info
 
 
 def outline_width(shape: tuple[int, ...]) -> int:
@@ -230,7 +248,8 @@ def segment_paths(
     Every input is checked to be a readable image before any work starts; any failure leaves no
     output (the folder is built aside and moved into place at the end). Returns the per-image
     records of segment.json (stem, image, width, height, orientation, tesserae, seconds,
-    tessera_size_px, tile, overlap). ``tessera_size`` (px) overrides the per-image estimate.
+    tessera_size_px, tile, overlap, and when estimated the scale with its confidence and any
+    warning). ``tessera_size`` (px) overrides the per-image estimate.
     """
     paths = collect_images(inputs)
     # header check: a non-image fails now, not after hours of work

@@ -76,6 +76,12 @@ def command(
     OUT/overlays/<stem>.jpg (outlines over the image); OUT can be scored directly with
     `mosaic-toolkit eval --pred OUT --gt DATASET`. Large images are segmented in overlapping
     tiles at native resolution.
+
+    The tessera size is estimated per image, with a confidence (segment.json: "scale"); an
+    uncertain estimate prints a warning. An image whose tesserae measure under ~6 px is too
+    coarse to segment tesserae one by one: it gets a warning (what resolution would do) and an
+    empty mask instead of figure-sized regions, and the other images are segmented as usual
+    (exit status 0; segment.json records the warning).
     """
     if 0 < tile < MIN_TILE_OPTION:
         raise click.BadParameter(f"use 0 (automatic) or at least {MIN_TILE_OPTION}", param_hint="--tile")
@@ -87,6 +93,16 @@ def command(
         click.echo("Note: --device and --method apply to SAM 2 only; ignored.", err=True)
     records = segment_paths(images, out, chosen, overwrite=overwrite, tile=tile or None,
                             tessera_size=tessera_size)
+    for r in records:
+        scale = r.get("scale")
+        if scale is not None:
+            click.echo(f"{r['stem']}: tessera size {r['tessera_size_px']:g} px (confidence "
+                       f"{scale['confidence']:.2f}, {scale['method']}), {r['tesserae']} tesserae",
+                       err=True)
+        if r.get("warning"):
+            click.echo(f"Warning: {r['image']}: {r['warning']}", err=True)
     total = sum(r["tesserae"] for r in records)
     seconds = sum(r["seconds"] for r in records)
-    click.echo(f"{len(records)} images, {total} tesserae in {seconds:.1f} s -> {out}")
+    coarse = sum(1 for r in records if r.get("scale", {}).get("coarse"))
+    skipped = f" ({coarse} too coarse: no regions, see the warnings)" if coarse else ""
+    click.echo(f"{len(records)} images, {total} tesserae in {seconds:.1f} s -> {out}{skipped}")

@@ -43,6 +43,13 @@ from .options import handle_errors, overwrite_option, seed_option
     "[default: drawn per mosaic, 0.5-1 for most].",
 )
 @click.option(
+    "--weathering", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+    help="A weathered stone floor, like ancient floors photographed today: tight one-pixel "
+    "grout close to the stone's colour, worn and stained stone, cracks, pits and gaps filled "
+    "with mortar; 0 = none. With a small --tessera-size (5-12) it imitates detail and "
+    "whole-panel photographs of Roman floors.",
+)
+@click.option(
     "--format", "image_format", type=click.Choice(IMAGE_FORMATS), default="png",
     show_default=True,
     help="Image file format (jpg is ~10x smaller; the JPEG noise is simulated in both).",
@@ -58,6 +65,7 @@ def command(
     style: str,
     tessera_size: float | None,
     realism: float | None,
+    weathering: float,
     image_format: str,
     overwrite: bool,
 ) -> None:
@@ -77,6 +85,7 @@ def command(
         style=None if style == "mixed" else style,
         tessera_size=tessera_size,
         realism=realism,
+        weathering=weathering,
         image_format=image_format,
         overwrite=overwrite,
     )

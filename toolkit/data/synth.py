@@ -89,9 +89,12 @@ class MosaicParams:
     noise_sigma: float
     jpeg_quality: int | None
     realism: float = 0.0  # 0: clean tiles; up to 1: the photographic effects at full strength
+    weathering: float = 0.0  # 0: none; up to 1: a weathered stone floor (see ``_weather``)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
+        if not self.weathering:
+            del d["weathering"]  # manifests of unweathered mosaics stay as they were
         d["colours"] = list(self.colours)
         d["grout_rgb"] = list(self.grout_rgb)
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
@@ -113,8 +116,12 @@ def draw_params(
     style: str | None = None,
     tessera_size: float | None = None,
     realism: float | None = None,
+    weathering: float = 0.0,
 ) -> MosaicParams:
     """Draw one mosaic's style, sizes, colours and degradations (``style`` None: either style).
+
+    ``weathering`` (0-1) makes a weathered stone floor: tight one-pixel grout close to the
+    tiles' colour, worn and stained stone, cracks and mortar-filled gaps (``_weather``).
 
     ``realism`` None draws it: the default mix is mostly photographic (0.5-1 for 85 % of the
     mosaics, 0 for the rest); 0 gives the clean rendering of earlier versions."""
@@ -151,6 +158,16 @@ def draw_params(
             raise MosaicError(f"synth: realism {realism:g} must be between 0 and 1")
         drawn = float(realism)
         rng.uniform(), rng.uniform()
+    if not 0 <= weathering <= 1:
+        raise MosaicError(f"synth: weathering {weathering:g} must be between 0 and 1")
+    missing = float(rng.uniform(0.005, 0.05)) if rng.random() < 0.5 else 0.0
+    if weathering > 0:
+        # Tight grout barely darker than the stone: the grout the tiles were set in, worn flush.
+        grout_width = 1.0
+        mean_tile = np.mean([PALETTE[c] for c in colours], axis=0)
+        mix = 0.4 + 0.4 * weathering
+        grout_rgb = tuple(int(c) for c in np.clip((1 - mix) * np.array(grout_rgb) + mix * mean_tile * 0.9, 0, 255))
+        missing = max(missing, 0.03 * weathering)  # gaps filled with mortar
     return MosaicParams(
         width=int(width),
         height=int(height),
@@ -160,13 +177,14 @@ def draw_params(
         colours=colours,
         grout_rgb=grout_rgb,  # type: ignore[arg-type]
         grout_like_tile=grout_like_tile,
-        missing_fraction=float(rng.uniform(0.005, 0.05)) if rng.random() < 0.5 else 0.0,
+        missing_fraction=missing,
         chipped_fraction=float(rng.uniform(0.03, 0.2)),
         light_strength=float(rng.uniform(0.0, 0.35)),
         blur_sigma=float(rng.uniform(0.3, 1.5)) if rng.random() < 0.5 else 0.0,
         noise_sigma=float(rng.uniform(0.0, 5.0)),
         jpeg_quality=int(rng.integers(35, 96)) if rng.random() < 0.8 else None,
         realism=drawn,
+        weathering=float(weathering),
     )
 
 
@@ -178,10 +196,11 @@ def synth_mosaic(
     style: str | None = None,
     tessera_size: float | None = None,
     realism: float | None = None,
+    weathering: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic mosaic: (RGB uint8 image HxWx3, int32 instance map HxW with ids 1..N)."""
     params = draw_params(rng, width, height, style=style, tessera_size=tessera_size,
-                         realism=realism)
+                         realism=realism, weathering=weathering)
     return render_mosaic(rng, params)
 
 
@@ -488,6 +507,8 @@ def _render(
     image = tiles
     np.copyto(image, grout, where=~tile_mask[..., None])
     del grout
+    if params.weathering > 0:
+        _weather(rng, params, image, cells, tile_mask)
 
     # Lighting: a linear gradient in a random direction plus a broad uneven glow.
     angle = rng.uniform(0, 2 * math.pi)
@@ -555,6 +576,8 @@ def _photographic_tiles(
     tiles *= (1 + k * np.float32(rng.uniform(0.2, 0.6)) * np.clip(facing, -1, 1))[..., None]
     # Glass: streaks along a direction per tile, and bubbles; the rest is stone grain.
     glass = rng.random(n) < rng.uniform(0.2, 0.7)
+    if params.weathering > 0:  # a stone floor: no glass
+        glass[:] = False
     theta = rng.uniform(0, math.pi, n).astype(np.float32)
     yy = np.arange(h, dtype=np.float32)[:, None]
     xx = np.arange(w, dtype=np.float32)[None, :]
@@ -580,8 +603,55 @@ def _photographic_tiles(
     sigma = (s * rng.uniform(0.08, 0.2, n)).astype(np.float32)
     d2 = (xx - hx[cells]) ** 2 + (yy - hy[cells]) ** 2
     spot = np.exp(-d2 / (2 * sigma[cells] ** 2)) * (glossy[cells] & tile_mask)
-    spot *= k * np.float32(rng.uniform(0.5, 1.0))
+    spot *= k * np.float32(rng.uniform(0.5, 1.0)) * np.float32(1 - params.weathering)  # worn: matte
     tiles += spot[..., None] * (np.float32(255) - tiles) * np.float32(0.85)
+
+
+def _weather(
+    rng: np.random.Generator, params: MosaicParams, image: np.ndarray, cells: np.ndarray,
+    tile_mask: np.ndarray
+) -> None:
+    """A weathered stone floor, drawn into ``image`` (float RGB) in place; the instance map is
+    not touched (a cracked or stained tessera is still one tessera).
+
+    * Worn stone: the grout worn flush and dusty, pulled towards the colour of the tiles around
+      it (85 % of their brightness); every tile's colour pulled towards the floor's mean and
+      desaturated, so neighbouring tiles and the tight grout between them differ little.
+    * Stains and patina: broad smooth blotches (several tesserae across) darkening or
+      yellowing tiles and grout alike.
+    * Cracks: thin dark wandering lines across tiles and grout.
+    * Pitting: small dark pits in the stone.
+    """
+    h, w = cells.shape
+    s, k = params.tessera_size, np.float32(params.weathering)
+    # Grout worn flush and filled with dust of the stone: close to the tiles around it.
+    weight = cv2.GaussianBlur(tile_mask.astype(np.float32), (0, 0), max(1.0, s / 3))
+    local = cv2.GaussianBlur(image * tile_mask[..., None], (0, 0), max(1.0, s / 3))
+    local /= np.maximum(weight, 1e-3)[..., None]
+    grout = ~tile_mask
+    image[grout] = (1 - 0.4 * k) * image[grout] + (0.4 * k * 0.85) * local[grout]
+    mean = image[tile_mask].mean(axis=0) if tile_mask.any() else image.reshape(-1, 3).mean(axis=0)
+    grey = image.mean(axis=2, keepdims=True)
+    image *= 1 - 0.35 * k
+    image += (0.35 * k) * (0.5 * mean + 0.5 * grey)
+    stain = _smooth_noise(rng, h, w, s * rng.uniform(4, 10))
+    image *= (1 - np.float32(0.12) * k * np.clip(stain, 0, None))[..., None]
+    image[..., 2] -= np.float32(8) * k * np.clip(-stain, 0, None)  # yellowed patches
+    # Cracks: random walks of a few tessera lengths, one pixel wide, darker than the stone.
+    cracks = np.zeros((h, w), np.uint8)
+    for _ in range(int(rng.poisson(k * h * w / (s * s) / 40)) + 1):
+        y, x = rng.uniform(0, h), rng.uniform(0, w)
+        angle = rng.uniform(0, 2 * math.pi)
+        points = []
+        for _ in range(int(rng.integers(4, 12))):
+            points.append((int(x), int(y)))
+            angle += rng.normal(0, 0.5)
+            x += math.cos(angle) * s * 0.7
+            y += math.sin(angle) * s * 0.7
+        cv2.polylines(cracks, [np.array(points, np.int32)], False, 1, 1)
+    image[cracks.view(bool)] *= np.float32(1 - 0.4 * k)
+    pits = (rng.random((h, w)) < 0.004 * k) & tile_mask
+    image[pits] *= np.float32(0.7)
 
 
 def _photographic_grout(
@@ -593,7 +663,7 @@ def _photographic_grout(
     k = np.float32(params.realism)
     for c in range(3):
         grout[..., c] += _smooth_noise(rng, h, w, max(2.0, params.tessera_size / 2)) * (k * 6)
-    if rng.random() < 0.35:
+    if rng.random() < 0.35 and params.weathering == 0:  # weathered grout is worn flush
         depth = np.float32(rng.uniform(0.3, 0.6)) * k
         grout *= (1 - depth * np.exp(-(outer - 1) / 3))[..., None]
 
@@ -611,6 +681,7 @@ def synth_dataset(
     style: str | None = None,
     tessera_size: float | None = None,
     realism: float | None = None,
+    weathering: float = 0.0,
     image_format: str = "png",
     overwrite: bool = False,
 ) -> list[Sample]:
@@ -618,7 +689,8 @@ def synth_dataset(
 
     The longest side of each image is drawn uniformly from ``min_size..max_size``, the other
     side from 60-100 % of it. ``style`` None mixes both styles; ``realism`` None draws the
-    photographic effects per mosaic (the default mix), 0 renders clean tiles. Sample ``i`` depends only on
+    photographic effects per mosaic (the default mix), 0 renders clean tiles; ``weathering``
+    (0-1) renders weathered stone floors with tight grout. Sample ``i`` depends only on
     ``(seed, i)``: the same seed gives byte-identical files, and a larger ``n`` extends a set.
     """
     if n < 1:
@@ -652,7 +724,7 @@ def synth_dataset(
             shorter = max(16, int(round(longest * rng.uniform(0.6, 1.0))))
             width, height = (longest, shorter) if rng.random() < 0.5 else (shorter, longest)
             params = draw_params(rng, width, height, style=style, tessera_size=tessera_size,
-                                 realism=realism)
+                                 realism=realism, weathering=weathering)
             image, instances = render_mosaic(rng, params)
             source = {"synthetic": {"seed": seed, "index": i, **params.to_json()}}
             samples.append(
@@ -667,6 +739,7 @@ def synth_dataset(
                 "seed": seed, "n": n, "min_size": min_size, "max_size": max_size,
                 "style": style or "mixed", "tessera_size": tessera_size,
                 "realism": "mixed" if realism is None else realism,
+                **({"weathering": weathering} if weathering else {}),
             },
         )
     return samples
