@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 from ..core.errors import MosaicError
 
-METHODS = ("fast", "stock", "guided")
+METHODS = ("guided", "fast", "stock")
 
 #: Which output of SAM 2's mask decoder a model is served (and was trained) with; see
 #: ``sam.adapter.select_output``. "sam2": SAM 2's own choice, for a decoder nobody trained
