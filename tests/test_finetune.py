@@ -117,7 +117,7 @@ def test_only_prompt_encoder_and_mask_decoder_change(reference_run):
     assert all(not n.startswith(FINETUNE_PREFIXES) for n in frozen)
 
 
-def test_run_outputs(reference_run, tiny_dataset):
+def test_run_outputs(reference_run, tiny_dataset, tiny_sam2_checkpoint):
     _, result, _, _ = reference_run
     run_dir = result.run_dir
     assert result.finished and result.epochs_completed == 3
@@ -143,6 +143,7 @@ def test_run_outputs(reference_run, tiny_dataset):
     assert training["hyperparameters"]["lr"] == 1e-3
     assert training["dataset"] == str(tiny_dataset.resolve())
     assert meta["base"]["image_size"] == IMAGE_SIZE and meta["base"]["sha256"]
+    assert meta["base"]["checkpoint"] == str(tiny_sam2_checkpoint.resolve())
     assert meta["generator"] == {}
 
 
@@ -159,6 +160,18 @@ def test_finetune_loads_into_segment_engine(reference_run, tiny_dataset, sam2_ho
     sample = data.split("val")[0]
     instances = engine.segment(data.image(sample), engine.params.replace(**VAL_PARAMS))
     assert instances.shape == (sample.height, sample.width) and instances.dtype == np.int32
+
+
+def test_finetune_finds_its_base_without_the_model_cache(reference_run, tiny_sam2_checkpoint, tmp_path,
+                                                       monkeypatch):
+    """Trained with --base PATH: the file finds that path again when the cache does not hold it."""
+    from mosaic_toolkit.sam.models import resolve_model
+
+    _, result, _, _ = reference_run
+    monkeypatch.setenv("MOSAIC_SAM_HOME", str(tmp_path / "empty_home"))
+    spec = resolve_model(result.finetune)
+    assert spec.base_checkpoint.resolve() == tiny_sam2_checkpoint.resolve()
+    assert spec.finetune == result.finetune and spec.image_size == IMAGE_SIZE
 
 
 def test_cache_holds_the_encoder_features(reference_run):

@@ -90,6 +90,8 @@ from ..evaluation.metrics import pixel_metrics
 from ..sam.models import (
     FINETUNE_PREFIXES,
     ModelSpec,
+    base_record,
+    checkpoint_sha256,
     file_sha256,
     finetune_state_dict,
     load_model,
@@ -254,7 +256,7 @@ class Trainer:
         if self.config.image_size is not None:
             self.spec = dataclasses.replace(self.spec, image_size=self.config.image_size)
         self.device = self._pick_device(device)
-        self.base_sha256 = file_sha256(self.spec.base_checkpoint)
+        self.base_sha256 = checkpoint_sha256(self.spec.base_checkpoint)
         self.model = load_model(self.spec, "cpu").to(self.device)
         self.trainable = freeze_all_but_decoder(self.model)
         self.decoder = PromptDecoder(self.model, self.config.output)
@@ -589,13 +591,7 @@ class Trainer:
         }
 
     def _save_finetune(self) -> None:
-        base = {
-            # A base without a registry name is recorded by path, so the file still resolves.
-            "name": self.spec.base_name or str(self.spec.base_checkpoint.resolve()),
-            "config": self.spec.config,
-            "sha256": self.base_sha256,
-            "image_size": self.spec.image_size,
-        }
+        base = base_record(self.spec, self.base_sha256)
         save_finetune(self.run_dir / FINETUNE_NAME, self.model, base=base, generator=None,
                       training=self.training_summary(), output=self.config.output)
 
