@@ -84,6 +84,23 @@ def test_prompt_losses_on_known_masks():
     assert score[1] == pytest.approx(0.25)  # predicted 0.25, actual 0
 
 
+def test_image_dice_pools_the_prompts_of_an_image():
+    """One Dice over all prompts: a large tessera weighs more than a small one."""
+    from mosaic_toolkit.training.losses import image_dice
+
+    targets = torch.zeros((2, 8, 8), dtype=torch.bool)
+    targets[0, 0:6, 0:6] = True  # 36 px, predicted exactly
+    targets[1, 7, 7] = True  # 1 px, missed
+    logits = torch.full((2, 8, 8), -20.0)
+    logits[0, 0:6, 0:6] = 20.0
+    pooled = image_dice(logits, targets)
+    per_prompt, _ = prompt_losses(logits, torch.ones(2), targets)
+    assert float(pooled) == pytest.approx(1 - (2 * 36 + 1) / (36 + 37 + 1), abs=1e-3)
+    assert float(pooled) < 0.05 < float(per_prompt.mean())  # the missed pixel barely counts pooled
+    with pytest.raises(MosaicError, match="dice must be one of"):
+        TrainConfig(dice="pixel")
+
+
 def test_check_points_names_the_file():
     instances = np.zeros((4, 6), dtype=np.int32)
     instances[1:3, 1:3], instances[1:3, 4:6] = 1, 2

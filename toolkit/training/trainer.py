@@ -104,7 +104,7 @@ from ..sam.models import (
 from .config import DEFAULTS, TrainConfig
 from .data import EmbeddingCache, TrainImages, _as_list
 from .distributed import dist_info_from_env, distributed, steps_per_epoch
-from .losses import prompt_losses
+from .losses import image_dice, prompt_losses
 from .selection import DICE_KEY, DICE_TOLERANCE, PROMPT_KEY, compare, describe
 from .outputs import (
     CACHE_DIR,
@@ -159,17 +159,18 @@ def decode_items(
 
 def batch_loss(
     items: Sequence[Mapping[str, Any]], outputs: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    score_weight: float, device: torch.device,
+    score_weight: float, device: torch.device, dice_mode: str = "prompt",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, Dice loss, score loss) of a batch: per-prompt terms (``prompt_losses``, against
     each prompt's tessera of the item's instance map) averaged over the prompts of an image,
-    then over the images."""
+    then over the images. ``dice_mode`` "image" takes one Dice over an image's prompts instead
+    (``image_dice``)."""
     dice_terms, score_terms = [], []
     for item, (logits, iou) in zip(items, outputs):
         instances = item["instances"].to(device)
         targets = instances[None] == item["ids"].to(device)[:, None, None]
         dice, score = prompt_losses(logits, iou, targets)
-        dice_terms.append(dice.mean())
+        dice_terms.append(image_dice(logits, targets) if dice_mode == "image" else dice.mean())
         score_terms.append(score.mean())
     dice_loss = torch.stack(dice_terms).mean()
     score_loss = torch.stack(score_terms).mean()
@@ -354,6 +355,7 @@ class Trainer:
             raise MosaicError(f"{path}: training state version {state.get('version')!r} is not supported")
         recorded, current = state["run"], self.run_metadata()
         recorded["config"].setdefault("output", "single")  # runs from before train --output: token 0
+        recorded["config"].setdefault("dice", "prompt")  # runs from before train --dice
         differ = sorted(k for k in current if k != "config" and recorded.get(k) != current[k])
         differ += sorted(
             f"config.{k}" for k in current["config"] if recorded["config"].get(k) != current["config"][k]
@@ -470,7 +472,8 @@ class Trainer:
         with self._autocast():
             outputs = decode_items(self.ddp, self.encoder.sam, items, feats, self.device)
         t = self._tick("decoder forward", t)
-        loss, dice_loss, score_loss = batch_loss(items, outputs, self.config.score_weight, self.device)
+        loss, dice_loss, score_loss = batch_loss(items, outputs, self.config.score_weight, self.device,
+                                                 self.config.dice)
         t = self._tick("loss forward (full resolution)", t)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -713,6 +716,7 @@ def train(
     stop_after_epoch: int | None = None,
     progress: bool = True,
     output: str = DEFAULTS.output,
+    dice: str = DEFAULTS.dice,
 ) -> RunResult:
     """Fine-tune the prompt encoder and mask decoder of ``base`` on ``dataset`` into ``out``.
 
@@ -722,7 +726,7 @@ def train(
     config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
         score_weight=score_weight, max_prompts=max_prompts, seed=seed, image_size=image_size,
-        val_every=val_every, val_params=dict(val_params or {}), output=output,
+        val_every=val_every, val_params=dict(val_params or {}), output=output, dice=dice,
     )
     torch.manual_seed(seed)
     with distributed(device):
