@@ -48,7 +48,7 @@ DEFAULT_SHARED = REPO.parent / "shared" / "real"
 PHOTO = "butterfly_top"
 
 # The recipe (see docs/fine-tuning.md for what each choice costs and why).
-DEFAULTS = dict(image_size=1024, epochs=6, batch_size=4, lr=1e-4, weight_decay=1e-5, max_prompts=16,
+DEFAULTS = dict(image_size=1024, epochs=3, batch_size=4, lr=1e-4, weight_decay=1e-5, max_prompts=16,
                 tesserae_per_crop=100, val_fraction=0.2, val_every=1)
 
 
@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="augment's transforms of the training crops")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the budget is 2 cores)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache-dir", type=Path, default=None,
+                    help="embedding cache of an earlier run to reuse (entries are keyed by image and model)")
     ap.add_argument("--skip-base-prelabels", action="store_true",
                     help="do not segment the val band with the base model (its slowest stage)")
     return ap.parse_args(argv)
@@ -161,7 +163,7 @@ def run_train(args: argparse.Namespace, out: Path) -> dict:
            "--out", str(out / "run"), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
            "--lr", str(args.lr), "--weight-decay", str(args.weight_decay), "--max-prompts", str(args.max_prompts),
            "--image-size", str(args.image_size), "--val-every", str(args.val_every), "--seed", str(args.seed),
-           "--device", "cpu"]
+           "--device", "cpu"] + (["--cache-dir", str(args.cache_dir)] if args.cache_dir else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     print("+ mosaic-toolkit train " + " ".join(cmd[4:]), file=sys.stderr, flush=True)
     started = time.perf_counter()
