@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="augment's transforms of the training crops")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the budget is 2 cores)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stages", default=",".join(STAGES),
+                    help="stages to run, in order (data, train, base, finetuned, report); each writes "
+                    "OUT/stages/<stage>.json, which later stages read: a stopped run continues")
     ap.add_argument("--cache-dir", type=Path, default=None,
                     help="embedding cache of an earlier run to reuse (entries are keyed by image and model)")
     ap.add_argument("--skip-base-prelabels", action="store_true",
@@ -275,13 +278,35 @@ def plot_curve(path: Path, history: list[dict], base: dict) -> None:
     plt.close(fig)
 
 
+STAGES = ("data", "train", "base", "finetuned", "report")
+
+
+def _stage_file(out: Path, stage: str) -> Path:
+    return out / "stages" / f"{stage}.json"
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        fail(f"--stages: unknown {', '.join(unknown)} (choose from {', '.join(STAGES)})")
     if not (args.shared / PHOTO / "images").is_dir():
         fail(f"{args.shared / PHOTO}: the real photograph is not there (give --shared PATH)")
     out = args.out
-    if out.exists() and any(out.iterdir()):
+    if "data" in stages and out.exists() and any(out.iterdir()):
         fail(f"{out}: exists and is not empty")
+    needs = {"train": ["data"], "base": ["data"], "finetuned": ["data", "train"],
+             "report": ["data", "train", "base", "finetuned"]}
+    for stage in stages:
+        for earlier in needs.get(stage, []):
+            if earlier not in stages and not _stage_file(out, earlier).is_file():
+                fail(f"{out}: stage {stage!r} needs stage {earlier!r}, which has not run")
     import torch
 
     from mosaic_toolkit.sam.models import resolve_model
@@ -292,62 +317,72 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # MosaicError: a clear message, no traceback
         fail(str(exc))
     args.base = str(base_spec.base_checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-    cpu: dict[str, float] = {}
+    (out / "stages").mkdir(parents=True, exist_ok=True)
 
-    def own_cpu() -> float:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
+    def record(stage: str, result: dict, started: float, cpu: float) -> None:
+        result = {**result, "seconds": round(time.perf_counter() - started, 1),
+                  "cpu_seconds": round(result.get("cpu_seconds", _own_cpu() - cpu), 1)}
+        _stage_file(out, stage).write_text(json.dumps(result, indent=1))
+        print(f"{stage}: " + json.dumps({k: v for k, v in result.items() if k != "history"}), file=sys.stderr,
+              flush=True)
 
-    report: dict = {"base": args.base, "settings": {k: v for k, v in vars(args).items() if k not in ("out", "shared")}}
+    if "data" in stages:
+        t, c = time.perf_counter(), _own_cpu()
+        record("data", build_data(args, out), t, c)
+    if "train" in stages:
+        t = time.perf_counter()
+        record("train", run_train(args, out), t, 0.0)
+    if "base" in stages:
+        t, c = time.perf_counter(), _own_cpu()
+        record("base", evaluate_model(args.base, None, args, out, "base", not args.skip_base_prelabels), t, c)
+    if "finetuned" in stages:
+        t, c = time.perf_counter(), _own_cpu()
+        record("finetuned", evaluate_model(str(out / "finetune.pt"), args.base, args, out, "finetuned", True), t, c)
+    if "report" in stages:
+        report = make_report(args, out)
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+        print(json.dumps(report, indent=1))
 
-    t, c = time.perf_counter(), own_cpu()
-    report["data"] = build_data(args, out)
-    seconds["data"], cpu["data"] = round(time.perf_counter() - t, 1), round(own_cpu() - c, 1)
-    print(json.dumps(report["data"]), file=sys.stderr, flush=True)
 
-    train = run_train(args, out)
-    seconds["train"], cpu["train"] = train["seconds"], train["cpu_seconds"]
+def make_report(args: argparse.Namespace, out: Path) -> dict:
+    done = {s: json.loads(_stage_file(out, s).read_text()) for s in STAGES[:-1] if _stage_file(out, s).is_file()}
+    missing = [s for s in STAGES[:-1] if s not in done]
+    if missing:
+        fail(f"{out}: stages {', '.join(missing)} have not run")
+    train, b, f = done["train"], done["base"], done["finetuned"]
+    report: dict = {"base": args.base, "settings": {k: (str(v) if isinstance(v, Path) else v)
+                                                    for k, v in vars(args).items()}}
+    report["data"] = {k: v for k, v in done["data"].items() if k not in ("seconds", "cpu_seconds")}
     report["training"] = {"command": train["command"], "history": train["history"]}
-
-    t, c = time.perf_counter(), own_cpu()
-    report["base_model"] = evaluate_model(args.base, None, args, out, "base", not args.skip_base_prelabels)
-    seconds["evaluate_base"], cpu["evaluate_base"] = round(time.perf_counter() - t, 1), round(own_cpu() - c, 1)
-    print(json.dumps(report["base_model"]), file=sys.stderr, flush=True)
-    t, c = time.perf_counter(), own_cpu()
-    report["finetuned"] = evaluate_model(str(out / "finetune.pt"), args.base, args, out, "finetuned", True)
-    seconds["evaluate_finetuned"], cpu["evaluate_finetuned"] = round(time.perf_counter() - t, 1), round(own_cpu() - c, 1)
+    report["base_model"], report["finetuned"] = b, f
+    seconds = {s: done[s]["seconds"] for s in STAGES[:-1]}
+    cpu = {s: done[s]["cpu_seconds"] for s in STAGES[:-1]}
     seconds["total"], cpu["total"] = round(sum(seconds.values()), 1), round(sum(cpu.values()), 1)
     report["seconds"] = seconds
     # On a machine shared with other work, wall time overstates the cost: CPU seconds / threads
-    # is what the same work takes on idle cores (when the threads scale; an upper bound of speed).
+    # is what the same work takes on idle cores (when the threads scale; a lower bound).
     report["cpu_seconds"] = cpu
     report["idle_estimate_minutes"] = round(cpu["total"] / args.threads / 60, 1)
-
-    epochs = [r for r in train["history"]]
-    train_seconds = sum(r["seconds"] for r in epochs)
-    steps = report["data"]["train_images"] / args.batch_size
+    history = train["history"]
+    prompts = int(report["data"]["train_images"]) * args.max_prompts
     report["cost"] = {
-        "seconds_per_epoch_with_validation": round(train_seconds / max(1, len(epochs)), 1),
-        "optimizer_steps_per_epoch": int(np.ceil(steps)),
-        "note": "epochs' seconds include validation on the epochs that validate",
+        "epochs": len(history), "prompts_per_epoch": prompts,
+        "train_cpu_seconds_per_epoch_with_validation": round(train["cpu_seconds"] / max(1, len(history)), 1),
+        "note": "training CPU seconds include encoding the training images once and validating each epoch",
     }
-    b, f = report["base_model"], report["finetuned"]
-    goals = {"click_single_vs_base_best_of_three": round(f["clicks"]["served"] - b["clicks"]["best_of_three"], 4),
-             "click_goal_met": f["clicks"]["served"] >= b["clicks"]["best_of_three"] + 0.01}
+    goals = {"click_single_minus_base_best_of_three": round(f["clicks"]["served"] - b["clicks"]["best_of_three"], 4)}
+    goals["click_goal_met"] = goals["click_single_minus_base_best_of_three"] >= 0.01
+    fp = f["prelabels"]
     if "prelabels" in b:
-        fp, bp = f["prelabels"], b["prelabels"]
+        bp = b["prelabels"]
         goals["finetuned_at_least_base_everywhere"] = bool(
             fp["tile_f"] >= bp["tile_f"] and fp["count_error"] <= bp["count_error"]
             and fp["pixel_iou"] >= bp["pixel_iou"] and f["clicks"]["served"] >= b["clicks"]["served"])
-    fp = f["prelabels"]
     goals["prelabel_goals_met"] = {"tile_f>=0.96": fp["tile_f"] >= 0.96, "count_error<=0.02": fp["count_error"] <= 0.02,
                                    "pixel_iou>=0.93": fp["pixel_iou"] >= 0.93}
     report["goals"] = goals
-    plot_curve(out / "learning_curve.png", train["history"], b)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps(report, indent=1))
+    plot_curve(out / "learning_curve.png", history, b)
+    return report
 
 
 if __name__ == "__main__":

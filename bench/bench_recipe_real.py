@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--transforms", default="identity,hflip")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache-dir", type=Path, default=None, help="embedding cache to reuse (default OUT/cache)")
     ap.add_argument("--variants", default="reference,wd_1e-4,dice_image,lr_half,lr_double")
     args = ap.parse_args()
     if not (args.shared / real.PHOTO / "images").is_dir():
@@ -63,7 +64,7 @@ def main() -> None:
         "lr_half": {"lr": args.lr / 2}, "lr_double": {"lr": args.lr * 2},
         "prompts_double": {"max_prompts": args.max_prompts * 2},
     }
-    result = {"data": data, "settings": vars(args) | {"out": str(args.out), "shared": str(args.shared)},
+    result = {"data": data, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "variants": {}}
     for name in args.variants.split(","):
         config = TrainConfig(**{"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
@@ -72,7 +73,7 @@ def main() -> None:
         torch.manual_seed(0)
         started = time.perf_counter()
         trainer = Trainer(args.out / "data", args.base, args.out / f"run_{name}", config,
-                          cache_dir=args.out / "cache", progress=False, overwrite=True)
+                          cache_dir=args.cache_dir or args.out / "cache", progress=False, overwrite=True)
         trainer.prepare()
         val = trainer.val_samples
 

@@ -361,23 +361,16 @@ def infer_config(checkpoint: Path) -> str:
     raise MosaicError(f"{checkpoint}: weights match none of the SAM 2 configs {configs}")
 
 
-def _resolve_base(name_or_path: str | os.PathLike) -> tuple[Path, str, str | None, str | None]:
-    """(checkpoint, config, model name, known sha256) of a base model name or path.
-
-    The sha256 is only known for a registry checkpoint that ``weights`` has verified (its
-    sidecar records the published hash); other files are not rehashed.
-    """
+def _resolve_base(name_or_path: str | os.PathLike) -> tuple[Path, str, str | None]:
+    """(checkpoint, config, model name) of a base model name or path (its hash is checked
+    where a fine-tune needs it: ``checkpoint_sha256``)."""
     from . import weights
 
     path, info = weights.resolve_checkpoint(str(name_or_path))
     path = Path(path)
     if info is None:
-        return path, infer_config(path), None, None
-    verified = any(
-        s.info.name == info.name and s.verified and s.path.resolve() == path.resolve()
-        for s in weights.model_status()
-    )
-    return path, info.config, info.name, info.sha256 if verified else None
+        return path, infer_config(path), None
+    return path, info.config, info.name
 
 
 def is_finetune_file(path: Path) -> bool:
@@ -420,7 +413,7 @@ def resolve_model(
     if not path.is_file() or not is_finetune_file(path):
         if base is not None:
             raise MosaicError(f"{spec}: a separate base model only applies to a fine-tune file")
-        checkpoint, config, name, _ = _resolve_base(spec)
+        checkpoint, config, name = _resolve_base(spec)
         return declare_output(ModelSpec(
             base_checkpoint=checkpoint,
             config=config,
@@ -431,7 +424,7 @@ def resolve_model(
     meta = load_finetune(path)
     made_for = meta["base"]
     if base is not None:
-        checkpoint, config, name, _ = _resolve_base(base)
+        checkpoint, config, name = _resolve_base(base)
         _check_base_config(path, made_for, checkpoint, config, name)
         _check_base_sha256(path, made_for, checkpoint)
     else:
@@ -517,7 +510,7 @@ def _find_base(finetune: Path, made_for: Mapping[str, Any]) -> tuple[Path, str, 
         if problem:
             mismatched.append(problem)
             continue
-        checkpoint, config, found, _ = _resolve_base(candidate)
+        checkpoint, config, found = _resolve_base(candidate)
         _check_base_config(finetune, made_for, checkpoint, config, found)
         return checkpoint, config, found or (name if name in weights.MODELS else None)
     if mismatched:
