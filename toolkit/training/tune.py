@@ -557,9 +557,8 @@ def tune(
     written_to = spec.finetune or out / TUNED_NAME
     with atomic_output_dir(out, overwrite=True) as tmp:
         if spec.finetune is None:
-            base = base_record(spec)
             # The decoder output the engine was tuned with is the one tuned.pt is served with.
-            save_finetune(tmp / TUNED_NAME, engine.model, base=base, generator=best_params.to_dict(),
+            save_finetune(tmp / TUNED_NAME, engine.model, base=base_record(spec), generator=best_params.to_dict(),
                           training={"note": UNTRAINED_NOTE, "tuning": tuning}, output=engine.output)
         write_trials_csv(tmp / "trials.csv", study.get_trials(deepcopy=False))
         skipped = write_plots(study, tmp)
