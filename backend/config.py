@@ -86,6 +86,11 @@ class Settings:
         "MOSAIC_BACKEND_MODEL", None,
         "SAM 2 base model: a name (mosaic-toolkit weights list), a checkpoint or a fine-tune "
         "file. Default: the best installed checkpoint.", _opt_str)
+    model_base: str | None = _setting(
+        "MOSAIC_BACKEND_MODEL_BASE", None,
+        "Base SAM 2 checkpoint (path or name) of a fine-tune file given as MOSAIC_BACKEND_MODEL, "
+        "when it is neither in the model cache nor at the path the fine-tune recorded; its sha256 "
+        "must match the recorded one. Default: found from the fine-tune file.", _opt_str)
     model_output: str = _setting(
         "MOSAIC_BACKEND_MODEL_OUTPUT", "auto",
         "Mask-decoder output MOSAIC_BACKEND_MODEL was fine-tuned on, the only one clicks and "

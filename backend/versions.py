@@ -352,7 +352,8 @@ def load_base_engine(settings: Settings) -> Engine:
              else f"SAM 2 {settings.model or weights.default_model()}")
     return _open(kind, settings.model, settings.device, settings.generator_params,
                        cache_bytes=settings.embedding_cache_mb * 2**20, image_size=settings.image_size,
-                       output=None if settings.model_output == "auto" else settings.model_output)
+                       output=None if settings.model_output == "auto" else settings.model_output,
+                       base=settings.model_base)
 
 
 def job_base_spec(engine: Engine) -> dict[str, Any]:

@@ -66,17 +66,17 @@ def export_project(job: dict[str, Any], api_key: str, run_dir: Path,
     with tempfile.TemporaryDirectory(prefix="mosaic-backend-images-") as cache:
         summary = export_dataset(tasks, label_studio_resolver(url, api_key, cache),
                                  run_dir / "export", project=project, partial=True)
-    if len(summary.samples) < 2:
+    if not summary.samples:  # one mosaic is enough: augment splits it spatially
         raise MosaicError(
-            f"project {project}: {len(summary.samples)} annotated task(s) with tesserae; training needs "
-            "at least 2 (one is held out to validate)"
+            f"project {project}: no annotated task with tesserae; training needs at least one"
             + (f" ({len(summary.skipped)} skipped: {summary.skipped[0].reason}, ...)" if summary.skipped else ""))
     return {"tasks": len(tasks), "annotated_tasks": len(summary.samples),
             "skipped_tasks": len(summary.skipped), "tesserae": summary.tesserae}
 
 
 def augment(job: dict[str, Any], run_dir: Path, update: Callable[..., None]) -> None:
-    """Step 2: crops, rotations and flips in RUN_DIR/augmented, split per mosaic."""
+    """Step 2: crops, rotations and flips in RUN_DIR/augmented, split per mosaic (one mosaic:
+    split spatially into bands, see ``mosaic_toolkit.data.augment``)."""
     from mosaic_toolkit.data.augment import augment_dataset
 
     opts = job["augment"]

@@ -142,7 +142,7 @@ def test_each_transform_moves_marker_to_expected_place(tmp_path):
     image[inst == 2] = (30, 30, 220)
     src = tmp_path / "src"
     write_manifest(src, [write_sample(src, "m", image, inst)])
-    augment_dataset(src, tmp_path / "out")
+    augment_dataset(src, tmp_path / "out", split=(1.0, 0.0, 0.0))  # one mosaic, kept whole
     for name, (shape, arms) in MARKER_EXPECTED.items():
         expected = np.zeros(shape, bool)
         for arm in arms:
@@ -169,7 +169,7 @@ def test_transforms_are_exact_array_operations():
 
 def test_points_are_recomputed_inside_their_tiles(tmp_path):
     src = make_dataset(tmp_path / "src", [("a", {})])
-    augment_dataset(src, tmp_path / "out", tesserae_per_crop=16)
+    augment_dataset(src, tmp_path / "out", tesserae_per_crop=16, split=(1.0, 0.0, 0.0))
     out = Dataset.open(tmp_path / "out")
     assert len(out) == 6 * 6  # six 40x40 crops x six transforms
     for sample in out.samples:
@@ -185,7 +185,7 @@ def test_points_are_recomputed_inside_their_tiles(tmp_path):
 # --------------------------------------------------------------------------------------------
 def test_resize_keeps_longest_side_within_max(tmp_path):
     src = make_dataset(tmp_path / "src", [("big", {})], width=300, height=200, pitch=30, tile=24)
-    augment_dataset(src, tmp_path / "out", max_side=64)
+    augment_dataset(src, tmp_path / "out", max_side=64, split=(1.0, 0.0, 0.0))
     manifest = read_manifest(tmp_path / "out")
     sizes = {s["source"]["transform"]: (s["width"], s["height"]) for s in manifest["samples"]}
     assert sizes["identity"] == (64, 43) and sizes["rot90"] == (43, 64)
@@ -368,3 +368,65 @@ def test_cli_rejects_unknown_transform_and_missing_dataset(tmp_path):
     result = CliRunner().invoke(main, ["augment", str(tmp_path / "nope"), "--out",
                                        str(tmp_path / "o")])
     assert result.exit_code == 1 and "not found" in result.output
+
+
+# --------------------------------------------------------------------------------------------
+# One mosaic: a spatial split
+# --------------------------------------------------------------------------------------------
+def test_one_mosaic_is_split_spatially_with_a_gap(tmp_path):
+    """One mosaic gives train, val and test bands; no tessera of the parent touches two of them."""
+    src = make_dataset(tmp_path / "src", [("only", {"mosaic": "villa"})], width=300, height=80)
+    parent = read_instances(src / "instances" / "only.png")
+    summary = augment_dataset(src, tmp_path / "out", tesserae_per_crop=16, transforms=["identity", "rot90"])
+    assert all(summary.per_split[name] > 0 for name in ("train", "val", "test")), summary.per_split
+    (cut,) = summary.spatial
+    assert cut.axis == "x" and cut.gap == 8  # the tesserae are 8 px wide
+    assert "one mosaic: split spatially into train/val/test bands" in summary.spatial_note()
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["augment"]["spatial_split"] == [cut.to_json()]
+    touched: dict[str, set[int]] = defaultdict(set)
+    for s in manifest["samples"]:
+        x0, y0, x1, y1 = s["source"]["crop"]
+        band = cut.parts[s["split"]]
+        assert band[0] <= x0 < x1 <= band[2], (s["stem"], band)  # every crop inside its band
+        touched[s["split"]] |= set(np.unique(parent[y0:y1, x0:x1]).tolist()) - {0}
+    assert not touched["train"] & touched["val"] and not touched["val"] & touched["test"]
+    assert not touched["train"] & touched["test"]
+    # bands are apart by the gap and share the length roughly as the fractions
+    (t0, _, t1, _), (v0, _, v1, _), (s0, _, s1, _) = (cut.parts[n] for n in ("train", "val", "test"))
+    assert t0 == 0 and v0 == t1 + 8 and s0 == v1 + 8 and s1 == 300
+    assert abs((t1 - t0) / 284 - 0.68) < 0.02 and abs((v1 - v0) / 284 - 0.17) < 0.02
+
+
+def test_spatial_gap_is_the_largest_tessera_and_tall_images_cut_across_the_height():
+    from mosaic_toolkit.data.augment import spatial_parts
+
+    inst = grid_instances(80, 300)
+    inst[100:140, 20:28] = inst.max() + 1  # one tessera 40 px tall
+    cut = spatial_parts(inst, (0.8, 0.2, 0.0))
+    assert cut.axis == "y" and cut.gap == 40 and list(cut.parts) == ["train", "val"]
+    (_, t0, _, t1), (_, v0, _, v1) = cut.parts["train"], cut.parts["val"]
+    assert t0 == 0 and v0 == t1 + 40 and v1 == 300
+    with pytest.raises(MosaicError, match="too small to split"):
+        spatial_parts(grid_instances(40, 20, pitch=10, tile=8), (0.68, 0.17, 0.15), "tiny")
+
+
+def test_several_mosaics_or_keep_splits_are_not_split_spatially(tmp_path):
+    src = make_dataset(tmp_path / "src", [("a", {"mosaic": "m1"}), ("b", {"mosaic": "m2"})])
+    summary = augment_dataset(src, tmp_path / "out", transforms=["identity"])
+    assert summary.spatial == [] and summary.spatial_note() is None
+    assert "spatial_split" not in read_manifest(tmp_path / "out")["augment"]
+    one = make_dataset(tmp_path / "one", [("a", {})])
+    summary = augment_dataset(one, tmp_path / "out2", transforms=["identity"], split=(1.0, 0.0, 0.0))
+    assert summary.spatial == [] and summary.per_split == {"train": 1, "val": 0, "test": 0}
+
+
+def test_cli_one_mosaic_says_how_it_was_split(tmp_path):
+    src = make_dataset(tmp_path / "src", [("only", {})], width=300, height=80)
+    result = CliRunner().invoke(main, ["augment", str(src), "--out", str(tmp_path / "out"),
+                                       "--tesserae-per-crop", "16", "--split", "0.8,0.2,0"])
+    assert result.exit_code == 0, result.output
+    assert "val 0" not in result.output
+    assert "one mosaic: split spatially into train/val bands across its width, 8 px apart" in result.output
+    splits = {s["split"] for s in read_manifest(tmp_path / "out")["samples"]}
+    assert splits == {"train", "val"}

@@ -84,6 +84,23 @@ def test_prompt_losses_on_known_masks():
     assert score[1] == pytest.approx(0.25)  # predicted 0.25, actual 0
 
 
+def test_image_dice_pools_the_prompts_of_an_image():
+    """One Dice over all prompts: a large tessera weighs more than a small one."""
+    from mosaic_toolkit.training.losses import image_dice
+
+    targets = torch.zeros((2, 8, 8), dtype=torch.bool)
+    targets[0, 0:6, 0:6] = True  # 36 px, predicted exactly
+    targets[1, 7, 7] = True  # 1 px, missed
+    logits = torch.full((2, 8, 8), -20.0)
+    logits[0, 0:6, 0:6] = 20.0
+    pooled = image_dice(logits, targets)
+    per_prompt, _ = prompt_losses(logits, torch.ones(2), targets)
+    assert float(pooled) == pytest.approx(1 - (2 * 36 + 1) / (36 + 37 + 1), abs=1e-3)
+    assert float(pooled) < 0.05 < float(per_prompt.mean())  # the missed pixel barely counts pooled
+    with pytest.raises(MosaicError, match="dice must be one of"):
+        TrainConfig(dice="pixel")
+
+
 def test_check_points_names_the_file():
     instances = np.zeros((4, 6), dtype=np.int32)
     instances[1:3, 1:3], instances[1:3, 4:6] = 1, 2
@@ -117,7 +134,7 @@ def test_only_prompt_encoder_and_mask_decoder_change(reference_run):
     assert all(not n.startswith(FINETUNE_PREFIXES) for n in frozen)
 
 
-def test_run_outputs(reference_run, tiny_dataset):
+def test_run_outputs(reference_run, tiny_dataset, tiny_sam2_checkpoint):
     _, result, _, _ = reference_run
     run_dir = result.run_dir
     assert result.finished and result.epochs_completed == 3
@@ -143,6 +160,7 @@ def test_run_outputs(reference_run, tiny_dataset):
     assert training["hyperparameters"]["lr"] == 1e-3
     assert training["dataset"] == str(tiny_dataset.resolve())
     assert meta["base"]["image_size"] == IMAGE_SIZE and meta["base"]["sha256"]
+    assert meta["base"]["checkpoint"] == str(tiny_sam2_checkpoint.resolve())
     assert meta["generator"] == {}
 
 
@@ -159,6 +177,18 @@ def test_finetune_loads_into_segment_engine(reference_run, tiny_dataset, sam2_ho
     sample = data.split("val")[0]
     instances = engine.segment(data.image(sample), engine.params.replace(**VAL_PARAMS))
     assert instances.shape == (sample.height, sample.width) and instances.dtype == np.int32
+
+
+def test_finetune_finds_its_base_without_the_model_cache(reference_run, tiny_sam2_checkpoint, tmp_path,
+                                                       monkeypatch):
+    """Trained with --base PATH: the file finds that path again when the cache does not hold it."""
+    from mosaic_toolkit.sam.models import resolve_model
+
+    _, result, _, _ = reference_run
+    monkeypatch.setenv("MOSAIC_SAM_HOME", str(tmp_path / "empty_home"))
+    spec = resolve_model(result.finetune)
+    assert spec.base_checkpoint.resolve() == tiny_sam2_checkpoint.resolve()
+    assert spec.finetune == result.finetune and spec.image_size == IMAGE_SIZE
 
 
 def test_cache_holds_the_encoder_features(reference_run):

@@ -196,3 +196,130 @@ def test_model_spec_json_round_trip(tiny_sam2_spec, tmp_path):
     assert again.base_checkpoint == spec.base_checkpoint and again.finetune == spec.finetune
     assert (again.config, again.base_name, again.generator, again.image_size) == (
         spec.config, spec.base_name, spec.generator, spec.image_size)
+
+
+# ------------------------------------------------------------------ finding a fine-tune's base again
+def _other_weights(source: Path, dest: Path) -> Path:
+    """A checkpoint of the same architecture with other weights (another base, same config)."""
+    state = torch.load(source, map_location="cpu", weights_only=True)["model"]
+    key = "image_encoder.trunk.patch_embed.proj.bias"
+    state[key] = state[key] + 1.0
+    torch.save({"model": state}, dest)
+    return dest
+
+
+def test_finetune_records_and_finds_its_base_outside_the_cache(tuned, tiny_sam2_checkpoint, tmp_path, monkeypatch):
+    """A fine-tune of a base given by path (under the registry's file name, outside the model
+    cache) records the path and sha256, and finds the base again without the cache."""
+    import dataclasses
+
+    from mosaic_toolkit.sam.models import base_record, file_sha256
+
+    elsewhere = tmp_path / "weights" / MODELS[TINY].filename
+    elsewhere.parent.mkdir()
+    shutil.copyfile(tiny_sam2_checkpoint, elsewhere)
+    empty = tmp_path / "empty_home"
+    empty.mkdir()
+    monkeypatch.setenv("MOSAIC_SAM_HOME", str(empty))
+    spec = dataclasses.replace(resolve_model(elsewhere), image_size=256)
+    assert spec.base_name == TINY  # named by its file name
+    finetune = tmp_path / "finetune.pt"
+    save_finetune(finetune, tuned[0], base=base_record(spec), generator=None, training=None)
+    recorded = load_finetune(finetune)["base"]
+    assert recorded["name"] == TINY and recorded["checkpoint"] == str(elsewhere.resolve())
+    assert recorded["sha256"] == file_sha256(elsewhere)
+
+    # Not in the cache: the recorded path.
+    assert resolve_model(finetune).base_checkpoint == elsewhere
+    # In the cache too (same weights): the cache.
+    monkeypatch.setenv("MOSAIC_SAM_HOME", str(tiny_sam2_checkpoint.parent))
+    assert resolve_model(finetune).base_checkpoint == tiny_sam2_checkpoint
+
+    # Moved away and not in the cache: a clear error saying where it looked and what to do.
+    monkeypatch.setenv("MOSAIC_SAM_HOME", str(empty))
+    moved = tmp_path / "moved.pt"
+    elsewhere.rename(moved)
+    with pytest.raises(MosaicError) as err:
+        resolve_model(finetune)
+    message = str(err.value)
+    assert str(finetune) in message and str(elsewhere.resolve()) in message and str(empty) in message
+    assert "--base" in message and f"weights fetch {TINY}" in message
+    # An explicit base is accepted when its sha256 is the recorded one (any file name).
+    given = resolve_model(finetune, base=moved)
+    assert given.base_checkpoint == moved and given.finetune == finetune and given.image_size == 256
+    engine = Sam2Engine.from_spec(finetune, base=moved, device="cpu")
+    assert tensors_equal(engine.model.state_dict(), tuned[1], FINETUNE_PREFIXES)
+
+    # Other weights of the same architecture: an error naming both files.
+    other = _other_weights(moved, tmp_path / "other.pt")
+    with pytest.raises(MosaicError) as err:
+        resolve_model(finetune, base=other)
+    message = str(err.value)
+    assert str(finetune) in message and str(other) in message and str(elsewhere.resolve()) in message
+    assert "sha256" in message and recorded["sha256"][:12] in message
+
+    # A cache holding other weights under the registry's name is passed over for the recorded path...
+    home = tmp_path / "home_with_other"
+    home.mkdir()
+    other.rename(home / MODELS[TINY].filename)
+    moved.rename(elsewhere)
+    monkeypatch.setenv("MOSAIC_SAM_HOME", str(home))
+    assert resolve_model(finetune).base_checkpoint == elsewhere
+    # ... and when the recorded path is gone too, the mismatch is the error.
+    elsewhere.unlink()
+    with pytest.raises(MosaicError, match=f"{finetune}.*sha256.*{home / MODELS[TINY].filename}.*--base"):
+        resolve_model(finetune)
+
+
+def test_finetune_without_recorded_path_or_hash_resolves_by_name(sam2_home, tuned, tmp_path):
+    """Files written before the base's path and sha256 were recorded still load (by name)."""
+    path = write_finetune(tmp_path / "old.pt", tuned[0])
+    data = torch.load(path, weights_only=True)
+    del data["base"]["checkpoint"], data["base"]["sha256"]
+    torch.save(data, path)
+    spec = resolve_model(path)
+    assert spec.base_name == TINY and spec.finetune == path
+    assert resolve_model(path, base=spec.base_checkpoint).base_checkpoint == spec.base_checkpoint
+
+
+def test_base_override_reaches_tune_eval_and_backend(tuned, tiny_sam2_checkpoint, tmp_path, monkeypatch):
+    """--base (tune, eval --models) and MOSAIC_BACKEND_MODEL_BASE give a moved base; a wrong one
+    is refused before any work, naming both files."""
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    from mosaic_backend.config import Settings
+    from mosaic_backend.errors import BackendError
+    from mosaic_backend.versions import load_base_engine
+    from mosaic_toolkit.cli import main
+    from mosaic_toolkit.evaluation.compare import _check_models
+    from mosaic_toolkit.sam.models import base_record
+
+    base = tmp_path / "w" / MODELS[TINY].filename
+    base.parent.mkdir()
+    shutil.copyfile(tiny_sam2_checkpoint, base)
+    monkeypatch.setenv("MOSAIC_SAM_HOME", str(tmp_path / "empty_home"))
+    spec = dataclasses.replace(resolve_model(base), image_size=256)
+    finetune = tmp_path / "ft.pt"
+    save_finetune(finetune, tuned[0], base=base_record(spec), generator=None, training=None)
+    moved = base.rename(tmp_path / "moved.pt")
+    other = _other_weights(moved, tmp_path / "other.pt")
+    dataset = tmp_path / "data"
+    dataset.mkdir()
+
+    result = CliRunner().invoke(main, ["tune", str(dataset), "--model", str(finetune)])
+    assert result.exit_code == 1 and "not found" in result.output and "--base" in result.output
+    result = CliRunner().invoke(main, ["tune", str(dataset), "--model", str(finetune), "--base", str(other)])
+    assert result.exit_code == 1 and str(other) in result.output and "sha256" in result.output
+
+    with pytest.raises(MosaicError, match=f"model 'ft'.*{other}"):
+        _check_models([("ft", str(finetune)), ("classical", "classical")], base=other)
+    _check_models([("ft", str(finetune)), ("classical", "classical")], base=moved)
+
+    settings = Settings.from_env({}, engine="sam2", model=str(finetune), device="cpu")
+    with pytest.raises(BackendError, match="not found"):
+        load_base_engine(settings)
+    engine = load_base_engine(dataclasses.replace(settings, model_base=str(moved)))
+    assert engine.spec.base_checkpoint == moved and engine.spec.finetune == finetune
+    assert tensors_equal(engine.model.state_dict(), tuned[1], FINETUNE_PREFIXES)

@@ -267,3 +267,36 @@ def test_too_coarse_image_gets_a_warning_and_no_regions(tmp_path: Path, no_weigh
     assert records["detail"]["scale"]["confidence"] > 0
     assert {a["source"] for a in records["detail"]["scale"]["alternatives"]} == {
         "autocorrelation", "spectrum"}
+
+
+def test_segment_finetune_with_base_outside_the_cache(sam2_engine, tiny_sam2_checkpoint, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch):
+    """`segment --model FT` finds a base given by path at training time; `--base` when it moved."""
+    import dataclasses
+    import shutil
+
+    from mosaic_toolkit.sam.models import base_record, resolve_model, save_finetune
+
+    image, _ = grid_mosaic(2, 3)
+    write_image(tmp_path / "images" / "grid.png", image)
+    base = tmp_path / "w" / MODELS["sam2.1-tiny"].filename
+    base.parent.mkdir()
+    shutil.copyfile(tiny_sam2_checkpoint, base)
+    monkeypatch.setenv("MOSAIC_SAM_HOME", str(tmp_path / "empty_home"))
+    spec = dataclasses.replace(resolve_model(base), image_size=256)
+    finetune = tmp_path / "ft.pt"
+    save_finetune(finetune, sam2_engine.model, base=base_record(spec), generator={"min_area": 16},
+                  training=None, output="sam2")
+
+    result = run("segment", tmp_path / "images", "--out", tmp_path / "a", "--model", finetune, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    moved = base.rename(tmp_path / "moved.pt")
+    result = run("segment", tmp_path / "images", "--out", tmp_path / "b", "--model", finetune, "--device", "cpu")
+    assert result.exit_code == 1 and "not found" in result.output and "--base" in result.output
+    assert not (tmp_path / "b").exists()
+    result = run("segment", tmp_path / "images", "--out", tmp_path / "b", "--model", finetune,
+                 "--base", moved, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "b" / "segment.json").is_file()
+    result = run("segment", tmp_path / "images", "--out", tmp_path / "c", "--base", moved)
+    assert result.exit_code == 2 and "--base applies to a fine-tune" in result.output

@@ -85,3 +85,6 @@ def command(
         f"{count(summary.crops, 'crop')}{skipped} -> {count(summary.outputs, 'sample')} in {out}"
     )
     click.echo(f"splits: {per_split}")
+    note = summary.spatial_note()
+    if note:
+        click.echo(note)

@@ -8,7 +8,7 @@ import click
 from ..core.dataset import SPLITS
 from ..core.errors import MosaicError
 from ..evaluation.evaluate import evaluate, markdown_table
-from .options import device_option, handle_errors, overwrite_option, split_option
+from .options import base_option, device_option, handle_errors, overwrite_option, split_option
 
 _FOLDER = click.Path(exists=True, file_okay=False, path_type=Path)
 
@@ -64,6 +64,10 @@ def _parse_models(ctx: click.Context, param: click.Parameter, value: str | None)
     help="Torch device for SAM 2 models with --models (cpu, cuda, cuda:1, mps) "
     "[default: CUDA, else MPS, else CPU].",
 )
+@base_option(
+    help="Base SAM 2 checkpoint of the fine-tune files in --models, when they find theirs neither "
+    "in the model cache nor at the path they recorded; its sha256 must match the recorded one.",
+)
 @overwrite_option
 @handle_errors
 def command(
@@ -75,6 +79,7 @@ def command(
     split: str | None,
     per_image: bool,
     device: str | None,
+    base: str | None,
     overwrite: bool,
 ) -> None:
     """Score predicted masks PRED against the ground-truth dataset GT (pixel and per-tessera).
@@ -95,12 +100,13 @@ def command(
                 raise click.UsageError(f"{flag} applies to --pred; --models compares the first two models itself")
         from ..evaluation.compare import compare_models
 
-        summary = compare_models(models, gt, out, split=split or "test", device=device, overwrite=overwrite)
+        summary = compare_models(models, gt, out, split=split or "test", device=device, overwrite=overwrite,
+                                 base=base)
         click.echo(markdown_table({m["label"]: m["mean"] for m in summary["models"]}))
         click.echo(f"Comparison written to {out}", err=True)
         return
-    if device is not None:
-        raise click.UsageError("--device applies to --models")
+    if device is not None or base is not None:
+        raise click.UsageError("--device and --base apply to --models")
     report = evaluate(pred, gt, out, baseline=baseline, split=split, overwrite=overwrite)
     rows = dict(report["images"]) if per_image else {}
     rows["**mean**"] = report["mean"]

@@ -55,6 +55,17 @@ def model_option(help: str, required: bool = False):
     return click.option("--model", default=None, required=required, help=help)
 
 
+BASE_HELP = (
+    "Base SAM 2 checkpoint (path or installed name) of a fine-tune file given as --model, when "
+    "it is neither in the model cache nor at the path the fine-tune recorded; its sha256 must "
+    "match the one recorded  [default: found from the fine-tune file]"
+)
+
+
+def base_option(help: str = BASE_HELP):
+    return click.option("--base", default=None, help=help)
+
+
 def engine_option(choices, help: str):
     return click.option("--engine", type=click.Choice(choices), default="auto", show_default=True, help=help)
 

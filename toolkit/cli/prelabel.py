@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .options import handle_errors
+from .options import base_option, handle_errors
 
 
 def _task_ids(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -34,6 +34,7 @@ def _task_ids(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     "else the classical engine.",
 )
 @click.option("--model", default=None, help="SAM 2 model: an installed name, a checkpoint or a fine-tune file.")
+@base_option()
 @click.option("--device", default=None, help="Torch device for SAM 2 (cpu, cuda, cuda:1, mps).")
 @click.option(
     "--tasks", "task_ids", callback=_task_ids, default=None, metavar="1,2,...",
@@ -45,8 +46,8 @@ def _task_ids(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     "tessera's pixels.",
 )
 @handle_errors
-def command(url: str, api_key: str, project: int, engine: str, model: str | None, device: str | None,
-            task_ids: list[int] | None, polygon_iou: float) -> None:
+def command(url: str, api_key: str, project: int, engine: str, model: str | None, base: str | None,
+            device: str | None, task_ids: list[int] | None, polygon_iou: float) -> None:
     """Pre-label every task of a Label Studio project that has no prediction from this model
     version yet, one prediction per task (light polygons, or brush masks when the labeling
     config has no PolygonLabels).
@@ -58,7 +59,9 @@ def command(url: str, api_key: str, project: int, engine: str, model: str | None
     from ..data.prelabel import prelabel_project
     from ..engines import describe_engine, engine_info, open_engine
 
-    chosen = open_engine(engine, model, device)
+    if base and not model:
+        raise click.UsageError("--base applies to a fine-tune file given as --model")
+    chosen = open_engine(engine, model, device, base=base)
     version = engine_info(chosen)["model_version"]
     click.echo(describe_engine(chosen), err=True)
     summary = prelabel_project(url.rstrip("/"), api_key, project, chosen, model_version=version,

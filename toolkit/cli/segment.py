@@ -12,6 +12,7 @@ from .options import (
     engine_option,
     handle_errors,
     method_option,
+    base_option,
     model_option,
     output_option,
     overwrite_option,
@@ -36,6 +37,7 @@ MIN_TILE_OPTION = 64  # smaller tiles hold too little context to segment anythin
     help="SAM 2 model: an installed name (see `weights list`), a checkpoint or a fine-tune file "
     "[default: the best installed model].",
 )
+@base_option()
 @output_option()
 @device_option(
     help="Torch device for SAM 2 (cpu, cuda, cuda:1, mps) [default: CUDA, else MPS, else CPU].",
@@ -63,6 +65,7 @@ def command(
     out: Path,
     engine: str,
     model: str | None,
+    base: str | None,
     output: str | None,
     device: str | None,
     method: str | None,
@@ -85,7 +88,10 @@ def command(
     """
     if 0 < tile < MIN_TILE_OPTION:
         raise click.BadParameter(f"use 0 (automatic) or at least {MIN_TILE_OPTION}", param_hint="--tile")
-    chosen = open_engine(engine, model, device, {"method": method} if method else None, output=output)
+    if base and not model:
+        raise click.UsageError("--base applies to a fine-tune file given as --model")
+    chosen = open_engine(engine, model, device, {"method": method} if method else None, output=output,
+                         base=base)
     click.echo(describe_engine(chosen), err=True)
     if chosen.name == "classical" and engine == "auto":
         click.echo(f"No SAM 2 weights are installed (to use SAM 2: `{FETCH_COMMAND}`).", err=True)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .options import count, handle_errors, overwrite_option
+from .options import base_option, count, handle_errors, overwrite_option
 
 
 @click.command("tasks")
@@ -47,6 +47,7 @@ from .options import count, handle_errors, overwrite_option
     "installed, else classical).",
 )
 @click.option("--model", default=None, help="SAM 2 model for --prelabel (name, checkpoint or fine-tune).")
+@base_option()
 @click.option("--device", default=None, help="Torch device for SAM 2 (cpu, cuda, mps).")
 @click.option(
     "--polygon-iou", type=click.FloatRange(min=0, max=1, min_open=True), default=0.97, show_default=True,
@@ -57,7 +58,7 @@ from .options import count, handle_errors, overwrite_option
 @handle_errors
 def command(images: tuple[Path, ...], out: Path, max_tesserae: int, tessera_size: float | None,
             document_root: Path | None, url_prefix: str | None, prelabel: bool, engine: str,
-            model: str | None, device: str | None, polygon_iou: float, overwrite: bool) -> None:
+            model: str | None, base: str | None, device: str | None, polygon_iou: float, overwrite: bool) -> None:
     """Cut the mosaics IMAGES (files or folders) into overlapping crops of at most about
     --max-tesserae tesserae, as Label Studio tasks.
 
@@ -69,15 +70,17 @@ def command(images: tuple[Path, ...], out: Path, max_tesserae: int, tessera_size
     from ..engines import describe_engine, engine_info, open_engine
     from ..segment import collect_images
 
-    if (engine != "auto" or model or device) and not prelabel:
-        raise click.UsageError("--engine, --model and --device apply with --prelabel")
+    if (engine != "auto" or model or base or device) and not prelabel:
+        raise click.UsageError("--engine, --model, --base and --device apply with --prelabel")
+    if base and not model:
+        raise click.UsageError("--base applies to a fine-tune file given as --model")
     if url_prefix is not None and click.get_current_context().get_parameter_source(
             "document_root") is click.core.ParameterSource.ENVIRONMENT:
         document_root = None
     paths = collect_images(images)
     chosen = version = None
     if prelabel:
-        chosen = open_engine(engine, model, device)
+        chosen = open_engine(engine, model, device, base=base)
         version = engine_info(chosen)["model_version"]
         click.echo(describe_engine(chosen), err=True)
     tasks = make_tasks(paths, out, max_tesserae=max_tesserae, tessera_size=tessera_size,

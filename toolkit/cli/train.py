@@ -11,7 +11,7 @@ import click
 from click.core import ParameterSource
 
 from ..sam.params import TRAINED_OUTPUTS
-from ..training.config import DEFAULTS, LIMITS
+from ..training.config import DEFAULTS, DICE_MODES, LIMITS
 from .options import device_option, handle_errors
 
 
@@ -65,6 +65,11 @@ def _range(name: str) -> click.ParamType:
     "with (clicks, fast, stock, tune): single = SAM 2's single-mask token; multimask-first = the "
     "first multimask token, as the thesis trained.",
 )
+@click.option(
+    "--dice", type=click.Choice(DICE_MODES), default=DEFAULTS.dice, show_default=True,
+    help="Dice loss per prompt (averaged over an image's prompts) or one Dice over all prompts "
+    "of an image (the thesis's).",
+)
 @device_option(
     help="Torch device, e.g. cuda, cuda:1, cpu  [default: CUDA if available, else MPS, else CPU]",
 )
@@ -114,6 +119,7 @@ def command(
     max_prompts: int,
     val_every: int,
     output: str,
+    dice: str,
     device: str | None,
     workers: int,
     cache: bool,
@@ -142,7 +148,7 @@ def command(
     hyper = dict(
         epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
         score_weight=score_weight, max_prompts=max_prompts, seed=seed, image_size=image_size,
-        val_every=val_every, val_params=None, output=output,
+        val_every=val_every, val_params=None, output=output, dice=dice,
     )
     recorded = recorded_config(out) if resume else None
     if recorded:  # --resume: options not given again keep the run's recorded values

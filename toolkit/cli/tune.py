@@ -10,6 +10,7 @@ from .options import (
     device_option,
     handle_errors,
     method_option,
+    base_option,
     model_option,
     output_option,
     seed_option,
@@ -25,6 +26,7 @@ from .options import (
     help="SAM 2 model to tune: a model name (see `mosaic-toolkit weights list`), a checkpoint "
     "file or a fine-tune file (updated in place with the best parameters).",
 )
+@base_option()
 @output_option()
 @click.option(
     "--trials", type=click.IntRange(min=1), default=30, show_default=True,
@@ -72,6 +74,7 @@ from .options import (
 def command(
     dataset: Path,
     model: str,
+    base: str | None,
     output: str | None,
     trials: int,
     storage: str | None,
@@ -100,7 +103,7 @@ def command(
     result = tune(
         dataset, model, trials=trials, storage=storage, study_name=study_name, split=split,
         max_images=max_images, method=method, tile=tile or None, seed=seed, device=device,
-        out=out, memo_bytes=int(memo_gb * 2**30), output=output,
+        out=out, memo_bytes=int(memo_gb * 2**30), output=output, base=base,
     )
     summary = result.to_json()
     click.echo(f"Study {result.study!r} in {result.storage}: {result.trials_complete} completed trials")

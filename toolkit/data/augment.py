@@ -19,6 +19,11 @@ Choices made here (all deterministic; the seed only drives the split assignment)
   clockwise; ``hflip`` mirrors left-right, ``vflip`` top-bottom.
 * Output images are PNG (lossless: no second JPEG compression of the crops).
 * Crops left without any tessera are skipped.
+* A dataset of one mosaic cannot be split per mosaic, so each of its images is split spatially
+  instead (:func:`spatial_parts`): cut across its longer side into a train, a val and a test
+  band (the positive fractions, in that order), with a gap between neighbouring bands as wide
+  as the largest tessera's extent across the cut (from the instance map), so no tessera reaches
+  two bands. Crops are planned inside each band, and every crop takes its band's split.
 """
 from __future__ import annotations
 
@@ -214,6 +219,67 @@ def assign_splits(
     return result
 
 
+def tessera_extents(instances: np.ndarray, axis: int) -> np.ndarray:
+    """Extent in pixels of every tessera along ``axis`` (1: x, 0: y), from its bounding box."""
+    ids = instances.ravel()
+    n = int(ids.max()) + 1 if ids.size else 1
+    coords = np.indices(instances.shape)[axis].ravel()
+    lo = np.full(n, np.iinfo(np.int64).max, np.int64)
+    hi = np.full(n, -1, np.int64)
+    np.minimum.at(lo, ids, coords)
+    np.maximum.at(hi, ids, coords)
+    present = hi >= 0
+    present[0] = False
+    return (hi - lo + 1)[present]
+
+
+@dataclass
+class SpatialSplit:
+    """How one image of a single-mosaic dataset was cut into split bands."""
+
+    parent: str
+    axis: str  # "x": bands side by side across the width; "y": stacked across the height
+    gap: int  # pixels between neighbouring bands (>= the largest tessera's extent across the cut)
+    parts: dict[str, Box]  # split -> band, parent pixel coordinates
+
+    def to_json(self) -> dict:
+        return {"parent": self.parent, "axis": self.axis, "gap": self.gap,
+                "parts": {k: list(v) for k, v in self.parts.items()}}
+
+
+def spatial_parts(instances: np.ndarray, fractions: Sequence[float], parent: str = "image") -> SpatialSplit:
+    """Cut an image into train/val/test bands across its longer side, with a gap between bands.
+
+    Bands follow the positive ``fractions`` in the order train, val, test; their lengths share
+    what the gaps leave in proportion to the fractions. The gap is the largest extent of a
+    tessera across the cut (at least 1 px), so a tessera can touch at most one band: none is
+    in two splits. A MosaicError when a band would be shorter than the gap.
+    """
+    fractions = validate_split(fractions)
+    height, width = instances.shape
+    axis = 1 if width >= height else 0
+    length = instances.shape[axis]
+    extents = tessera_extents(instances, axis)
+    gap = max(1, int(extents.max())) if extents.size else 1
+    wanted = [(name, f) for name, f in zip(SPLITS, fractions) if f > 0]
+    usable = length - gap * (len(wanted) - 1)
+    total = sum(f for _, f in wanted)
+    parts: dict[str, Box] = {}
+    start, acc = 0, 0.0
+    for i, (name, f) in enumerate(wanted):
+        acc += f
+        end = length if i == len(wanted) - 1 else round(usable * acc / total) + gap * i
+        if end - start < gap:
+            raise MosaicError(
+                f"{parent}: too small to split into {'/'.join(n for n, _ in wanted)} parts "
+                f"{gap} px apart (the largest tessera); give more mosaics, other --split "
+                "fractions, or --keep-splits"
+            )
+        parts[name] = (start, 0, end, height) if axis == 1 else (0, start, width, end)
+        start = end + gap
+    return SpatialSplit(parent, "x" if axis == 1 else "y", gap, parts)
+
+
 # --------------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------------
@@ -228,6 +294,19 @@ class AugmentSummary:
     outputs: int
     per_split: dict[str, int] = field(default_factory=dict)
     mosaics_per_split: dict[str, int] = field(default_factory=dict)
+    #: One entry per image when a single mosaic was split spatially (else empty).
+    spatial: list[SpatialSplit] = field(default_factory=list)
+
+    def spatial_note(self) -> str | None:
+        """One line saying how a single mosaic was split, for the user (None when it was not)."""
+        if not self.spatial:
+            return None
+        first = self.spatial[0]
+        across = "width" if first.axis == "x" else "height"
+        gaps = sorted({s.gap for s in self.spatial})
+        gap = f"{gaps[0]} px" if len(gaps) == 1 else f"{gaps[0]}-{gaps[-1]} px"
+        return (f"one mosaic: split spatially into {'/'.join(first.parts)} bands across its {across}, "
+                f"{gap} apart (the largest tessera), so no tessera is in two splits")
 
 
 def augment_dataset(
@@ -248,7 +327,9 @@ def augment_dataset(
     Output stems are ``<parent>_c<crop:03d>_<transform>``; each manifest source records the
     parent, the crop box in parent pixels, the transform, the scale and the parent's own source
     (plus ``mosaic``, the group used for splitting). With ``keep_splits`` every output inherits
-    its parent's split (all parents must have one); otherwise splits are drawn per mosaic.
+    its parent's split (all parents must have one); otherwise splits are drawn per mosaic, and a
+    dataset of one mosaic is split spatially (module docstring; recorded in the manifest's
+    ``augment.spatial_split`` and in the summary).
     """
     fractions = validate_split(split)
     transforms = validate_transform_names(transforms)
@@ -273,14 +354,20 @@ def augment_dataset(
             )
         _warn_split_leaks(ds.samples)
 
+    positive = sum(f > 0 for f in fractions)
+    spatial = not keep_splits and positive > 1 and len({mosaic_id(s) for s in ds.samples}) == 1
+    cuts: list[SpatialSplit] = []
     written: list[tuple[Sample, Sample]] = []  # (parent, output)
     crops = skipped = 0
     with atomic_output_dir(out, overwrite) as tmp:
         bar = tqdm(ds.samples, desc="augment", unit="image", disable=None)
         for parent in bar:
-            outputs, n_crops, n_empty = _augment_parent(
-                ds, parent, tmp, tesserae_per_crop, min_visible, max_side, transforms
+            outputs, n_crops, n_empty, cut = _augment_parent(
+                ds, parent, tmp, tesserae_per_crop, min_visible, max_side, transforms,
+                fractions if spatial else None,
             )
+            if cut is not None:
+                cuts.append(cut)
             written.extend((parent, s) for s in outputs)
             crops += n_crops
             skipped += n_empty
@@ -292,7 +379,7 @@ def augment_dataset(
             split_of_parent = {p.stem: p.split for p in ds.samples}
             for parent, sample in written:
                 sample.split = split_of_parent[parent.stem]
-        else:
+        elif not spatial:  # (spatially split samples carry their band's split already)
             weights = Counter(mosaic_id(parent) for parent, _ in written)
             split_of_mosaic = assign_splits(dict(weights), fractions, seed)
             for parent, sample in written:
@@ -310,6 +397,7 @@ def augment_dataset(
                 "transforms": list(transforms),
                 "split": list(fractions),
                 "keep_splits": keep_splits,
+                **({"spatial_split": [c.to_json() for c in cuts]} if spatial else {}),
             },
         )
 
@@ -325,6 +413,7 @@ def augment_dataset(
         outputs=len(samples),
         per_split={name: per_split.get(name, 0) for name in SPLITS},
         mosaics_per_split={name: len(mosaics_in.get(name, ())) for name in SPLITS},
+        spatial=cuts,
     )
 
 
@@ -336,8 +425,13 @@ def _augment_parent(
     min_visible: float,
     max_side: int,
     transforms: Sequence[str],
-) -> tuple[list[Sample], int, int]:
-    """Write every crop x transform of one parent; returns (samples, crops, empty crops)."""
+    fractions: Sequence[float] | None = None,
+) -> tuple[list[Sample], int, int, SpatialSplit | None]:
+    """Write every crop x transform of one parent; returns (samples, crops, empty crops, cut).
+
+    With ``fractions`` the parent is first cut into split bands (:func:`spatial_parts`, the
+    returned cut), crops are planned inside each band and take its split.
+    """
     image = ds.image(parent)
     instances = ds.instances(parent)
     height, width = image.shape[:2]
@@ -347,12 +441,18 @@ def _augment_parent(
             f"image is {width}x{height}"
         )
     areas = np.bincount(instances.ravel())
-    n_tesserae = int(np.count_nonzero(areas[1:]))
-    boxes = plan_crops(width, height, n_tesserae, per_crop)
+    cut = spatial_parts(instances, fractions, parent.stem) if fractions is not None else None
+    regions = list(cut.parts.items()) if cut is not None else [(None, (0, 0, width, height))]
+    boxes: list[tuple[str | None, Box]] = []
+    for split, (rx0, ry0, rx1, ry1) in regions:
+        inside = crop_instances(instances, (rx0, ry0, rx1, ry1), min_visible, areas)
+        n_tesserae = len(np.unique(inside)) - int(inside.min() == 0)
+        boxes += [(split, (rx0 + x0, ry0 + y0, rx0 + x1, ry0 + y1))
+                  for x0, y0, x1, y1 in plan_crops(rx1 - rx0, ry1 - ry0, max(n_tesserae, 0), per_crop)]
     source_base = {**parent.source, "mosaic": mosaic_id(parent), "parent": parent.stem}
     unknown = ds.unknown(parent)  # not annotated (partial export): no crop may hold any of it
     samples, empty = [], 0
-    for index, box in enumerate(boxes):
+    for index, (split, box) in enumerate(boxes):
         x0, y0, x1, y1 = box
         if unknown is not None and unknown[y0:y1, x0:x1].any():
             empty += 1
@@ -365,16 +465,17 @@ def _augment_parent(
         for name in transforms:
             transform = TRANSFORMS[name]
             source = {**source_base, "crop": list(box), "transform": name, "scale": round(scale, 6)}
-            samples.append(
-                write_sample(
-                    root,
-                    f"{parent.stem}_c{index:03d}_{name}",
-                    transform(crop_image),
-                    transform(crop_ids),
-                    source=source,
-                )
+            sample = write_sample(
+                root,
+                f"{parent.stem}_c{index:03d}_{name}",
+                transform(crop_image),
+                transform(crop_ids),
+                source=source,
             )
-    return samples, len(boxes), empty
+            if split is not None:
+                sample.split = split
+            samples.append(sample)
+    return samples, len(boxes), empty, cut
 
 
 def _warn_split_leaks(samples: Sequence[Sample]) -> None:

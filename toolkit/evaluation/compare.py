@@ -89,7 +89,15 @@ def split_output(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
-def _check_models(models: list[tuple[str, str]]) -> None:
+def _is_finetune(name: str) -> bool:
+    """Whether the model ``name`` is a fine-tune file (the ones ``--base`` applies to)."""
+    from ..sam.models import is_finetune_file
+
+    path = Path(name).expanduser()
+    return path.is_file() and is_finetune_file(path)
+
+
+def _check_models(models: list[tuple[str, str]], base: str | os.PathLike | None = None) -> None:
     """Resolve every SAM 2 model now, so a typo fails before hours of segmentation."""
     from ..sam.models import resolve_model
 
@@ -99,7 +107,7 @@ def _check_models(models: list[tuple[str, str]]) -> None:
         if spec != CLASSICAL:
             try:
                 name, output = split_output(spec)
-                resolve_model(name, output=output)
+                resolve_model(name, base=base if _is_finetune(name) else None, output=output)
             except MosaicError as exc:
                 raise MosaicError(f"model {label!r}: {exc}") from exc
 
@@ -114,12 +122,14 @@ def compare_models(
     tile: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    base: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Segment ``split`` of the dataset ``gt`` with every ``(label, spec)`` model, score each and
     write the comparison report to ``out`` (module docstring). Returns comparison.json's content.
 
     ``spec`` is "classical" or a SAM 2 model name, checkpoint or fine-tune file (its tuned
-    parameters apply). Nothing is written unless every model finishes.
+    parameters apply); ``base`` is the base checkpoint of the fine-tune files among them, when
+    they cannot find their own. Nothing is written unless every model finishes.
     """
     out = Path(out)
     dataset = Dataset.open(gt)
@@ -129,7 +139,7 @@ def compare_models(
     root, report = dataset.root.resolve(), out.resolve()
     if report == root or report in root.parents:  # --overwrite would delete the dataset
         raise MosaicError(f"{out}: the report folder must not be or contain the dataset {gt}")
-    _check_models(models)
+    _check_models(models, base)
     images = [dataset.image_path(s) for s in samples]
 
     rows: dict[str, dict[str, Any]] = {}
@@ -137,7 +147,8 @@ def compare_models(
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         for label, spec in models:
             name, output = (None, None) if spec == CLASSICAL else split_output(spec)
-            engine = open_engine(CLASSICAL if spec == CLASSICAL else "sam2", name, device, output=output)
+            engine = open_engine(CLASSICAL if spec == CLASSICAL else "sam2", name, device, output=output,
+                                 base=base if spec != CLASSICAL and _is_finetune(name) else None)
             segmented = segment_paths(images, tmp / "pred" / label, engine, tile=tile, progress=progress)
             info = engine_info(engine)
             del engine  # one model in memory at a time

@@ -7,6 +7,7 @@ use it::
 
     {"format": "mosaic-sam-finetune", "version": 1,
      "base": {"name": "sam2.1-large", "config": "configs/sam2.1/sam2.1_hiera_l.yaml",
+              "checkpoint": "<absolute path of the base checkpoint trained on, optional>",
               "sha256": "<of the base checkpoint, optional>", "image_size": 1024},
      "state_dict": {"sam_prompt_encoder.*": tensor, "sam_mask_decoder.*": tensor},
      "output": "single",
@@ -20,6 +21,11 @@ e.g. ``tune``'s tuned.pt of a base checkpoint: SAM 2's own choice). A file witho
 written before it existed, by our ``train`` (token 0): it reads as "single" (or "sam2" for a
 tuned base, whose training note says so). A whole-model checkpoint that was fine-tuned
 elsewhere is declared with ``resolve_model(..., output=...)`` (``--output`` on the command line).
+
+A fine-tune finds its base checkpoint again (``resolve_model``): the registry name in the model
+cache, then the recorded ``"checkpoint"`` path, each accepted only when its sha256 matches the
+recorded one; an explicit base (``--base``) overrides both and must match too. Files without
+``"checkpoint"`` or ``"sha256"`` (older ones) are found by name alone.
 
 ``resolve_model`` turns what the user typed (a model name, a base checkpoint path or a fine-tune
 path) into a ``ModelSpec``; ``load_model`` builds the ready ``torch.nn.Module`` from it.
@@ -171,8 +177,8 @@ def save_finetune(
 ) -> None:
     """Write a fine-tune file (prompt encoder + mask decoder and metadata), atomically.
 
-    ``base`` needs "name" and "config"; "sha256" (of the base checkpoint) and "image_size" are
-    optional. ``output`` is the decoder output the weights were trained on (module docstring).
+    ``base`` needs "name" and "config"; "checkpoint" (its path), "sha256" (of the base
+    checkpoint) and "image_size" are optional (``base_record`` makes all of them). ``output`` is the decoder output the weights were trained on (module docstring).
     """
     path = Path(path)
     check_output(output, f"{path}")
@@ -181,6 +187,7 @@ def save_finetune(
     base_meta = {
         "name": base.get("name"),
         "config": base["config"],
+        "checkpoint": os.fspath(base["checkpoint"]) if base.get("checkpoint") else None,
         "sha256": base.get("sha256"),
         "image_size": base.get("image_size"),
     }
@@ -267,6 +274,23 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+#: (resolved path, size, mtime, inode) -> sha256: each checkpoint is hashed once per process.
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a checkpoint file: the hash ``weights`` recorded beside a cached checkpoint
+    when it is current, else hashed (once per process and file version: ~0.3 s per 150 MB)."""
+    from . import weights
+
+    path = Path(path)
+    stat = path.stat()
+    key = (os.fspath(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = weights.recorded_sha256(path) or file_sha256(path)
+    return _DIGESTS[key]
+
+
 # --------------------------------------------------------------------------------------------
 # Resolving what the user named
 # --------------------------------------------------------------------------------------------
@@ -337,26 +361,20 @@ def infer_config(checkpoint: Path) -> str:
     raise MosaicError(f"{checkpoint}: weights match none of the SAM 2 configs {configs}")
 
 
-def _resolve_base(name_or_path: str | os.PathLike) -> tuple[Path, str, str | None, str | None]:
-    """(checkpoint, config, model name, known sha256) of a base model name or path.
-
-    The sha256 is only known for a registry checkpoint that ``weights`` has verified (its
-    sidecar records the published hash); other files are not rehashed.
-    """
+def _resolve_base(name_or_path: str | os.PathLike) -> tuple[Path, str, str | None]:
+    """(checkpoint, config, model name) of a base model name or path (its hash is checked
+    where a fine-tune needs it: ``checkpoint_sha256``)."""
     from . import weights
 
     path, info = weights.resolve_checkpoint(str(name_or_path))
     path = Path(path)
     if info is None:
-        return path, infer_config(path), None, None
-    verified = any(
-        s.info.name == info.name and s.verified and s.path.resolve() == path.resolve()
-        for s in weights.model_status()
-    )
-    return path, info.config, info.name, info.sha256 if verified else None
+        return path, infer_config(path), None
+    return path, info.config, info.name
 
 
-def _is_finetune_file(path: Path) -> bool:
+def is_finetune_file(path: Path) -> bool:
+    """Whether ``path`` is a fine-tune file (read lazily: tensors are memory-mapped)."""
     data = _read_torch_file(path, "model file", mmap=True)
     return isinstance(data, dict) and data.get("format") == FINETUNE_FORMAT
 
@@ -384,17 +402,18 @@ def resolve_model(
 ) -> ModelSpec:
     """Resolve a model NAME, a base checkpoint PATH, or a fine-tune file PATH.
 
-    A fine-tune file names its base model; ``base`` (a name or a checkpoint path) overrides where
-    the base weights come from. A different config, differently shaped decoder weights, or a
-    different base checksum (checked when both are known: the fine-tune recorded one and the
-    base is a registry checkpoint verified by ``weights``) is a MosaicError naming both files.
+    A fine-tune file records its base model (name, path, sha256) and is found again from the
+    model cache or the recorded path (module docstring); ``base`` (a name or a checkpoint path)
+    overrides where the base weights come from. A different config, differently shaped decoder
+    weights, or a different base sha256 (when the fine-tune recorded one) is a MosaicError
+    naming both files.
     ``output`` declares the decoder output a checkpoint is served with (:func:`declare_output`).
     """
     path = Path(spec)
-    if not path.is_file() or not _is_finetune_file(path):
+    if not path.is_file() or not is_finetune_file(path):
         if base is not None:
             raise MosaicError(f"{spec}: a separate base model only applies to a fine-tune file")
-        checkpoint, config, name, _ = _resolve_base(spec)
+        checkpoint, config, name = _resolve_base(spec)
         return declare_output(ModelSpec(
             base_checkpoint=checkpoint,
             config=config,
@@ -404,20 +423,12 @@ def resolve_model(
 
     meta = load_finetune(path)
     made_for = meta["base"]
-    wanted = base if base is not None else made_for.get("name")
-    if not wanted:
-        raise MosaicError(f"{path}: fine-tune file does not name its base model; give the base")
-    checkpoint, config, name, known_sha = _resolve_base(wanted)
-    if config != made_for["config"]:
-        raise MosaicError(
-            f"{path}: fine-tune was made for {made_for.get('name') or '?'} ({made_for['config']}), "
-            f"but the base {checkpoint} is {name or '?'} ({config})"
-        )
-    if made_for.get("sha256") and known_sha and made_for["sha256"].lower() != known_sha.lower():
-        raise MosaicError(
-            f"{path}: fine-tune was made for base weights with sha256 {made_for['sha256'][:12]}..., "
-            f"but {checkpoint} has sha256 {known_sha[:12]}..."
-        )
+    if base is not None:
+        checkpoint, config, name = _resolve_base(base)
+        _check_base_config(path, made_for, checkpoint, config, name)
+        _check_base_sha256(path, made_for, checkpoint)
+    else:
+        checkpoint, config, name = _find_base(path, made_for)
     _check_shapes(path, meta["state_dict"], checkpoint, read_checkpoint_state_dict(checkpoint, mmap=True))
     resolved = ModelSpec(
         base_checkpoint=checkpoint,
@@ -430,6 +441,88 @@ def resolve_model(
         output=meta["output"],
     )
     return declare_output(resolved, output)
+
+
+def base_record(spec: ModelSpec, sha256: str | None = None) -> dict[str, Any]:
+    """The "base" section of a fine-tune made on ``spec``'s base checkpoint: name, config,
+    absolute path, sha256 (hashed when not given) and input resolution."""
+    checkpoint = spec.base_checkpoint.resolve()
+    return {
+        # A base without a registry name is recorded by path, so older readers still resolve it.
+        "name": spec.base_name or os.fspath(checkpoint),
+        "config": spec.config,
+        "checkpoint": os.fspath(checkpoint),
+        "sha256": sha256 or checkpoint_sha256(checkpoint),
+        "image_size": spec.image_size,
+    }
+
+
+def _check_base_config(finetune: Path, made_for: Mapping[str, Any], checkpoint: Path, config: str,
+                       name: str | None) -> None:
+    if config != made_for["config"]:
+        raise MosaicError(
+            f"{finetune}: fine-tune was made for {made_for.get('name') or '?'} ({made_for['config']}), "
+            f"but the base {checkpoint} is {name or '?'} ({config})"
+        )
+
+
+def _sha256_mismatch(finetune: Path, made_for: Mapping[str, Any], checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` is not the base ``finetune`` was trained on, or None when it is
+    (or when the fine-tune recorded no sha256)."""
+    wanted = (made_for.get("sha256") or "").lower()
+    if not wanted:
+        return None
+    have = checkpoint_sha256(checkpoint).lower()
+    if have == wanted:
+        return None
+    trained_on = made_for.get("checkpoint") or made_for.get("name") or "?"
+    return (f"{finetune}: fine-tune was trained on base {trained_on} (sha256 {wanted[:12]}...), "
+            f"but {checkpoint} has sha256 {have[:12]}...")
+
+
+def _check_base_sha256(finetune: Path, made_for: Mapping[str, Any], checkpoint: Path) -> None:
+    problem = _sha256_mismatch(finetune, made_for, checkpoint)
+    if problem:
+        raise MosaicError(f"{problem}; give the base it was trained on with --base")
+
+
+def _find_base(finetune: Path, made_for: Mapping[str, Any]) -> tuple[Path, str, str | None]:
+    """(checkpoint, config, name) of a fine-tune's own base: the registry name in the model
+    cache, then the recorded checkpoint path (and a path recorded as the name, by older
+    files), the first whose sha256 matches the recorded one."""
+    from . import weights
+
+    name, recorded = made_for.get("name"), made_for.get("checkpoint")
+    if not name and not recorded:
+        raise MosaicError(f"{finetune}: fine-tune file does not name its base model; give it with --base")
+    candidates: list[Path] = []
+    if name in weights.MODELS and weights.checkpoint_path(name).is_file():
+        candidates.append(weights.checkpoint_path(name))
+    for text in (recorded, name):
+        if text and text not in weights.MODELS and Path(text).expanduser().is_file():
+            candidates.append(Path(text).expanduser())
+    seen, mismatched = set(), []
+    for candidate in candidates:
+        if candidate.resolve() in seen:
+            continue
+        seen.add(candidate.resolve())
+        problem = _sha256_mismatch(finetune, made_for, candidate)
+        if problem:
+            mismatched.append(problem)
+            continue
+        checkpoint, config, found = _resolve_base(candidate)
+        _check_base_config(finetune, made_for, checkpoint, config, found)
+        return checkpoint, config, found or (name if name in weights.MODELS else None)
+    if mismatched:
+        raise MosaicError(f"{'; '.join(mismatched)}; give the base it was trained on with --base")
+    where = [f"not in the model cache {weights.home()}" if name in weights.MODELS else None,
+             f"not at {recorded}" if recorded else None,
+             f"not at {name}" if name and name not in weights.MODELS and name != recorded else None]
+    fetch = f"`mosaic-toolkit weights fetch {name}` or " if name in weights.MODELS else ""
+    raise MosaicError(
+        f"{finetune}: base model {name or recorded} not found ({', '.join(w for w in where if w)}); "
+        f"run {fetch}give the base checkpoint with --base PATH"
+    )
 
 
 def _check_shapes(

@@ -206,6 +206,12 @@ def sidecar_matches(path: Path) -> bool:
     return record is not None and digest is not None and digest == record.get("checkpoint_sha256")
 
 
+def recorded_sha256(path: str | os.PathLike) -> str | None:
+    """The sha256 recorded beside a checkpoint (its ``.sha256`` sidecar, when not older than
+    the file), or None: saves rehashing a large file."""
+    return _sidecar_digest(Path(path))
+
+
 def _is_verified(path: Path, info: ModelInfo) -> bool:
     """True when ``path`` has the expected size and its sidecar records the expected hash.
 

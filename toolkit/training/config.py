@@ -38,6 +38,9 @@ def within(name: str, value: float) -> bool:
     return value > limit.low if limit.low_open else value >= limit.low
 
 
+DICE_MODES = ("prompt", "image")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The hyper-parameters of a run (recorded in last.pt and the fine-tune's metadata).
@@ -60,6 +63,9 @@ class TrainConfig:
     #: The mask-decoder output trained, recorded in the fine-tune file and the only one served
     #: (``sam.adapter``, "Decoder outputs"): "single" (token 0) or "multimask-first" (token 1).
     output: str = OUTPUT_SINGLE
+    #: "prompt": one Dice loss per prompt, averaged over an image's prompts; "image": one Dice
+    #: over all prompts of an image (their overlaps and areas summed first: the thesis's).
+    dice: str = "prompt"
 
     def __post_init__(self) -> None:
         for name in LIMITS:
@@ -68,6 +74,8 @@ class TrainConfig:
             self._check(name, within(name, getattr(self, name)), LIMITS[name].what)
         GeneratorParams.from_dict(self.val_params)  # unknown or invalid keys are errors here
         check_output(self.output, "train: output", TRAINED_OUTPUTS)
+        if self.dice not in DICE_MODES:
+            raise MosaicError(f"train: dice must be one of {', '.join(DICE_MODES)}, got {self.dice!r}")
 
     def _check(self, name: str, ok: bool, what: str) -> None:
         if not ok:

@@ -34,3 +34,16 @@ def prompt_losses(
         iou_true = torch.where(either > 0, both / either.clamp(min=1), torch.ones_like(either))
     score = (iou_pred.float() - iou_true).abs()
     return dice, score
+
+
+def image_dice(low_res_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """One Dice loss over all K prompts of an image (the thesis's): overlaps and areas of the
+    K masks are summed before the ratio, so a large tessera weighs more than a small one."""
+    logits = F.interpolate(
+        low_res_logits[:, None].float(), size=targets.shape[-2:], mode="bilinear", align_corners=False
+    )[:, 0]
+    probs = logits.sigmoid()
+    t = targets.float()
+    inter = (probs * t).sum()
+    total = probs.sum() + t.sum()
+    return 1.0 - (2.0 * inter + DICE_SMOOTH) / (total + DICE_SMOOTH)

@@ -90,6 +90,8 @@ from ..evaluation.metrics import pixel_metrics
 from ..sam.models import (
     FINETUNE_PREFIXES,
     ModelSpec,
+    base_record,
+    checkpoint_sha256,
     file_sha256,
     finetune_state_dict,
     load_model,
@@ -102,7 +104,7 @@ from ..sam.models import (
 from .config import DEFAULTS, TrainConfig
 from .data import EmbeddingCache, TrainImages, _as_list
 from .distributed import dist_info_from_env, distributed, steps_per_epoch
-from .losses import prompt_losses
+from .losses import image_dice, prompt_losses
 from .selection import DICE_KEY, DICE_TOLERANCE, PROMPT_KEY, compare, describe
 from .outputs import (
     CACHE_DIR,
@@ -157,17 +159,18 @@ def decode_items(
 
 def batch_loss(
     items: Sequence[Mapping[str, Any]], outputs: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    score_weight: float, device: torch.device,
+    score_weight: float, device: torch.device, dice_mode: str = "prompt",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, Dice loss, score loss) of a batch: per-prompt terms (``prompt_losses``, against
     each prompt's tessera of the item's instance map) averaged over the prompts of an image,
-    then over the images."""
+    then over the images. ``dice_mode`` "image" takes one Dice over an image's prompts instead
+    (``image_dice``)."""
     dice_terms, score_terms = [], []
     for item, (logits, iou) in zip(items, outputs):
         instances = item["instances"].to(device)
         targets = instances[None] == item["ids"].to(device)[:, None, None]
         dice, score = prompt_losses(logits, iou, targets)
-        dice_terms.append(dice.mean())
+        dice_terms.append(image_dice(logits, targets) if dice_mode == "image" else dice.mean())
         score_terms.append(score.mean())
     dice_loss = torch.stack(dice_terms).mean()
     score_loss = torch.stack(score_terms).mean()
@@ -254,7 +257,7 @@ class Trainer:
         if self.config.image_size is not None:
             self.spec = dataclasses.replace(self.spec, image_size=self.config.image_size)
         self.device = self._pick_device(device)
-        self.base_sha256 = file_sha256(self.spec.base_checkpoint)
+        self.base_sha256 = checkpoint_sha256(self.spec.base_checkpoint)
         self.model = load_model(self.spec, "cpu").to(self.device)
         self.trainable = freeze_all_but_decoder(self.model)
         self.decoder = PromptDecoder(self.model, self.config.output)
@@ -352,6 +355,7 @@ class Trainer:
             raise MosaicError(f"{path}: training state version {state.get('version')!r} is not supported")
         recorded, current = state["run"], self.run_metadata()
         recorded["config"].setdefault("output", "single")  # runs from before train --output: token 0
+        recorded["config"].setdefault("dice", "prompt")  # runs from before train --dice
         differ = sorted(k for k in current if k != "config" and recorded.get(k) != current[k])
         differ += sorted(
             f"config.{k}" for k in current["config"] if recorded["config"].get(k) != current["config"][k]
@@ -468,7 +472,8 @@ class Trainer:
         with self._autocast():
             outputs = decode_items(self.ddp, self.encoder.sam, items, feats, self.device)
         t = self._tick("decoder forward", t)
-        loss, dice_loss, score_loss = batch_loss(items, outputs, self.config.score_weight, self.device)
+        loss, dice_loss, score_loss = batch_loss(items, outputs, self.config.score_weight, self.device,
+                                                 self.config.dice)
         t = self._tick("loss forward (full resolution)", t)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -589,13 +594,7 @@ class Trainer:
         }
 
     def _save_finetune(self) -> None:
-        base = {
-            # A base without a registry name is recorded by path, so the file still resolves.
-            "name": self.spec.base_name or str(self.spec.base_checkpoint.resolve()),
-            "config": self.spec.config,
-            "sha256": self.base_sha256,
-            "image_size": self.spec.image_size,
-        }
+        base = base_record(self.spec, self.base_sha256)
         save_finetune(self.run_dir / FINETUNE_NAME, self.model, base=base, generator=None,
                       training=self.training_summary(), output=self.config.output)
 
@@ -717,6 +716,7 @@ def train(
     stop_after_epoch: int | None = None,
     progress: bool = True,
     output: str = DEFAULTS.output,
+    dice: str = DEFAULTS.dice,
 ) -> RunResult:
     """Fine-tune the prompt encoder and mask decoder of ``base`` on ``dataset`` into ``out``.
 
@@ -726,7 +726,7 @@ def train(
     config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
         score_weight=score_weight, max_prompts=max_prompts, seed=seed, image_size=image_size,
-        val_every=val_every, val_params=dict(val_params or {}), output=output,
+        val_every=val_every, val_params=dict(val_params or {}), output=output, dice=dice,
     )
     torch.manual_seed(seed)
     with distributed(device):

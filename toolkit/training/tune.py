@@ -61,7 +61,7 @@ from ..core.errors import MosaicError
 from ..evaluation.metrics import pixel_metrics, tile_metrics
 from ..sam.models import (
     ModelSpec,
-    file_sha256,
+    base_record,
     load_finetune,
     UNTRAINED_NOTE,
     declare_output,
@@ -476,6 +476,7 @@ def tune(
     memo_bytes: int = DEFAULT_MEMO_BYTES,
     progress: bool = True,
     output: str | None = None,
+    base: str | os.PathLike | None = None,
 ) -> TuneResult:
     """Run ``trials`` more trials of the study, then write the study's best parameters.
 
@@ -484,7 +485,8 @@ def tune(
     ``study_name`` defaults to ``<model stem>-generator``; ``out`` (default
     ``<model dir>/<model stem>-tune``) receives tune.json, trials.csv, the plots and, for a base
     checkpoint, tuned.pt (served with the checkpoint's decoder ``output``, declared or SAM 2's
-    own). Every trial decodes with the model's output, as serving does. The first trial of a
+    own). ``base`` is the base checkpoint of a fine-tune file that cannot find its own
+    (``models.resolve_model``). Every trial decodes with the model's output, as serving does. The first trial of a
     new study evaluates the model's current parameters (clipped into the search space), so the
     result is never worse than the start on these images.
     """
@@ -493,7 +495,7 @@ def tune(
     if trials < 1:
         raise MosaicError(f"tune: --trials must be at least 1 (got {trials})")
     started = time.perf_counter()
-    spec = declare_output(model if isinstance(model, ModelSpec) else resolve_model(model), output)
+    spec = declare_output(model if isinstance(model, ModelSpec) else resolve_model(model, base=base), output)
     model_file = spec.finetune or spec.base_checkpoint
     out = Path(out) if out is not None else model_file.resolve().parent / f"{model_file.stem}-tune"
     study_name = study_name or f"{model_file.stem}-generator"
@@ -555,14 +557,8 @@ def tune(
     written_to = spec.finetune or out / TUNED_NAME
     with atomic_output_dir(out, overwrite=True) as tmp:
         if spec.finetune is None:
-            base = {
-                "name": spec.base_name or str(spec.base_checkpoint.resolve()),
-                "config": spec.config,
-                "sha256": file_sha256(spec.base_checkpoint),
-                "image_size": spec.image_size,
-            }
             # The decoder output the engine was tuned with is the one tuned.pt is served with.
-            save_finetune(tmp / TUNED_NAME, engine.model, base=base, generator=best_params.to_dict(),
+            save_finetune(tmp / TUNED_NAME, engine.model, base=base_record(spec), generator=best_params.to_dict(),
                           training={"note": UNTRAINED_NOTE, "tuning": tuning}, output=engine.output)
         write_trials_csv(tmp / "trials.csv", study.get_trials(deepcopy=False))
         skipped = write_plots(study, tmp)
