@@ -21,7 +21,10 @@ best-scored is kept: predicted IoU plus its IoU with the proposal, which breaks 
 the tessera the proposal saw. Kept masks are upsampled (exact bilinear, as SAM 2's own
 post-processing) in their window only and painted into one map by decreasing score, without
 overwriting, skipping a mask that is mostly painted already (a duplicate). A proposal with no
-candidate left keeps the classical region, painted after all SAM 2 masks.
+candidate left keeps the classical region, painted after all SAM 2 masks. A second round looks
+for tesserae neither covered: edge-free discs in the unpainted tile interior
+(``fast.tile_interior``) of at least ``SECOND_ROUND_RADIUS`` times the median proposal's radius
+are prompted the same way; their outlines are kept, a disc SAM 2 cannot outline is dropped.
 
 Large images: each proposal is decoded once, in the tile (``core.tiling.plan_tiles``, about
 100 tesserae, as the model was trained) whose core holds its point; a tile is encoded once,
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
+import cv2
 import numpy as np
 import torch
 from scipy import ndimage as ndi
@@ -51,6 +55,7 @@ CandidateDecoder = WindowDecoder
 
 GUIDED_MIN_NEW_FRACTION = 0.5  # skip a mask when less than this part is still unpainted
 MARGIN = 1.0  # the window reaches this many proposal diameters beyond the proposal's box
+SECOND_ROUND_RADIUS = 0.7  # second round: discs of at least this part of the median proposal radius
 AGREEMENT_WEIGHT = 1.0  # weight of a candidate's IoU with its proposal in its score
 
 
@@ -62,6 +67,11 @@ def guided_instances(
     tile: int | None = None,
     overlap: int = 0,
     progress: Callable[[int], None] | None = None,
+    *,
+    second_round: bool = True,
+    reference_area: float | None = None,
+    keep_unoutlined: bool = True,
+    decoders: dict | None = None,
 ) -> np.ndarray:
     """The raw instance map (before ``postprocess``) of SAM 2 outlines of ``proposals``.
 
@@ -81,7 +91,9 @@ def guided_instances(
     for i, sl in enumerate(ndi.find_objects(proposals, max_label=count)):
         if sl is not None:
             boxes[i] = (sl[0].start, sl[0].stop, sl[1].start, sl[1].stop)
-    cap = params.guided_max_area * np.maximum(areas, float(np.median(areas)))
+    reference = float(np.median(areas)) if reference_area is None else reference_area
+    cap = params.guided_max_area * np.maximum(areas, reference)
+    decoders = {} if decoders is None else decoders  # (tile row, column) -> its decoder, encoded once
 
     tile = tile or max(h, w)
     rows, cols = _axis_spans(h, tile, overlap), _axis_spans(w, tile, overlap)
@@ -94,8 +106,9 @@ def guided_instances(
         for c, (tx0, tx1) in enumerate(cols):
             members = np.flatnonzero((row_of == r) & (col_of == c))
             if len(members):
-                crop = np.ascontiguousarray(image[ty0:ty1, tx0:tx1])
-                decode = decoder_for(crop)
+                if (ty0, tx0) not in decoders:
+                    decoders[(ty0, tx0)] = decoder_for(np.ascontiguousarray(image[ty0:ty1, tx0:tx1]))
+                decode = decoders[(ty0, tx0)]
                 for start in range(0, len(members), params.points_per_batch):
                     batch = members[start : start + params.points_per_batch]
                     kept += _outline_batch(decode, batch, proposals[ty0:ty1, tx0:tx1], points, boxes,
@@ -106,11 +119,32 @@ def guided_instances(
     def masks() -> Iterator[tuple[int, int, np.ndarray]]:
         for _, y0, x0, mask in sorted(kept, key=lambda item: -item[0]):
             yield y0, x0, mask
-        for index in np.flatnonzero(fallback):  # no SAM 2 candidate: the proposal itself
+        for index in np.flatnonzero(fallback) if keep_unoutlined else ():  # the proposal itself
             y0, y1, x0, x1 = boxes[index]
             yield int(y0), int(x0), proposals[y0:y1, x0:x1] == index + 1
 
-    return paint_windows(masks(), (h, w), GUIDED_MIN_NEW_FRACTION)
+    painted = paint_windows(masks(), (h, w), GUIDED_MIN_NEW_FRACTION)
+    if not second_round:
+        return painted
+    # Second round: tesserae neither the proposals nor SAM 2 covered (small fragments, tiles the
+    # classical engine merged into grout): edge-free discs of at least half the median
+    # proposal's radius in the unpainted tile interior, outlined by SAM 2 or dropped.
+    from .fast import tessera_prompts, tile_interior
+
+    free = tile_interior(image) & (painted == 0)
+    min_radius = SECOND_ROUND_RADIUS * float(np.sqrt(reference / np.pi))
+    centres, radii = tessera_prompts(free, count, 0, min_radius=min_radius)
+    if len(centres) == 0:
+        return painted
+    discs = np.zeros((h, w), dtype=np.int32)
+    for i, ((x, y), radius) in enumerate(zip(centres, radii)):
+        cv2.circle(discs, (int(x), int(y)), max(1, int(radius)), i + 1, -1)
+    discs[~free] = 0
+    found = guided_instances(image, discs, params, decoder_for, tile, overlap, second_round=False,
+                             reference_area=reference, keep_unoutlined=False, decoders=decoders)
+    slices = ndi.find_objects(found)
+    windows = ((sl[0].start, sl[1].start, found[sl] == k + 1) for k, sl in enumerate(slices) if sl is not None)
+    return paint_windows(windows, (h, w), GUIDED_MIN_NEW_FRACTION, painted)
 
 
 def _outline_batch(
