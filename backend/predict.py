@@ -158,7 +158,7 @@ class Predictor:
         # image once under its own lock, the others then find it in its cache)
         self._segmenting = SingleFlight()
         self.prelabel_scores = prelabel_scores
-        self._tilings: OrderedDict[str, tuple[int, int, float]] = OrderedDict()
+        self._tilings: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._scales: OrderedDict[str, ScaleEstimate] = OrderedDict()
         self._scale_lock = threading.Lock()
         # called with every new estimate (the backend's /metrics counts them)
@@ -185,23 +185,19 @@ class Predictor:
         """(tile, overlap) of SAM 2 pre-labels and click windows for ``image`` (content ``key``):
         ``resolve_tiling``, i.e. about 100 tesserae per tile at the estimated scale; remembered
         per image, so clicks and pre-labels of one image always use the same grid."""
-        return self._scale(image, key)[:2]
-
-    def tessera_size(self, image: np.ndarray, key: str) -> float:
-        """The tessera size (px) estimated for ``image`` (remembered with its tiling)."""
-        return self._scale(image, key)[2]
-
-    def _scale(self, image: np.ndarray, key: str) -> tuple[int, int, float]:
         found = self._tilings.get(key)
         if found is None:
-            size = self.scale(image, key).diameter
-            found = (*resolve_tiling(image, tessera_size=size), float(size))
+            found = resolve_tiling(image, tessera_size=self.tessera_size(image, key))
             self._tilings[key] = found
             while len(self._tilings) > TILING_CACHE:
                 self._tilings.popitem(last=False)
         else:
             self._tilings.move_to_end(key)
         return found
+
+    def tessera_size(self, image: np.ndarray, key: str) -> float:
+        """The tessera size (px) estimated for ``image`` (``scale``, remembered per image)."""
+        return self.scale(image, key).diameter
 
     # ---------------------------------------------------------------- clicks
     def click(self, engine: Engine, image: np.ndarray, key: str, prompt: Prompt,

@@ -72,11 +72,9 @@ def main() -> None:
     predictor = Predictor(cache_bytes=1 << 30)
     key = "bench"
     if args.click_tile:
-        from mosaic_toolkit.core.scale import estimate_tessera_size
         from mosaic_toolkit.core.tiling import resolve_tiling
 
-        size = estimate_tessera_size(image)
-        predictor._tilings[key] = (*resolve_tiling(image, args.click_tile, None, size), float(size))
+        predictor._tilings[key] = resolve_tiling(image, args.click_tile, None, predictor.tessera_size(image, key))
     rows: dict[str, dict[str, list[float]]] = {
         name: {"mask": [], "polygon": [], "ms": []} for name in ("best-scored", "scale-aware")}
     ceiling = []

@@ -50,8 +50,6 @@ from .params import GeneratorParams
 #: low-resolution pixels, the low-resolution size ``(lh, lw)``).
 WindowDecoder = Callable[[np.ndarray, np.ndarray, float],
                          "tuple[torch.Tensor, torch.Tensor, np.ndarray, tuple[int, int]]"]
-#: Compatibility name: a decoder of candidates.
-CandidateDecoder = WindowDecoder
 
 GUIDED_MIN_NEW_FRACTION = 0.5  # skip a mask when less than this part is still unpainted
 MARGIN = 1.0  # the window reaches this many proposal diameters beyond the proposal's box
