@@ -18,7 +18,7 @@ that (SAM 2's floor is encoding each tile once). ``--columns X0:X1`` scores only
 each image: a held-out split when the parameters were chosen on the rest.
 
 Run: ``.venv/bin/python bench/bench_real.py [--root ../shared/real] [--synth 8] [--columns X0:X1]
-[--engines classical,sam2]``.
+[--engines classical,sam2] [--tile PX]``.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def _round(d: dict) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
 
 
-def run_engine(dataset: Path, engine_name: str, work: Path) -> dict:
+def run_engine(dataset: Path, engine_name: str, work: Path, tile: int | None = None) -> dict:
     """Segment and score one dataset with one engine: per-image rows and their means."""
     engine = open_engine(engine_name)
     pred = work / f"{dataset.name}_{engine_name}"
@@ -78,7 +78,7 @@ def run_engine(dataset: Path, engine_name: str, work: Path) -> dict:
 
         engine._encoded = timed
     start = time.perf_counter()
-    records = segment_paths([dataset], pred, engine, progress=False)
+    records = segment_paths([dataset], pred, engine, tile=tile, progress=False)
     seconds = time.perf_counter() - start
     report = evaluate(pred, dataset, work / f"{dataset.name}_{engine_name}_eval")
     data = Dataset.open(dataset)
@@ -148,6 +148,8 @@ def main() -> None:
                         help="X0:X1: score only these columns of each image (a held-out split)")
     parser.add_argument("--engines", default=None,
                         help="comma-separated engines (default: classical, and sam2 when installed)")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="SAM 2 tile side in px (default: segment's, about 100 tesserae)")
     args = parser.parse_args()
 
     cv2.setNumThreads(1)
@@ -167,7 +169,7 @@ def main() -> None:
             if args.columns:
                 dataset = crop_columns(dataset, args.columns, work / "columns")
             result["datasets"][dataset.name] = {
-                name: run_engine(dataset, name, work) for name in engines
+                name: run_engine(dataset, name, work, args.tile) for name in engines
             }
         if args.synth > 0:
             synthetic = synthetic_means(args.synth, work)

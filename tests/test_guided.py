@@ -77,3 +77,36 @@ def test_guided_max_area_must_be_positive():
 
     with pytest.raises(MosaicError, match="guided_max_area"):
         GeneratorParams(guided_max_area=0)
+
+
+def _window_decoder(confidence_at):
+    """A WindowDecoder at full resolution whose only candidate at each point is a mask over its
+    whole window (a network spanning many tesserae), predicted with ``confidence_at(x, y)``."""
+    def decoder_for(crop):
+        h, w = crop.shape[:2]
+
+        def decode(points, centers, extent):
+            size = int(np.ceil(extent))
+            corners = np.stack([np.clip(centers[:, 1] - size // 2, 0, h - size),
+                                np.clip(centers[:, 0] - size // 2, 0, w - size)], axis=1).astype(np.int64)
+            logits = torch.ones((len(points), 1, size, size))
+            ious = torch.tensor([[confidence_at(x, y)] for x, y in points], dtype=torch.float32)
+            return logits, ious, corners, (h, w)
+        return decode
+    return decoder_for
+
+
+def test_guided_drops_a_proposal_on_the_grout_network():
+    """A proposal that SAM 2 confidently answers with a mask spanning many tesserae sits on
+    grout: it is dropped. One it answers only doubtfully keeps its classical region."""
+    from mosaic_toolkit.sam.guided import guided_instances
+
+    image = np.full((120, 120, 3), 128, np.uint8)
+    proposals = np.zeros((120, 120), np.int32)
+    proposals[10:20, 10:20] = 1  # on grout: SAM 2 is sure of the network
+    proposals[90:100, 90:100] = 2  # a tessera SAM 2 cannot outline: it is unsure
+    params = GeneratorParams(method="guided")
+    out = guided_instances(image, proposals, params, _window_decoder(lambda x, y: 0.95 if x < 60 else 0.2),
+                           second_round=False, reference_area=4.0)
+    assert not out[10:20, 10:20].any()
+    assert (out[90:100, 90:100] > 0).all() and int(out.max()) == 1

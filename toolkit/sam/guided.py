@@ -18,10 +18,13 @@ candidate is dropped when it does not hold its own prompt, reaches the window's 
 beyond the tessera), is larger than ``guided_max_area`` times the larger of the proposal's area
 and the median proposal area, or is predicted under ``pred_iou_thresh``. Of the rest, the
 best-scored is kept: predicted IoU plus its IoU with the proposal, which breaks near-ties toward
-the tessera the proposal saw. Kept masks are upsampled (exact bilinear, as SAM 2's own
+the tessera the proposal saw. A proposal left without a candidate, where SAM 2 confidently
+(predicted IoU ``GROUT_IOU``) answers with a mask over its size limit that spills beyond the
+window, sits on the grout network (a grout patch or a border strip the classical engine took for a tile): it
+is dropped. Kept masks are upsampled (exact bilinear, as SAM 2's own
 post-processing) in their window only and painted into one map by decreasing score, without
-overwriting, skipping a mask that is mostly painted already (a duplicate). A proposal with no
-candidate left keeps the classical region, painted after all SAM 2 masks. A second round looks
+overwriting, skipping a mask that is mostly painted already (a duplicate). Any other proposal with
+no candidate left keeps the classical region, painted after all SAM 2 masks. A second round looks
 for tesserae neither covered: edge-free discs in the unpainted tile interior
 (``fast.tile_interior``) of at least ``SECOND_ROUND_RADIUS`` times the median proposal's radius
 are prompted the same way; their outlines are kept, a disc SAM 2 cannot outline is dropped.
@@ -53,8 +56,9 @@ WindowDecoder = Callable[[np.ndarray, np.ndarray, float],
 
 GUIDED_MIN_NEW_FRACTION = 0.5  # skip a mask when less than this part is still unpainted
 MARGIN = 1.0  # the window reaches this many proposal diameters beyond the proposal's box
-SECOND_ROUND_RADIUS = 0.7  # second round: discs of at least this part of the median proposal radius
+SECOND_ROUND_RADIUS = 0.3  # second round: discs of at least this part of the median proposal radius
 AGREEMENT_WEIGHT = 1.0  # weight of a candidate's IoU with its proposal in its score
+GROUT_IOU = 0.8  # a candidate this confident that spills beyond the window: the grout network
 
 
 def guided_instances(
@@ -125,8 +129,8 @@ def guided_instances(
     if not second_round:
         return painted
     # Second round: tesserae neither the proposals nor SAM 2 covered (small fragments, tiles the
-    # classical engine merged into grout): edge-free discs of at least half the median
-    # proposal's radius in the unpainted tile interior, outlined by SAM 2 or dropped.
+    # classical engine merged into grout): edge-free discs of at least SECOND_ROUND_RADIUS times
+    # the median proposal's radius in the unpainted tile interior, outlined by SAM 2 or dropped.
     from .fast import tessera_prompts, tile_interior
 
     free = tile_interior(image) & (painted == 0)
@@ -186,6 +190,10 @@ def _outline_batch(
         score = ious[i] + AGREEMENT_WEIGHT * inter / union
         valid = inside & ~edge & (area <= cap[index]) & (ious[i] > params.pred_iou_thresh)
         if not valid.any():
+            # SAM 2 confidently answers with a network spanning many tesserae: the point is on
+            # grout (a patch the classical engine took for a tile), not on a tessera
+            if np.any(inside & edge & (area > cap[index]) & (ious[i] >= GROUT_IOU)):
+                fallback[index] = False
             continue
         best = int(np.argmax(np.where(valid, score, -np.inf)))
         y0, x0, mask = upsample_window(logits[i, best].numpy(), (r0, c0), (lh, lw), (th, tw),
