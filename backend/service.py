@@ -261,7 +261,7 @@ class Backend:
         regions = []
         if mask.any():
             regions = ([brush_region(config, control, mask, label, score)] if control.tag == "BrushLabels"
-                       else polygon_regions(config, control, mask, label, score, self.settings.polygon_iou))
+                       else polygon_regions(config, control, mask, label, score, self.settings.click_polygon_iou))
         self.metrics.vertices(polygon_vertices(regions))
         return {"result": regions, "score": None if score is None else round(score, 4),
                 "model_version": engine_version(engine)}

@@ -8,8 +8,9 @@ three candidates (``best-scored``: SAM 2's own choice; ``scale-aware``: candidat
 ``guided_max_area`` tessera areas lose, as the backend answers):
 
 * ``mask_iou``: the answered mask against the tessera (mean, p5);
-* ``polygon_iou``: the polygon the backend would send at its default fineness
-  (``MOSAIC_BACKEND_POLYGON_IOU``), rasterised by pixel centre, against the tessera;
+* ``polygon_iou``: the polygon the backend would send at its default click fineness
+  (``MOSAIC_BACKEND_CLICK_POLYGON_IOU``), rasterised by pixel centre, against the tessera, and
+  ``vertices`` (median);
 * ``warm_ms``: p50 / p95 of clicks that ran no image encoder (model time in process; HTTP adds a
   few ms, ``bench/bench_backend.py``);
 * ``ceiling``: the best of the three candidates for each click (what a perfect chooser gets).
@@ -33,7 +34,8 @@ from mosaic_backend.regions import Prompt
 from mosaic_toolkit.core.dataset import mask_to_instances, relabel_sequential, tessera_points
 from mosaic_toolkit.core.imageio import read_image
 from mosaic_toolkit.core.io import read_mask
-from mosaic_toolkit.core.polygons import DEFAULT_IOU, rasterise, simplify
+from mosaic_backend.config import Settings
+from mosaic_toolkit.core.polygons import rasterise, simplify
 from mosaic_toolkit.engines import open_engine
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "real" / "butterfly_top"
@@ -76,7 +78,8 @@ def main() -> None:
 
         predictor._tilings[key] = resolve_tiling(image, args.click_tile, None, predictor.tessera_size(image, key))
     rows: dict[str, dict[str, list[float]]] = {
-        name: {"mask": [], "polygon": [], "ms": []} for name in ("best-scored", "scale-aware")}
+        name: {"mask": [], "polygon": [], "ms": [], "vertices": []} for name in ("best-scored", "scale-aware")}
+    fineness = Settings.from_env({}).click_polygon_iou
     ceiling = []
     for label in labels:
         truth = gt == label
@@ -94,8 +97,9 @@ def main() -> None:
             if len(engine.cached_keys()) == cached:
                 rows[name]["ms"].append(1000 * elapsed)
             rows[name]["mask"].append(iou(mask, truth))
-            xy = simplify(mask, DEFAULT_IOU)
+            xy = simplify(mask, fineness)
             rows[name]["polygon"].append(iou(rasterise(xy, mask.shape), truth) if xy is not None else 0.0)
+            rows[name]["vertices"].append(0 if xy is None else len(xy))
         # the ceiling: the best of the three candidates in the same window
         from mosaic_backend.predict import click_window, writable
 
@@ -114,11 +118,12 @@ def main() -> None:
 
     result = {
         "image": str(images[0].name), "columns": args.columns, "click_tile": predictor.tiling(image, key)[0], "clicks": len(labels), "model": args.model,
-        "polygon_fineness": DEFAULT_IOU,
+        "polygon_fineness": fineness,
         "ceiling_best_of_three": summary(ceiling) if ceiling else None,
     }
     for name, r in rows.items():
         result[name] = {"mask_iou": summary(r["mask"]), "polygon_iou": summary(r["polygon"]),
+                        "vertices": statistics.median(r["vertices"]),
                         "warm_ms": {"p50": round(statistics.median(r["ms"]), 1),
                                     "p95": round(float(np.percentile(r["ms"], 95)), 1)} if r["ms"] else None}
     json.dump(result, sys.stdout, indent=1)

@@ -155,7 +155,8 @@ def make_client(tmp_path_factory: pytest.TempPathFactory, hosts: dict[str, Any],
 @pytest.fixture(scope="module")
 def classical(tmp_path_factory, hosts) -> Iterator[TestClient]:
     # fineness 1: polygons are exact pixel outlines, so answers compare pixel for pixel
-    with make_client(tmp_path_factory, hosts, engine="classical", polygon_iou=1.0) as client:
+    with make_client(tmp_path_factory, hosts, engine="classical", polygon_iou=1.0,
+                     click_polygon_iou=1.0) as client:
         yield client
 
 
@@ -359,6 +360,23 @@ def test_light_polygons_at_the_default_fineness(tmp_path_factory, hosts, classic
         assert summary["regions"] == len(regions) and summary["vertices_total"] == sum(vertices)
         assert summary["p50"] == np.median(vertices)
         assert "mosaic_backend_polygon_vertices_count %d" % len(regions) in light.get("/metrics").text
+
+
+def test_click_polygons_are_finer_than_prelabels(tmp_path_factory, hosts, classical_instances) -> None:
+    """A click is answered at MOSAIC_BACKEND_CLICK_POLYGON_IOU (default 0.99, finer than
+    pre-labels: one region, where an outline pixel is worth much of a tessera's IoU)."""
+    with make_client(tmp_path_factory, hosts, engine="classical") as client:
+        assert client.app.state.backend.settings.click_polygon_iou == 0.99
+        ious = []
+        for k in range(1, int(classical_instances.max()) + 1, 3):
+            ys, xs = np.nonzero(classical_instances == k)
+            centre = np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2)
+            [region] = predict(client, keypoint(xs[centre] + 0.5, ys[centre] + 0.5)).json()["results"][0]["result"]
+            pixels, truth = rasterise_region(1, region, WIDTH, HEIGHT), classical_instances == k
+            ious.append((pixels & truth).sum() / (pixels | truth).sum())
+        assert min(ious) >= 0.99, ious
+    with pytest.raises(BackendError, match="click_polygon_iou"):
+        Settings.from_env({"MOSAIC_BACKEND_CLICK_POLYGON_IOU": "1.5"})
 
 
 def test_other_configs_brush_only_and_polygon_only(classical, classical_instances) -> None:
