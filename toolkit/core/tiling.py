@@ -58,7 +58,7 @@ MIN_NEW_FRACTION = 0.5  # a tessera less than this part free when painted is a d
 _RELABEL_ROWS = 512  # rows renumbered at once in the final pass
 
 
-def _axis_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+def axis_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
     """(start, end) of the tiles along one axis: steps of ``tile - overlap``, last tile flush."""
     if length <= tile:
         return [(0, length)]
@@ -66,7 +66,7 @@ def _axis_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
     return [(s, s + tile) for s in starts]
 
 
-def _core_bounds(spans: list[tuple[int, int]], length: int) -> list[int]:
+def core_bounds(spans: list[tuple[int, int]], length: int) -> list[int]:
     """Seams between consecutive tiles (middle of their overlap), with 0 and ``length`` at the
     ends: tile i owns ``[bounds[i], bounds[i + 1])``."""
     seams = [(spans[i][0] + spans[i - 1][1]) // 2 for i in range(1, len(spans))]
@@ -88,7 +88,7 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int) -> list[tuple[i
     smaller than ``tile`` along that axis).
     """
     _check_tiling(tile, overlap)
-    rows, cols = _axis_spans(height, tile, overlap), _axis_spans(width, tile, overlap)
+    rows, cols = axis_spans(height, tile, overlap), axis_spans(width, tile, overlap)
     return [(y0, x0, y1, x1) for y0, y1 in rows for x0, x1 in cols]
 
 
@@ -199,7 +199,7 @@ def _run(segment_fn: SegmentFn, crop: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Axis:
-    """The tiles along one axis: spans ``[starts[i], ends[i])`` and core bounds (_core_bounds)."""
+    """The tiles along one axis: spans ``[starts[i], ends[i])`` and core bounds (core_bounds)."""
 
     length: int
     starts: np.ndarray
@@ -208,9 +208,9 @@ class _Axis:
 
     @classmethod
     def of(cls, length: int, tile: int, overlap: int) -> "_Axis":
-        spans = _axis_spans(length, tile, overlap)
+        spans = axis_spans(length, tile, overlap)
         return cls(length, np.array([s for s, _ in spans]), np.array([e for _, e in spans]),
-                   np.array(_core_bounds(spans, length)))
+                   np.array(core_bounds(spans, length)))
 
     def whole(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """(objects x tiles) True where pixel range ``[lo, hi)`` lies in the tile without touching

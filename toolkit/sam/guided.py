@@ -44,7 +44,7 @@ from scipy import ndimage as ndi
 
 from ..core.dataset import relabel_sequential, tessera_points
 from ..core.instances import paint_windows
-from ..core.tiling import _axis_spans, _core_bounds
+from ..core.tiling import axis_spans, core_bounds
 from .params import GeneratorParams
 
 #: Decodes every candidate of positive prompts ``points`` (float32 Kx2, ``[x, y]`` pixels of the
@@ -98,9 +98,9 @@ def guided_instances(
     decoders = {} if decoders is None else decoders  # (tile row, column) -> its decoder, encoded once
 
     tile = tile or max(h, w)
-    rows, cols = _axis_spans(h, tile, overlap), _axis_spans(w, tile, overlap)
-    row_of = np.searchsorted(_core_bounds(rows, h)[1:-1], points[:, 1], side="right")
-    col_of = np.searchsorted(_core_bounds(cols, w)[1:-1], points[:, 0], side="right")
+    rows, cols = axis_spans(h, tile, overlap), axis_spans(w, tile, overlap)
+    row_of = np.searchsorted(core_bounds(rows, h)[1:-1], points[:, 1], side="right")
+    col_of = np.searchsorted(core_bounds(cols, w)[1:-1], points[:, 0], side="right")
 
     kept: list[tuple[float, int, int, np.ndarray]] = []  # score, y0, x0, window mask
     fallback = np.ones(count, dtype=bool)
