@@ -20,8 +20,8 @@ and the median proposal area, or is predicted under ``pred_iou_thresh``. Of the 
 best-scored is kept: predicted IoU plus its IoU with the proposal, which breaks near-ties toward
 the tessera the proposal saw. A proposal left without a candidate, where SAM 2 confidently
 (predicted IoU ``GROUT_IOU``) answers with a mask over its size limit that spills beyond the
-window, sits on the grout network (a grout patch or a border strip the classical engine took for a tile): it
-is dropped. Kept masks are upsampled (exact bilinear, as SAM 2's own
+window, sits on the grout network (a grout patch or a border strip the classical engine took
+for a tile): it is dropped. Kept masks are upsampled (exact bilinear, as SAM 2's own
 post-processing) in their window only and painted into one map by decreasing score, without
 overwriting, skipping a mask that is mostly painted already (a duplicate). Any other proposal with
 no candidate left keeps the classical region, painted after all SAM 2 masks. A second round looks
