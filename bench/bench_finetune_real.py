@@ -48,7 +48,7 @@ DEFAULT_SHARED = REPO.parent / "shared" / "real"
 PHOTO = "butterfly_top"
 
 # The recipe (see docs/fine-tuning.md for what each choice costs and why).
-DEFAULTS = dict(image_size=1024, epochs=3, batch_size=4, lr=3e-4, weight_decay=1e-5, max_prompts=16,
+DEFAULTS = dict(image_size=1024, epochs=8, batch_size=4, lr=3e-4, weight_decay=1e-5, max_prompts=16,
                 tesserae_per_crop=100, val_fraction=0.2, val_every=1)
 
 
