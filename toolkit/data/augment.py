@@ -37,6 +37,7 @@ from typing import Callable, Sequence
 
 import cv2
 import numpy as np
+from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from ..core.dataset import SPLITS, Dataset, Sample, split_disconnected, write_manifest, write_sample
@@ -221,16 +222,8 @@ def assign_splits(
 
 def tessera_extents(instances: np.ndarray, axis: int) -> np.ndarray:
     """Extent in pixels of every tessera along ``axis`` (1: x, 0: y), from its bounding box."""
-    ids = instances.ravel()
-    n = int(ids.max()) + 1 if ids.size else 1
-    coords = np.indices(instances.shape)[axis].ravel()
-    lo = np.full(n, np.iinfo(np.int64).max, np.int64)
-    hi = np.full(n, -1, np.int64)
-    np.minimum.at(lo, ids, coords)
-    np.maximum.at(hi, ids, coords)
-    present = hi >= 0
-    present[0] = False
-    return (hi - lo + 1)[present]
+    return np.array([sl[axis].stop - sl[axis].start for sl in ndi.find_objects(instances) if sl is not None],
+                    dtype=np.int64)
 
 
 @dataclass
