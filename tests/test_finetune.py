@@ -97,6 +97,8 @@ def test_image_dice_pools_the_prompts_of_an_image():
     per_prompt, _ = prompt_losses(logits, torch.ones(2), targets)
     assert float(pooled) == pytest.approx(1 - (2 * 36 + 1) / (36 + 37 + 1), abs=1e-3)
     assert float(pooled) < 0.05 < float(per_prompt.mean())  # the missed pixel barely counts pooled
+    # training's pooled Dice (train --dice image) is the same value, from one upsampling
+    assert float(prompt_losses(logits, torch.ones(2), targets, pooled=True)[0]) == pytest.approx(float(pooled))
     with pytest.raises(MosaicError, match="dice must be one of"):
         TrainConfig(dice="pixel")
 

@@ -104,7 +104,7 @@ from ..sam.models import (
 from .config import DEFAULTS, TrainConfig
 from .data import EmbeddingCache, TrainImages, _as_list
 from .distributed import dist_info_from_env, distributed, steps_per_epoch
-from .losses import image_dice, prompt_losses
+from .losses import prompt_losses
 from .selection import DICE_KEY, DICE_TOLERANCE, PROMPT_KEY, compare, describe
 from .outputs import (
     CACHE_DIR,
@@ -164,13 +164,13 @@ def batch_loss(
     """(loss, Dice loss, score loss) of a batch: per-prompt terms (``prompt_losses``, against
     each prompt's tessera of the item's instance map) averaged over the prompts of an image,
     then over the images. ``dice_mode`` "image" takes one Dice over an image's prompts instead
-    (``image_dice``)."""
+    (``prompt_losses(pooled=True)``)."""
     dice_terms, score_terms = [], []
     for item, (logits, iou) in zip(items, outputs):
         instances = item["instances"].to(device)
         targets = instances[None] == item["ids"].to(device)[:, None, None]
-        dice, score = prompt_losses(logits, iou, targets)
-        dice_terms.append(image_dice(logits, targets) if dice_mode == "image" else dice.mean())
+        dice, score = prompt_losses(logits, iou, targets, pooled=dice_mode == "image")
+        dice_terms.append(dice.mean())
         score_terms.append(score.mean())
     dice_loss = torch.stack(dice_terms).mean()
     score_loss = torch.stack(score_terms).mean()
