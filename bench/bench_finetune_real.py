@@ -246,27 +246,16 @@ def evaluate_model(model: str, base: str | None, args, out: Path, name: str, pre
 
 
 def plot_curve(path: Path, history: list[dict], base: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [int(r["epoch"]) for r in history]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(epochs, [r["train_loss"] for r in history], "o-", color="tab:blue", label="training loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss", color="tab:blue")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax2 = ax.twinx()
-    for key, style, colour, label in (("val_prompt_iou", "^-", "tab:green", "click IoU, fine-tuned (val)"),
-                                      ("val_dice", "s-", "tab:orange", "segmentation Dice (val)")):
-        points = [(int(r["epoch"]), r[key]) for r in history if r.get(key) is not None]
-        if points:
-            ax2.plot(*zip(*points), style, color=colour, label=label)
+    from mosaic_toolkit.training.outputs import history_figure
+
+    fig, ax, ax2 = history_figure(history, (
+        ("val_prompt_iou", "^-", "tab:green", "click IoU, fine-tuned (val)"),
+        ("val_dice", "s-", "tab:orange", "segmentation Dice (val)")))
     clicks = base["clicks"]
     ax2.axhline(clicks["best_of_three"], color="tab:red", ls="--", label="click IoU, base best of three")
     ax2.axhline(clicks["served"], color="tab:gray", ls=":", label="click IoU, base as served")
-    ax2.set_ylabel("validation score")
     low = min([clicks["served"]] + [r["val_prompt_iou"] for r in history if r.get("val_prompt_iou")]
               + [r["val_dice"] for r in history if r.get("val_dice")])
     ax2.set_ylim(max(0.0, low - 0.05), 1.0)

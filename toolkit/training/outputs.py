@@ -39,8 +39,14 @@ def write_metrics_csv(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
                 writer.writerow({k: "" if row.get(k) is None else row[k] for k in METRIC_COLUMNS})
 
 
-def plot_history(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
-    """training.png: training loss (left axis), validation Dice and prompted IoU (right axis)."""
+#: (history key, marker style, colour, legend label) of the validation curves.
+VAL_CURVES = (("val_dice", "s-", "tab:orange", "segmentation Dice (val)"),
+              ("val_prompt_iou", "^-", "tab:green", "prompted IoU (val)"))
+
+
+def history_figure(history: Sequence[Mapping[str, Any]], curves: Sequence[tuple[str, str, str, str]] = VAL_CURVES):
+    """(figure, loss axis, score axis): the training loss on the left axis and the validation
+    ``curves`` (epochs that have them) on the right one; the caller adds limits, legend, title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,12 +59,19 @@ def plot_history(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
     ax.set_ylabel("training loss", color="tab:blue")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax2 = ax.twinx()
-    for key, style, colour, label in (("val_dice", "s-", "tab:orange", "segmentation Dice (val)"),
-                                      ("val_prompt_iou", "^-", "tab:green", "prompted IoU (val)")):
+    for key, style, colour, label in curves:
         val = [(row["epoch"], row[key]) for row in history if row.get(key) is not None]
         if val:
             ax2.plot(*zip(*val), style, color=colour, label=label)
     ax2.set_ylabel("validation score")
+    return fig, ax, ax2
+
+
+def plot_history(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
+    """training.png: training loss (left axis), validation Dice and prompted IoU (right axis)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax, ax2 = history_figure(history)
     ax2.set_ylim(0.0, 1.0)
     lines = ax.get_lines() + ax2.get_lines()
     ax2.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize="small")
