@@ -66,6 +66,12 @@ def base_option(help: str = BASE_HELP):
     return click.option("--base", default=None, help=help)
 
 
+def check_base(base: str | None, model: str | None) -> None:
+    """A usage error when --base is given without the fine-tune file (--model) it belongs to."""
+    if base and not model:
+        raise click.UsageError("--base applies to a fine-tune file given as --model")
+
+
 def engine_option(choices, help: str):
     return click.option("--engine", type=click.Choice(choices), default="auto", show_default=True, help=help)
 

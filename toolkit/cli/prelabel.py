@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .options import base_option, handle_errors
+from .options import base_option, check_base, handle_errors
 
 
 def _task_ids(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -59,8 +59,7 @@ def command(url: str, api_key: str, project: int, engine: str, model: str | None
     from ..data.prelabel import prelabel_project
     from ..engines import describe_engine, engine_info, open_engine
 
-    if base and not model:
-        raise click.UsageError("--base applies to a fine-tune file given as --model")
+    check_base(base, model)
     chosen = open_engine(engine, model, device, base=base)
     version = engine_info(chosen)["model_version"]
     click.echo(describe_engine(chosen), err=True)

@@ -13,6 +13,7 @@ from .options import (
     handle_errors,
     method_option,
     base_option,
+    check_base,
     model_option,
     output_option,
     overwrite_option,
@@ -88,8 +89,7 @@ def command(
     """
     if 0 < tile < MIN_TILE_OPTION:
         raise click.BadParameter(f"use 0 (automatic) or at least {MIN_TILE_OPTION}", param_hint="--tile")
-    if base and not model:
-        raise click.UsageError("--base applies to a fine-tune file given as --model")
+    check_base(base, model)
     chosen = open_engine(engine, model, device, {"method": method} if method else None, output=output,
                          base=base)
     click.echo(describe_engine(chosen), err=True)

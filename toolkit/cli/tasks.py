@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .options import base_option, count, handle_errors, overwrite_option
+from .options import base_option, check_base, count, handle_errors, overwrite_option
 
 
 @click.command("tasks")
@@ -72,8 +72,7 @@ def command(images: tuple[Path, ...], out: Path, max_tesserae: int, tessera_size
 
     if (engine != "auto" or model or base or device) and not prelabel:
         raise click.UsageError("--engine, --model, --base and --device apply with --prelabel")
-    if base and not model:
-        raise click.UsageError("--base applies to a fine-tune file given as --model")
+    check_base(base, model)
     if url_prefix is not None and click.get_current_context().get_parameter_source(
             "document_root") is click.core.ParameterSource.ENVIRONMENT:
         document_root = None
