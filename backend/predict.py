@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 
 CLICK_WINDOW = MAX_TILE  # px: fallback windows, SAM 2's input size (native resolution)
 CLICK_OVERLAP = 256  # px: neighbouring fallback windows overlap by this much
-TILING_CACHE = 1024  # images whose (tile, overlap) are remembered
+TILING_CACHE = 1024  # images whose tessera scale (and so tiling) is remembered
 
 
 def click_window(
@@ -152,13 +152,13 @@ class Deadline:
 class Predictor:
     """Answers clicks and pre-labels; keeps classical segmentations between clicks."""
 
-    def __init__(self, cache_bytes: int, prelabel_scores: bool = True) -> None:
+    def __init__(self, cache_bytes: int, prelabel_scores: bool = True, tile: int | None = None) -> None:
         self.classical_cache: ByteLRU[ClassicalIndex] = ByteLRU(cache_bytes, lambda i: i.nbytes)
         # concurrent first clicks on an image: one segmentation (SAM 2's engine encodes an
         # image once under its own lock, the others then find it in its cache)
         self._segmenting = SingleFlight()
         self.prelabel_scores = prelabel_scores
-        self._tilings: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self.tile = tile  # SAM 2 tile / click window side (px); None: about 100 tesserae
         self._scales: OrderedDict[str, ScaleEstimate] = OrderedDict()
         self._scale_lock = threading.Lock()
         # called with every new estimate (the backend's /metrics counts them)
@@ -183,17 +183,9 @@ class Predictor:
 
     def tiling(self, image: np.ndarray, key: str) -> tuple[int, int]:
         """(tile, overlap) of SAM 2 pre-labels and click windows for ``image`` (content ``key``):
-        ``resolve_tiling``, i.e. about 100 tesserae per tile at the estimated scale; remembered
-        per image, so clicks and pre-labels of one image always use the same grid."""
-        found = self._tilings.get(key)
-        if found is None:
-            found = resolve_tiling(image, tessera_size=self.tessera_size(image, key))
-            self._tilings[key] = found
-            while len(self._tilings) > TILING_CACHE:
-                self._tilings.popitem(last=False)
-        else:
-            self._tilings.move_to_end(key)
-        return found
+        ``resolve_tiling``, i.e. about 100 tesserae per tile (or ``tile``) at the scale
+        estimated once per image, so clicks and pre-labels of one image always use the same grid."""
+        return resolve_tiling(image, self.tile, None, self.tessera_size(image, key))
 
     def tessera_size(self, image: np.ndarray, key: str) -> float:
         """The tessera size (px) estimated for ``image`` (``scale``, remembered per image)."""

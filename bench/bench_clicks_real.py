@@ -71,12 +71,8 @@ def main() -> None:
     labels = [k for k in range(1, len(points) + 1) if k not in touching][: args.max_clicks]
 
     engine = open_engine("sam2", args.model, cache_bytes=2 << 30)
-    predictor = Predictor(cache_bytes=1 << 30)
+    predictor = Predictor(cache_bytes=1 << 30, tile=args.click_tile)
     key = "bench"
-    if args.click_tile:
-        from mosaic_toolkit.core.tiling import resolve_tiling
-
-        predictor._tilings[key] = resolve_tiling(image, args.click_tile, None, predictor.tessera_size(image, key))
     rows: dict[str, dict[str, list[float]]] = {
         name: {"mask": [], "polygon": [], "ms": [], "vertices": []} for name in ("best-scored", "scale-aware")}
     fineness = Settings.from_env({}).click_polygon_iou
