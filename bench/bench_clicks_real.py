@@ -1,6 +1,7 @@
 """Clicks on a real photograph with a real SAM 2, as the backend answers them; prints one JSON object.
 
-For every tessera of the reference mask that does not touch the image border, one positive click
+For every tessera of the reference mask that does not touch the image border (and is not a
+reference speck, ``evaluation.metrics.drop_specks``: a pixel or two left by thresholding), one positive click
 at its point (the dataset contract's point) goes through the backend's own click path
 (``mosaic_backend.predict.Predictor.click``: the click window of ``resolve_tiling``, the model's
 candidates, the pieces under the click). Reported, per way of choosing among the base model's
@@ -37,6 +38,7 @@ from mosaic_toolkit.core.io import read_mask
 from mosaic_backend.config import Settings
 from mosaic_toolkit.core.polygons import rasterise, simplify
 from mosaic_toolkit.engines import open_engine
+from mosaic_toolkit.evaluation.metrics import drop_specks
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "real" / "butterfly_top"
 
@@ -68,7 +70,8 @@ def main() -> None:
     border[[0, -1], :] = border[:, [0, -1]] = True
     touching = set(np.unique(gt[border]).tolist())
     points = tessera_points(gt)
-    labels = [k for k in range(1, len(points) + 1) if k not in touching][: args.max_clicks]
+    specks = set(np.unique(gt[drop_specks(gt)[0] != gt]).tolist())
+    labels = [k for k in range(1, len(points) + 1) if k not in touching | specks][: args.max_clicks]
 
     engine = open_engine("sam2", args.model, cache_bytes=2 << 30)
     predictor = Predictor(cache_bytes=1 << 30, tile=args.click_tile)
@@ -114,7 +117,7 @@ def main() -> None:
 
     result = {
         "image": str(images[0].name), "columns": args.columns, "click_tile": predictor.tiling(image, key)[0], "clicks": len(labels), "model": args.model,
-        "polygon_fineness": fineness,
+        "polygon_fineness": fineness, "reference_specks_skipped": len(specks - touching),
         "ceiling_best_of_three": summary(ceiling) if ceiling else None,
     }
     for name, r in rows.items():

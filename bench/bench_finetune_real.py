@@ -188,15 +188,21 @@ def run_train(args: argparse.Namespace, out: Path) -> dict:
 # Evaluation
 # --------------------------------------------------------------------------------------------
 def click_scores(engine, data, samples, best_of_three: bool) -> dict:
-    """Mean IoU of one click at every tessera's point of ``samples``: the served mask, and (for
-    a base model) the best of SAM 2's three candidates by IoU with the tessera."""
+    """Mean IoU of one click at every tessera's point of ``samples`` (reference specks left out):
+    the served mask, and (for a base model) the best of SAM 2's three candidates by IoU with the
+    tessera."""
     import torch
+
+    from mosaic_toolkit.evaluation.metrics import drop_specks
 
     served, oracle = [], []
     for sample in samples:
         image, instances = data.image(sample), data.instances(sample)
+        kept = drop_specks(instances)[0]  # reference specks are not tesserae (as eval scores)
         for k, (x, y) in enumerate(data.points(sample), start=1):
             truth = instances == k
+            if not kept[truth].any():
+                continue
             mask, _ = engine.predict_points(image, [[x, y]], [1])
             served.append((mask & truth).sum() / max(1, (mask | truth).sum()))
             if best_of_three:

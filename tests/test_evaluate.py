@@ -284,3 +284,19 @@ def test_cli_rejects_missing_folders_and_bad_split(case, tmp_path):
     assert result.exit_code == 2 and "nope" in result.output
     assert _eval(case, "--split", "holdout").exit_code == 2
     assert not case["out"].exists()
+
+
+def test_reference_specks_are_not_scored(tmp_path: Path):
+    """A speck of the reference mask (1 px in the grout, from thresholding) is not a tessera."""
+    gt_ids = np.zeros((24, 24), dtype=np.int32)
+    for k, (y, x) in enumerate([(0, 0), (0, 12), (12, 0), (12, 12)], start=1):
+        gt_ids[y:y + 10, x:x + 10] = k
+    found = gt_ids.copy()
+    gt_ids[11, 11] = 5
+    data = tmp_path / "gt"
+    write_manifest(data, [write_sample(data, "s", np.zeros((24, 24, 3), np.uint8), gt_ids, split="test")])
+    write_mask(tmp_path / "pred" / "s.png", instances_to_mask(found))
+    report = evaluate(tmp_path / "pred", data, tmp_path / "report")
+    tile = report["images"]["s"]["tile"]
+    assert tile["n_gt"] == 4 and tile["f_measure"] == pytest.approx(1.0)
+    assert tile["count_error"] == 0.0

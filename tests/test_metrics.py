@@ -12,6 +12,7 @@ from mosaic_toolkit.evaluation.metrics import (
     RED,
     WHITE,
     comparison_image,
+    drop_specks,
     mean_metrics,
     pixel_metrics,
     tile_matches,
@@ -275,3 +276,21 @@ def test_vectorised_matches_the_definition(seed):
     assert m["precision"] == pytest.approx(precision)
     assert m["recall"] == pytest.approx(recall)
     assert m["count_error"] == pytest.approx(abs(n_gt - n_pred) / n_gt)
+
+
+def test_reference_specks_are_dropped_by_size_relative_to_the_median():
+    gt = np.zeros((40, 40), dtype=np.int32)
+    gt[0:10, 0:10] = 1  # three tesserae of 100 px
+    gt[0:10, 20:30] = 2
+    gt[20:30, 0:10] = 3
+    gt[25, 25] = 4  # a 1-px speck left in the grout by thresholding
+    gt[35:37, 35:37] = 5  # a 4-px chip: over 2 % of 100 px, kept
+    cleaned, n = drop_specks(gt)
+    assert n == 1
+    assert set(np.unique(cleaned)) == {0, 1, 2, 3, 5}
+    assert drop_specks(cleaned)[1] == 0
+    assert drop_specks(np.zeros((3, 3), np.int32))[1] == 0
+    # the speck no longer costs a segmentation that found every tessera
+    pred = np.where(np.isin(gt, [1, 2, 3, 5]), gt, 0)
+    assert tile_metrics(gt, pred)["f_measure"] < 0.95
+    assert tile_metrics(cleaned, pred)["f_measure"] == pytest.approx(1.0)

@@ -29,6 +29,7 @@ from .metrics import (
     PIXEL_KEYS,
     TILE_KEYS,
     comparison_image,
+    drop_specks,
     mean_metrics,
     pixel_metrics,
     tile_metrics,
@@ -99,6 +100,7 @@ def _evaluate_sample(
     gt_fg = mask_foreground(dataset.mask(sample))
     gt_instances = dataset.instances(sample)
     _check_shape(dataset.root / INSTANCES_DIR / f"{sample.stem}.png", gt_instances, gt_fg, gt_path)
+    gt_instances, _ = drop_specks(gt_instances)  # not tesserae: not scored (metrics.SPECK_FRACTION)
 
     pred_path = pred_dir / f"{sample.stem}.png"
     pred_fg = mask_foreground(read_mask(pred_path))

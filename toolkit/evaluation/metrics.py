@@ -11,6 +11,11 @@ region R with the largest overlap; then
 - Recall      = mean over tiles of |T ∩ R| / |T|   (a tile no region touches scores 0 on both)
 - F           = 2 P R / (P + R)
 
+Reference specks: a ground-truth component smaller than ``SPECK_FRACTION`` of the median
+ground-truth tessera (a pixel or two left in the grout by thresholding a drawn mask, a sliver cut
+by the image border) is not a tessera; ``drop_specks`` removes them before the tile metrics
+(``evaluate``, ``tune``), so no segmentation is charged for missing them.
+
 Empty cases follow one rule: an empty ground truth scores 1 when the prediction is empty too and 0
 otherwise; a value that stays undefined (the count error of regions predicted where the ground truth
 has none) is ``None`` (``null`` in JSON) and is left out of means.
@@ -20,6 +25,8 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping, NamedTuple
 
 import numpy as np
+
+SPECK_FRACTION = 0.02  # of the median reference tessera area: smaller components are specks
 
 PIXEL_KEYS = ("iou", "dice", "accuracy", "recall", "precision")
 TILE_KEYS = ("count_error", "precision", "recall", "f_measure", "n_gt", "n_pred")
@@ -89,6 +96,23 @@ def _dense_ids(instances: np.ndarray) -> tuple[np.ndarray, int]:
     ids, inverse = np.unique(instances, return_inverse=True)
     dense = inverse.reshape(instances.shape) + (0 if ids[0] == 0 else 1)
     return dense, int(np.count_nonzero(ids))
+
+
+def drop_specks(instances: np.ndarray, fraction: float = SPECK_FRACTION) -> tuple[np.ndarray, int]:
+    """``instances`` without the components under ``fraction`` of the median area, and their count.
+
+    The median is over the map's own components, so the rule follows the tessera scale (2 % of a
+    37-px tessera is about 20 px; real chips and cut tesserae are larger).
+    """
+    areas = np.bincount(np.asarray(instances).ravel())
+    ids = np.flatnonzero(areas)
+    ids = ids[ids > 0]
+    if ids.size == 0:
+        return instances, 0
+    specks = ids[areas[ids] < fraction * float(np.median(areas[ids]))]
+    if specks.size == 0:
+        return instances, 0
+    return np.where(np.isin(instances, specks), 0, instances), int(specks.size)
 
 
 class TileMatches(NamedTuple):

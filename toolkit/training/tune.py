@@ -58,7 +58,7 @@ from ..sam.engine import Sam2Engine, as_rgb
 from ..sam.fast import FastState
 from ..sam.params import GeneratorParams
 from ..core.errors import MosaicError
-from ..evaluation.metrics import pixel_metrics, tile_metrics
+from ..evaluation.metrics import drop_specks, pixel_metrics, tile_metrics
 from ..sam.models import (
     ModelSpec,
     base_record,
@@ -223,7 +223,7 @@ def load_images(
         image = data.image(sample)
         tile_side, overlap = resolve_tiling(image, tile)
         images.append(TuningImage(
-            sample.stem, image, mask_foreground(data.mask(sample)), data.instances(sample),
+            sample.stem, image, mask_foreground(data.mask(sample)), drop_specks(data.instances(sample))[0],
             tile_side, overlap,
         ))
     return data, images
