@@ -14,7 +14,8 @@ Clicks (``Predictor.click``):
   image runs no encoder (the window's features are cached by content). An image that fits in
   one tile is used whole (as pre-labels do); prompts spread wider than any tile fall back to
   ``CLICK_WINDOW``-pixel windows (overlapping by ``CLICK_OVERLAP``), then the whole image.
-  Of the mask only the pieces under positive clicks are kept (the largest piece for a box).
+  The mask is SAM 2's logits above ``click_threshold`` (MOSAIC_BACKEND_CLICK_MASK_THRESHOLD);
+  of it only the pieces under positive clicks are kept (the largest piece for a box).
 * Classical (no weights): the image is segmented once (tile by tile, cached per image) and a
   click selects the tessera under it or, on grout, the nearest one within two tessera
   diameters (``classical.ClassicalIndex``, the rule of ``ClassicalEngine.predict_point`` too); several positive clicks select
@@ -152,13 +153,15 @@ class Deadline:
 class Predictor:
     """Answers clicks and pre-labels; keeps classical segmentations between clicks."""
 
-    def __init__(self, cache_bytes: int, prelabel_scores: bool = True, tile: int | None = None) -> None:
+    def __init__(self, cache_bytes: int, prelabel_scores: bool = True, tile: int | None = None,
+                 click_threshold: float = 0.0) -> None:
         self.classical_cache: ByteLRU[ClassicalIndex] = ByteLRU(cache_bytes, lambda i: i.nbytes)
         # concurrent first clicks on an image: one segmentation (SAM 2's engine encodes an
         # image once under its own lock, the others then find it in its cache)
         self._segmenting = SingleFlight()
         self.prelabel_scores = prelabel_scores
         self.tile = tile  # SAM 2 tile / click window side (px); None: about 100 tesserae
+        self.click_threshold = click_threshold  # SAM 2 logit threshold of a click's mask
         self._scales: OrderedDict[str, ScaleEstimate] = OrderedDict()
         self._scale_lock = threading.Lock()
         # called with every new estimate (the backend's /metrics counts them)
@@ -208,7 +211,8 @@ class Predictor:
         # A candidate over guided_max_area tessera areas spans neighbours: not the tessera clicked.
         max_area = engine.params.guided_max_area * math.pi / 4 * self.tessera_size(image, key) ** 2
         local, score = engine.predict_points(
-            writable(image[y0:y1, x0:x1]), prompt.points - [x0, y0], prompt.labels, box, max_area=max_area)
+            writable(image[y0:y1, x0:x1]), prompt.points - [x0, y0], prompt.labels, box, max_area=max_area,
+            threshold=self.click_threshold)
         local = keep_clicked(local, prompt.positives - [x0, y0])
         mask = np.zeros(image.shape[:2], bool)
         mask[y0:y1, x0:x1] = local

@@ -108,7 +108,8 @@ class Backend:
         self.fetcher = ImageFetcher(settings, self.link)
         self.store = ModelStore(settings.models_dir)
         self.engines = engines or EngineManager(settings, self.store)
-        self.predictor = Predictor(settings.image_cache_mb * 2**20, settings.prelabel_scores)
+        self.predictor = Predictor(settings.image_cache_mb * 2**20, settings.prelabel_scores,
+                                   click_threshold=settings.click_mask_threshold)
         self.metrics = Metrics()
         self.predictor.on_scale = self.metrics.scale
         self.training = TrainingManager(settings, self.store, self.engines, self.link, self.metrics)

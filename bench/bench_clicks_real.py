@@ -16,6 +16,10 @@ three candidates (``best-scored``: SAM 2's own choice; ``scale-aware``: candidat
   few ms, ``bench/bench_backend.py``);
 * ``ceiling``: the best of the three candidates for each click (what a perfect chooser gets).
 
+The mask threshold and the polygon fineness are the backend's defaults
+(``MOSAIC_BACKEND_CLICK_MASK_THRESHOLD``, ``MOSAIC_BACKEND_CLICK_POLYGON_IOU``; set them in the
+environment to compare).
+
 Run: ``.venv/bin/python bench/bench_clicks_real.py [--root ../shared/real/butterfly_top]
 [--columns 775:1575] [--model sam2-tiny] [--max-clicks 400]``.
 """
@@ -74,11 +78,12 @@ def main() -> None:
     labels = [k for k in range(1, len(points) + 1) if k not in touching | specks][: args.max_clicks]
 
     engine = open_engine("sam2", args.model, cache_bytes=2 << 30)
-    predictor = Predictor(cache_bytes=1 << 30, tile=args.click_tile)
+    settings = Settings.from_env()
+    predictor = Predictor(cache_bytes=1 << 30, tile=args.click_tile, click_threshold=settings.click_mask_threshold)
     key = "bench"
     rows: dict[str, dict[str, list[float]]] = {
         name: {"mask": [], "polygon": [], "ms": [], "vertices": []} for name in ("best-scored", "scale-aware")}
-    fineness = Settings.from_env({}).click_polygon_iou
+    fineness = settings.click_polygon_iou
     ceiling = []
     for label in labels:
         truth = gt == label
@@ -110,14 +115,15 @@ def main() -> None:
             with torch.inference_mode():
                 logits, _, _ = engine._sam.click(feats.features, feats.hw, np.array([[x - wx0, y - wy0]], np.float32),
                                                  np.ones(1, np.int64), None)
-            ceiling.append(max(iou(np.pad(m > 0, ((wy0, h - wy1), (wx0, w - wx1))), truth) for m in logits))
+            ceiling.append(max(iou(np.pad(m > predictor.click_threshold, ((wy0, h - wy1), (wx0, w - wx1))), truth)
+                               for m in logits))
 
     def summary(values: list[float]) -> dict:
         return {"mean": round(statistics.fmean(values), 4), "p5": round(float(np.percentile(values, 5)), 4)}
 
     result = {
         "image": str(images[0].name), "columns": args.columns, "click_tile": predictor.tiling(image, key)[0], "clicks": len(labels), "model": args.model,
-        "polygon_fineness": fineness, "reference_specks_skipped": len(specks - touching),
+        "polygon_fineness": fineness, "mask_threshold": predictor.click_threshold, "reference_specks_skipped": len(specks - touching),
         "ceiling_best_of_three": summary(ceiling) if ceiling else None,
     }
     for name, r in rows.items():

@@ -363,10 +363,11 @@ def test_light_polygons_at_the_default_fineness(tmp_path_factory, hosts, classic
 
 
 def test_click_polygons_are_finer_than_prelabels(tmp_path_factory, hosts, classical_instances) -> None:
-    """A click is answered at MOSAIC_BACKEND_CLICK_POLYGON_IOU (default 0.99, finer than
-    pre-labels: one region, where an outline pixel is worth much of a tessera's IoU)."""
+    """A click is answered at MOSAIC_BACKEND_CLICK_POLYGON_IOU (default 1: the mask's exact
+    outline, finer than pre-labels: one region, where an outline pixel is worth much of a
+    tessera's IoU)."""
     with make_client(tmp_path_factory, hosts, engine="classical") as client:
-        assert client.app.state.backend.settings.click_polygon_iou == 0.99
+        assert client.app.state.backend.settings.click_polygon_iou == 1.0
         ious = []
         for k in range(1, int(classical_instances.max()) + 1, 3):
             ys, xs = np.nonzero(classical_instances == k)
@@ -374,9 +375,12 @@ def test_click_polygons_are_finer_than_prelabels(tmp_path_factory, hosts, classi
             [region] = predict(client, keypoint(xs[centre] + 0.5, ys[centre] + 0.5)).json()["results"][0]["result"]
             pixels, truth = rasterise_region(1, region, WIDTH, HEIGHT), classical_instances == k
             ious.append((pixels & truth).sum() / (pixels | truth).sum())
-        assert min(ious) >= 0.99, ious
+        assert min(ious) == 1.0, ious
     with pytest.raises(BackendError, match="click_polygon_iou"):
         Settings.from_env({"MOSAIC_BACKEND_CLICK_POLYGON_IOU": "1.5"})
+    assert Settings.from_env({}).click_mask_threshold == 0.5
+    with pytest.raises(BackendError, match="click_mask_threshold"):
+        Settings.from_env({"MOSAIC_BACKEND_CLICK_MASK_THRESHOLD": "nan"})
 
 
 def test_other_configs_brush_only_and_polygon_only(classical, classical_instances) -> None:
@@ -431,7 +435,8 @@ def test_sam2_first_click_encodes_later_clicks_only_decode(sam, mosaic) -> None:
     assert len(engine.cached_keys()) == 1
     [answer] = first.json()["results"]
     assert answer["model_version"] == "sam2.1-tiny" and isinstance(answer["score"], float)
-    expected, score = engine.predict_points(image, [[x, y]], [1])
+    threshold = sam.app.state.backend.settings.click_mask_threshold
+    expected, score = engine.predict_points(image, [[x, y]], [1], threshold=threshold)
     from mosaic_backend.predict import keep_clicked
 
     expected = keep_clicked(expected, np.array([[x, y]]))
@@ -450,7 +455,8 @@ def test_sam2_box_and_negative_click(sam, mosaic) -> None:
     x, y = centre(truth, middle_tessera(truth))
     response = predict(sam, rectangle(x - 15, y - 15, x + 15, y + 15), keypoint(x, y), keypoint(x + 12, y, False))
     assert response.status_code == 200, response.text
-    expected, _ = engine.predict_points(image, [[x, y], [x + 12, y]], [1, 0], box=[x - 15, y - 15, x + 15, y + 15])
+    expected, _ = engine.predict_points(image, [[x, y], [x + 12, y]], [1, 0], box=[x - 15, y - 15, x + 15, y + 15],
+                                      threshold=sam.app.state.backend.settings.click_mask_threshold)
     from mosaic_backend.predict import keep_clicked
 
     expected = keep_clicked(expected, np.array([[x, y]]))

@@ -238,6 +238,7 @@ class Sam2Engine:
         labels: Sequence[int] | np.ndarray,
         box: Sequence[float] | None = None,
         max_area: float | None = None,
+        threshold: float = 0.0,
     ) -> tuple[np.ndarray, float]:
         """The mask for click prompts on ``image`` and its predicted IoU.
 
@@ -245,8 +246,9 @@ class Sam2Engine:
         tessera), ``box`` an optional ``[x0, y0, x1, y1]``. For a base model a single click is
         ambiguous, so SAM 2 decodes three masks and the best-scored one is returned; several
         clicks or a box give one mask. A fine-tuned model answers with the output it was
-        trained on, and only that (``sam.adapter.select_output``). Logits are thresholded at 0
-        (SAM's own threshold; the tuned ``mask_threshold`` belongs to full-image segmentation).
+        trained on, and only that (``sam.adapter.select_output``). Logits are thresholded at
+        ``threshold`` (0 is SAM's own; the tuned ``mask_threshold`` belongs to full-image
+        segmentation; the backend's clicks pass ``MOSAIC_BACKEND_CLICK_MASK_THRESHOLD``).
         ``last_click_token`` is the decoder token of the mask returned. ``max_area`` (pixels,
         e.g. a few times a tessera's area): of several candidates, those larger are not this
         tessera (a mask spanning its neighbours and their grout) and lose to any smaller one.
@@ -272,7 +274,7 @@ class Sam2Engine:
                     ranked = np.where(small, ranked, -np.inf)
             best = int(np.argmax(ranked))
             self.last_click_token = int(tokens[best])
-        return logits[best] > 0, float(scores[best])
+        return logits[best] > threshold, float(scores[best])
 
     last_click_token: int | None = None
 
