@@ -110,3 +110,25 @@ def test_guided_drops_a_proposal_on_the_grout_network():
                            second_round=False, reference_area=4.0)
     assert not out[10:20, 10:20].any()
     assert (out[90:100, 90:100] > 0).all() and int(out.max()) == 1
+
+
+def test_regions_that_follow_the_grout_are_dropped():
+    """A branched region (the grout between tilted tesserae) fills little of its convex hull and
+    is dropped; convex tesserae, a chipped one included, stay, renumbered 1..N in raster order."""
+    from mosaic_toolkit.sam.guided import GUIDED_MIN_SOLIDITY, drop_grout_shapes
+    from skimage.measure import regionprops
+
+    instances = np.zeros((80, 80), np.int32)
+    instances[2:22, 2:22] = 1  # a square tessera
+    instances[30:50, 40:46] = 2  # a cross of grout strips
+    instances[37:43, 30:56] = 2
+    instances[2:22, 50:70] = 3  # a tessera with a chipped corner
+    instances[2:8, 64:70] = 0
+    instances[60:78, 5:25] = 4
+    solidity = {p.label: p.solidity for p in regionprops(instances)}
+    assert solidity[2] < GUIDED_MIN_SOLIDITY < min(solidity[1], solidity[3], solidity[4])
+    out = drop_grout_shapes(instances)
+    assert out.max() == 3
+    assert (out > 0).sum() == (instances > 0).sum() - (instances == 2).sum()
+    assert out[10, 10] == 1 and out[10, 55] == 2 and out[70, 10] == 3 and out[40, 42] == 0
+    assert drop_grout_shapes(out) is out  # nothing left to drop
