@@ -223,6 +223,7 @@ def prelabel_scores(engine, band: Path, work: Path) -> dict:
     from mosaic_toolkit.evaluation.evaluate import evaluate
     from mosaic_toolkit.segment import segment_paths
 
+    shutil.rmtree(work, ignore_errors=True)  # a stage run again replaces its own earlier output
     started = time.perf_counter()
     records = segment_paths([band], work / "pred", engine, progress=False)
     seconds = time.perf_counter() - started
