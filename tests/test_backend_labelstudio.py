@@ -121,6 +121,7 @@ def project(label_studio: LabelStudioServer) -> Project:
 def sam_backend(project, tiny_sam2_checkpoint, tmp_path_factory) -> Iterator[BackendServer]:
     settings = Settings.from_env(
         {}, engine="sam2", model=str(tiny_sam2_checkpoint), image_size=256, generator_params=SAM_PARAMS,
+        click_mask_threshold=0.0,  # random weights: let the click's mask through, as SAM_PARAMS does
         models_dir=tmp_path_factory.mktemp("backend-models"), **TRAINING)
     with BackendServer(settings) as server:
         yield server
