@@ -144,16 +144,20 @@ def interactive(label_studio: LabelStudioServer, ml_id: int, task: int, *results
         id=ml_id, task=task, context={"result": list(results)}).response
 
 
-def keypoint(x: float, y: float, positive: bool = True) -> dict:
+def keypoint(x: float, y: float, positive: bool = True, size: tuple[int, int] = (WIDTH, HEIGHT)) -> dict:
+    """A smart keypoint at pixel (x, y) of an image of ``size`` (width, height)."""
+    width, height = size
     return {"id": "k1", "type": "keypointlabels", "from_name": "keypoint", "to_name": "image",
-            "original_width": WIDTH, "original_height": HEIGHT, "image_rotation": 0, "origin": "manual",
-            "is_positive": positive, "value": {"x": x / WIDTH * 100, "y": y / HEIGHT * 100, "width": 0.6,
+            "original_width": width, "original_height": height, "image_rotation": 0, "origin": "manual",
+            "is_positive": positive, "value": {"x": x / width * 100, "y": y / height * 100, "width": 0.6,
                                                "keypointlabels": ["Tessera"]}}
 
 
 def brush_result(mask: np.ndarray, rid: str) -> dict:
+    """One brush region holding ``mask`` (the image's size)."""
+    height, width = mask.shape
     return {"id": rid, "type": "brushlabels", "from_name": "brush", "to_name": "image",
-            "original_width": WIDTH, "original_height": HEIGHT, "image_rotation": 0,
+            "original_width": width, "original_height": height, "image_rotation": 0,
             "value": {"format": "rle", "rle": mask2rle(mask.astype(np.uint8) * 255), "brushlabels": ["Tessera"]}}
 
 

@@ -40,7 +40,6 @@ from typing import Iterator
 
 import numpy as np
 import pytest
-from label_studio_sdk.converter.brush import mask2rle
 from PIL import Image
 
 from labelstudio_server import LabelStudioServer
@@ -49,7 +48,7 @@ from mosaic_toolkit.core.dataset import mask_to_instances, tessera_points
 from mosaic_toolkit.core.io import read_mask
 from mosaic_toolkit.data.export import rasterise_region
 from mosaic_toolkit.evaluation.metrics import drop_specks, pixel_metrics, tile_metrics
-from test_backend_labelstudio import LABEL_CONFIG, BackendServer
+from test_backend_labelstudio import LABEL_CONFIG, BackendServer, brush_result, interactive, keypoint
 
 # the weights first: without them the module skips before Label Studio starts
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow, pytest.mark.usefixtures("real_sam2_checkpoint")]
@@ -105,21 +104,6 @@ def backend(real_sam2_checkpoint, tmp_path_factory) -> Iterator[BackendServer]:
         yield server
 
 
-def brush(mask: np.ndarray, rid: str) -> dict:
-    h, w = mask.shape
-    return {"id": rid, "type": "brushlabels", "from_name": "brush", "to_name": "image",
-            "original_width": w, "original_height": h, "image_rotation": 0,
-            "value": {"format": "rle", "rle": mask2rle(mask.astype(np.uint8) * 255), "brushlabels": ["Tessera"]}}
-
-
-def keypoint(x: float, y: float, crop: Crop) -> dict:
-    return {"id": "k1", "type": "keypointlabels", "from_name": "keypoint", "to_name": "image",
-            "original_width": crop.width, "original_height": crop.height, "image_rotation": 0,
-            "origin": "manual", "is_positive": True,
-            "value": {"x": x / crop.width * 100, "y": y / crop.height * 100, "width": 0.6,
-                      "keypointlabels": ["Tessera"]}}
-
-
 def instance_map(task: int, regions: list[dict], crop: Crop) -> np.ndarray:
     """The regions as an instance map, painted in order without overwriting."""
     found = np.zeros(crop.truth.shape, np.int32)
@@ -170,7 +154,7 @@ def test_training_on_annotations_improves_prelabels_of_a_held_out_crop(label_stu
     for name in TRAIN_CROPS:
         truth = crops[name].truth
         client.annotations.create(id=tasks[name], result=[
-            brush(truth == k, f"t{k}") for k in np.unique(truth[truth > 0])])
+            brush_result(truth == k, f"t{k}") for k in np.unique(truth[truth > 0])])
     started = time.monotonic()
     client.ml.train(id=ml.id)
     status = wait_for_training(backend)
@@ -196,8 +180,8 @@ def test_training_on_annotations_improves_prelabels_of_a_held_out_crop(label_stu
     k = int(held_out.truth[held_out.height // 2, held_out.width // 2]) or int(np.max(held_out.truth))
     tessera = held_out.truth == k
     [(x, y)] = tessera_points(tessera.astype(np.int32))
-    response = client.ml.with_raw_response.predict_interactive(
-        id=ml.id, task=tasks[HELD_OUT], context={"result": [keypoint(x + 0.5, y + 0.5, held_out)]}).response
+    response = interactive(label_studio, ml.id, tasks[HELD_OUT],
+                           keypoint(x + 0.5, y + 0.5, size=(held_out.width, held_out.height)))
     assert response.status_code == 200, response.text
     data = response.json()["data"]
     assert data["model_version"] == after
