@@ -112,6 +112,50 @@ def test_guided_drops_a_proposal_on_the_grout_network():
     assert (out[90:100, 90:100] > 0).all() and int(out.max()) == 1
 
 
+def test_a_fine_tune_drops_the_proposals_it_predicts_more_wrong_than_right():
+    """A proposal whose candidates are all predicted under ``drop_under`` (a fine-tune's "not a
+    tessera") is not painted back as its classical region; one predicted between that and
+    ``pred_iou_thresh`` keeps it, as every unoutlined proposal does for a base model."""
+    from mosaic_toolkit.sam.guided import TRAINED_DROP_UNDER, guided_instances
+
+    image = np.full((120, 120, 3), 128, np.uint8)
+    proposals = np.zeros((120, 120), np.int32)
+    proposals[10:20, 10:20] = 1  # the fine-tune: "more wrong than right"
+    proposals[90:100, 90:100] = 2  # the fine-tune: unsure, under pred_iou_thresh
+    params = GeneratorParams(method="guided")
+    low, unsure = TRAINED_DROP_UNDER / 2, (TRAINED_DROP_UNDER + params.pred_iou_thresh) / 2
+    decoder_for = _window_decoder(lambda x, y: low if x < 60 else unsure)
+    base = guided_instances(image, proposals, params, decoder_for, second_round=False, reference_area=4.0)
+    tuned = guided_instances(image, proposals, params, decoder_for, second_round=False, reference_area=4.0,
+                             drop_under=TRAINED_DROP_UNDER)
+    assert (base[10:20, 10:20] > 0).all() and (base[90:100, 90:100] > 0).all()
+    assert not tuned[10:20, 10:20].any() and (tuned[90:100, 90:100] > 0).all()
+
+
+def test_the_engine_drops_unlikely_proposals_for_a_fine_tune_only(sam2_engine, tessera_grid_image, monkeypatch):
+    """The engine passes ``TRAINED_DROP_UNDER`` to the guided path for a trained output, 0 for a
+    base model's."""
+    import mosaic_toolkit.sam.engine as engine_module
+    from mosaic_toolkit.sam.engine import Sam2Engine
+    from mosaic_toolkit.sam.guided import TRAINED_DROP_UNDER
+    from mosaic_toolkit.sam.params import OUTPUT_SINGLE
+
+    seen = []
+    real = engine_module.guided_instances
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["drop_under"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "guided_instances", spy)
+    image, _ = tessera_grid_image
+    params = GeneratorParams(method="guided")
+    sam2_engine.segment(image, params)
+    single = Sam2Engine(sam2_engine.model, version="single", output=OUTPUT_SINGLE).segment(image, params)
+    assert_valid_instances(single, image.shape[:2], min_area=params.min_area)
+    assert seen == [0.0, TRAINED_DROP_UNDER]
+
+
 def test_regions_that_follow_the_grout_are_dropped():
     """A branched region (the grout between tilted tesserae) fills little of its convex hull and
     is dropped; convex tesserae, a chipped one included, stay, renumbered 1..N in raster order."""

@@ -23,8 +23,13 @@ the tessera the proposal saw. A proposal left without a candidate, where SAM 2 c
 window, sits on the grout network (a grout patch or a border strip the classical engine took
 for a tile): it is dropped. Kept masks are upsampled (exact bilinear, as SAM 2's own
 post-processing) in their window only and painted into one map by decreasing score, without
-overwriting, skipping a mask that is mostly painted already (a duplicate). Any other proposal with
-no candidate left keeps the classical region, painted after all SAM 2 masks. A second round looks
+overwriting, skipping a mask that is mostly painted already (a duplicate). With a base model any
+other proposal with no candidate left keeps the classical region, painted after all SAM 2 masks.
+A fine-tune's one output is trained to outline tesserae and to predict its IoU with them, so a
+proposal it outlines with a predicted IoU under ``TRAINED_DROP_UNDER`` (its outline more wrong
+than right) is not a tessera: it is dropped, not painted back as its classical region (on the
+real photograph these are grout patches; decision 0010). A base model's low scores mean no such
+thing (``drop_under=0``). A second round looks
 for tesserae neither covered: edge-free discs in the unpainted tile interior
 (``fast.tile_interior``) of at least ``SECOND_ROUND_RADIUS`` times the median proposal's radius
 are prompted the same way; their outlines are kept, a disc SAM 2 cannot outline is dropped.
@@ -65,6 +70,7 @@ SECOND_ROUND_RADIUS = 0.3  # second round: discs of at least this part of the me
 AGREEMENT_WEIGHT = 1.0  # weight of a candidate's IoU with its proposal in its score
 GROUT_IOU = 0.8  # a candidate this confident that spills beyond the window: the grout network
 GUIDED_MIN_SOLIDITY = 0.75  # a region filling less of its convex hull follows the grout network
+TRAINED_DROP_UNDER = 0.5  # a fine-tune predicting its outline of a proposal under this: not a tessera
 
 
 def guided_instances(
@@ -79,6 +85,7 @@ def guided_instances(
     second_round: bool = True,
     reference_area: float | None = None,
     keep_unoutlined: bool = True,
+    drop_under: float = 0.0,
     decoders: dict | None = None,
 ) -> np.ndarray:
     """The raw instance map (before ``postprocess``) of SAM 2 outlines of ``proposals``.
@@ -86,7 +93,9 @@ def guided_instances(
     ``proposals`` is an instance map of likely tesserae (the classical engine's);
     ``decoder_for(crop)`` encodes an image crop and returns its :data:`WindowDecoder`;
     ``tile``/``overlap`` cut a large image into crops (None: the whole image at once);
-    ``progress(n)`` is told when n more tiles are done.
+    ``progress(n)`` is told when n more tiles are done; ``keep_unoutlined`` paints the proposals
+    SAM 2 did not outline as they are, except those whose every candidate is predicted under
+    ``drop_under`` (``TRAINED_DROP_UNDER`` for a fine-tune, 0 for a base model).
     """
     h, w = proposals.shape
     proposals = relabel_sequential(proposals.astype(np.int32, copy=False))
@@ -120,7 +129,7 @@ def guided_instances(
                 for start in range(0, len(members), params.points_per_batch):
                     batch = members[start : start + params.points_per_batch]
                     kept += _outline_batch(decode, batch, proposals[ty0:ty1, tx0:tx1], points, boxes,
-                                           cap, params, (ty0, tx0), fallback)
+                                           cap, params, (ty0, tx0), fallback, drop_under)
             if progress is not None:
                 progress(1)
 
@@ -158,7 +167,7 @@ def guided_instances(
 def _outline_batch(
     decode: WindowDecoder, batch: np.ndarray, crop_proposals: np.ndarray, points: np.ndarray,
     boxes: np.ndarray, cap: np.ndarray, params: GeneratorParams, origin: tuple[int, int],
-    fallback: np.ndarray,
+    fallback: np.ndarray, drop_under: float = 0.0,
 ) -> list[tuple[float, int, int, np.ndarray]]:
     """Decode one batch of proposals of one tile; the kept masks in image coordinates."""
     ty0, tx0 = origin
@@ -199,6 +208,8 @@ def _outline_batch(
             # SAM 2 confidently answers with a network spanning many tesserae: the point is on
             # grout (a patch the classical engine took for a tile), not on a tessera
             if np.any(inside & edge & (area > cap[index]) & (ious[i] >= GROUT_IOU)):
+                fallback[index] = False
+            if np.all(ious[i] < drop_under):  # a fine-tune's "not a tessera"
                 fallback[index] = False
             continue
         best = int(np.argmax(np.where(valid, score, -np.inf)))
