@@ -112,39 +112,68 @@ def test_guided_drops_a_proposal_on_the_grout_network():
     assert (out[90:100, 90:100] > 0).all() and int(out.max()) == 1
 
 
-def test_a_fine_tune_drops_the_proposals_it_predicts_more_wrong_than_right():
-    """A proposal whose candidates are all predicted under ``drop_under`` (a fine-tune's "not a
-    tessera") is not painted back as its classical region; one predicted between that and
-    ``pred_iou_thresh`` keeps it, as every unoutlined proposal does for a base model."""
-    from mosaic_toolkit.sam.guided import TRAINED_DROP_UNDER, guided_instances
+def _outlining_decoder(outlines, confidence_at):
+    """A WindowDecoder at full resolution with one candidate per point: where ``outlines(x, y)``,
+    a square of 6 px around the point (a tessera it outlines), else a mask over the whole window
+    (refused: it spills); predicted with ``confidence_at(x, y)``."""
+    def decoder_for(crop):
+        h, w = crop.shape[:2]
+
+        def decode(points, centers, extent):
+            size = int(np.ceil(extent))
+            corners = np.stack([np.clip(centers[:, 1] - size // 2, 0, h - size),
+                                np.clip(centers[:, 0] - size // 2, 0, w - size)], axis=1).astype(np.int64)
+            logits = torch.ones((len(points), 1, size, size))
+            for i, (x, y) in enumerate(points):
+                if outlines(x, y):
+                    r, c = int(y) - corners[i, 0], int(x) - corners[i, 1]
+                    logits[i] = -1.0
+                    logits[i, 0, r - 3:r + 3, c - 3:c + 3] = 1.0
+            ious = torch.tensor([[confidence_at(x, y)] for x, y in points], dtype=torch.float32)
+            return logits, ious, corners, (h, w)
+        return decode
+    return decoder_for
+
+
+@pytest.mark.parametrize("outlined_iou, dropped", [(0.95, True), (0.3, False)])
+def test_a_fine_tune_drops_the_proposals_it_predicts_far_below_its_outlines(outlined_iou, dropped):
+    """A proposal left without a candidate whose prediction is under ``drop_fraction`` of the
+    median prediction of the outlined proposals (a fine-tune's "not a tessera") is not painted
+    back as its classical region; a base model (``drop_fraction=0``) keeps every such proposal.
+    Relative to the median, a weak fine-tune that predicts every outline low drops nothing."""
+    from mosaic_toolkit.sam.guided import TRAINED_DROP_FRACTION, guided_instances
 
     image = np.full((120, 120, 3), 128, np.uint8)
     proposals = np.zeros((120, 120), np.int32)
-    proposals[10:20, 10:20] = 1  # the fine-tune: "more wrong than right"
-    proposals[90:100, 90:100] = 2  # the fine-tune: unsure, under pred_iou_thresh
-    params = GeneratorParams(method="guided")
-    low, unsure = TRAINED_DROP_UNDER / 2, (TRAINED_DROP_UNDER + params.pred_iou_thresh) / 2
-    decoder_for = _window_decoder(lambda x, y: low if x < 60 else unsure)
-    base = guided_instances(image, proposals, params, decoder_for, second_round=False, reference_area=4.0)
-    tuned = guided_instances(image, proposals, params, decoder_for, second_round=False, reference_area=4.0,
-                             drop_under=TRAINED_DROP_UNDER)
-    assert (base[10:20, 10:20] > 0).all() and (base[90:100, 90:100] > 0).all()
-    assert not tuned[10:20, 10:20].any() and (tuned[90:100, 90:100] > 0).all()
+    for k, x0 in enumerate((10, 40, 70), start=1):  # tesserae the model outlines
+        proposals[10:20, x0:x0 + 10] = k
+    proposals[90:100, 10:20] = 4  # refused, predicted far under the outlines
+    proposals[90:100, 90:100] = 5  # refused, predicted a little under the outlines
+    low, unsure = 0.2, 0.7 * outlined_iou  # 0.2: "more wrong than right", said by a good model only
+    decoder_for = _outlining_decoder(lambda x, y: y < 50,
+                                     lambda x, y: outlined_iou if y < 50 else low if x < 60 else unsure)
+    params = GeneratorParams(method="guided", pred_iou_thresh=min(0.735, 0.9 * outlined_iou))
+    base = guided_instances(image, proposals, params, decoder_for, second_round=False, reference_area=100.0)
+    tuned = guided_instances(image, proposals, params, decoder_for, second_round=False, reference_area=100.0,
+                             drop_fraction=TRAINED_DROP_FRACTION)
+    assert int(base.max()) == 5 and (base[90:100, 10:20] > 0).all() and (base[90:100, 90:100] > 0).all()
+    assert (tuned[13:17, 13:17] > 0).all() and not tuned[10, 10]  # SAM 2's 6-px square, not the proposal
+    assert bool(tuned[90:100, 10:20].any()) is not dropped and (tuned[90:100, 90:100] > 0).all()
 
 
 def test_the_engine_drops_unlikely_proposals_for_a_fine_tune_only(sam2_engine, tessera_grid_image, monkeypatch):
-    """The engine passes ``TRAINED_DROP_UNDER`` to the guided path for a trained output, 0 for a
-    base model's."""
+    """The engine passes ``TRAINED_DROP_FRACTION`` to the guided path for a trained output, 0 for
+    a base model's."""
     import mosaic_toolkit.sam.engine as engine_module
     from mosaic_toolkit.sam.engine import Sam2Engine
-    from mosaic_toolkit.sam.guided import TRAINED_DROP_UNDER
+    from mosaic_toolkit.sam.guided import TRAINED_DROP_FRACTION
     from mosaic_toolkit.sam.params import OUTPUT_SINGLE
 
     seen = []
     real = engine_module.guided_instances
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["drop_under"])
+        seen.append(kwargs["drop_fraction"])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine_module, "guided_instances", spy)
@@ -153,7 +182,7 @@ def test_the_engine_drops_unlikely_proposals_for_a_fine_tune_only(sam2_engine, t
     sam2_engine.segment(image, params)
     single = Sam2Engine(sam2_engine.model, version="single", output=OUTPUT_SINGLE).segment(image, params)
     assert_valid_instances(single, image.shape[:2], min_area=params.min_area)
-    assert seen == [0.0, TRAINED_DROP_UNDER]
+    assert seen == [0.0, TRAINED_DROP_FRACTION]
 
 
 def test_regions_that_follow_the_grout_are_dropped():

@@ -26,10 +26,12 @@ post-processing) in their window only and painted into one map by decreasing sco
 overwriting, skipping a mask that is mostly painted already (a duplicate). With a base model any
 other proposal with no candidate left keeps the classical region, painted after all SAM 2 masks.
 A fine-tune's one output is trained to outline tesserae and to predict its IoU with them, so a
-proposal it outlines with a predicted IoU under ``TRAINED_DROP_UNDER`` (its outline more wrong
-than right) is not a tessera: it is dropped, not painted back as its classical region (on the
-real photograph these are grout patches; decision 0010). A base model's low scores mean no such
-thing (``drop_under=0``). A second round looks
+proposal it outlines with a predicted IoU under ``TRAINED_DROP_FRACTION`` of its median over the
+proposals it did outline (about 0.5 for a good fine-tune: its outline more wrong than right) is
+not a tessera: it is dropped, not painted back as its classical region (on the real photograph
+these are grout patches; decision 0010). Relative to the median, a weak fine-tune, which scores
+every outline low, keeps its proposals. A base model's low scores mean no such thing
+(``drop_fraction=0``). A second round looks
 for tesserae neither covered: edge-free discs in the unpainted tile interior
 (``fast.tile_interior``) of at least ``SECOND_ROUND_RADIUS`` times the median proposal's radius
 are prompted the same way; their outlines are kept, a disc SAM 2 cannot outline is dropped.
@@ -70,7 +72,7 @@ SECOND_ROUND_RADIUS = 0.3  # second round: discs of at least this part of the me
 AGREEMENT_WEIGHT = 1.0  # weight of a candidate's IoU with its proposal in its score
 GROUT_IOU = 0.8  # a candidate this confident that spills beyond the window: the grout network
 GUIDED_MIN_SOLIDITY = 0.75  # a region filling less of its convex hull follows the grout network
-TRAINED_DROP_UNDER = 0.5  # a fine-tune predicting its outline of a proposal under this: not a tessera
+TRAINED_DROP_FRACTION = 0.5  # a fine-tune predicting this part of its median IoU or less: not a tessera
 
 
 def guided_instances(
@@ -85,7 +87,7 @@ def guided_instances(
     second_round: bool = True,
     reference_area: float | None = None,
     keep_unoutlined: bool = True,
-    drop_under: float = 0.0,
+    drop_fraction: float = 0.0,
     decoders: dict | None = None,
 ) -> np.ndarray:
     """The raw instance map (before ``postprocess``) of SAM 2 outlines of ``proposals``.
@@ -95,7 +97,8 @@ def guided_instances(
     ``tile``/``overlap`` cut a large image into crops (None: the whole image at once);
     ``progress(n)`` is told when n more tiles are done; ``keep_unoutlined`` paints the proposals
     SAM 2 did not outline as they are, except those whose every candidate is predicted under
-    ``drop_under`` (``TRAINED_DROP_UNDER`` for a fine-tune, 0 for a base model).
+    ``drop_fraction`` times the median predicted IoU of the outlined proposals
+    (``TRAINED_DROP_FRACTION`` for a fine-tune, 0 for a base model).
     """
     h, w = proposals.shape
     proposals = relabel_sequential(proposals.astype(np.int32, copy=False))
@@ -119,6 +122,8 @@ def guided_instances(
 
     kept: list[tuple[float, int, int, np.ndarray]] = []  # score, y0, x0, window mask
     fallback = np.ones(count, dtype=bool)
+    predicted = np.full(count, np.nan)  # each proposal's best predicted IoU
+    outlined = np.zeros(count, dtype=bool)  # SAM 2's outline kept
     for r, (ty0, ty1) in enumerate(rows):
         for c, (tx0, tx1) in enumerate(cols):
             members = np.flatnonzero((row_of == r) & (col_of == c))
@@ -129,9 +134,12 @@ def guided_instances(
                 for start in range(0, len(members), params.points_per_batch):
                     batch = members[start : start + params.points_per_batch]
                     kept += _outline_batch(decode, batch, proposals[ty0:ty1, tx0:tx1], points, boxes,
-                                           cap, params, (ty0, tx0), fallback, drop_under)
+                                           cap, params, (ty0, tx0), fallback, predicted, outlined)
             if progress is not None:
                 progress(1)
+
+    if drop_fraction > 0 and outlined.any():  # a fine-tune's "not a tessera"
+        fallback &= ~(predicted < drop_fraction * float(np.median(predicted[outlined])))
 
     def masks() -> Iterator[tuple[int, int, np.ndarray]]:
         for _, y0, x0, mask in sorted(kept, key=lambda item: -item[0]):
@@ -167,9 +175,11 @@ def guided_instances(
 def _outline_batch(
     decode: WindowDecoder, batch: np.ndarray, crop_proposals: np.ndarray, points: np.ndarray,
     boxes: np.ndarray, cap: np.ndarray, params: GeneratorParams, origin: tuple[int, int],
-    fallback: np.ndarray, drop_under: float = 0.0,
+    fallback: np.ndarray, predicted: np.ndarray, outlined: np.ndarray,
 ) -> list[tuple[float, int, int, np.ndarray]]:
-    """Decode one batch of proposals of one tile; the kept masks in image coordinates."""
+    """Decode one batch of proposals of one tile; the kept masks in image coordinates. Updates
+    ``fallback`` (the classical region is kept), ``predicted`` (best predicted IoU) and
+    ``outlined`` (SAM 2's outline kept) of the batch's proposals."""
     ty0, tx0 = origin
     th, tw = crop_proposals.shape
     local_points = points[batch] - np.array([tx0, ty0], dtype=np.float32)
@@ -203,20 +213,19 @@ def _outline_batch(
         inter = (cand & own).reshape(m, -1).sum(1)
         union = np.maximum((cand | own).reshape(m, -1).sum(1), 1)
         score = ious[i] + AGREEMENT_WEIGHT * inter / union
+        predicted[index] = float(ious[i].max())
         valid = inside & ~edge & (area <= cap[index]) & (ious[i] > params.pred_iou_thresh)
         if not valid.any():
             # SAM 2 confidently answers with a network spanning many tesserae: the point is on
             # grout (a patch the classical engine took for a tile), not on a tessera
             if np.any(inside & edge & (area > cap[index]) & (ious[i] >= GROUT_IOU)):
                 fallback[index] = False
-            if np.all(ious[i] < drop_under):  # a fine-tune's "not a tessera"
-                fallback[index] = False
             continue
         best = int(np.argmax(np.where(valid, score, -np.inf)))
         y0, x0, mask = upsample_window(logits[i, best].numpy(), (r0, c0), (lh, lw), (th, tw),
                                        params.mask_threshold)
         if mask.any():
-            fallback[index] = False
+            fallback[index], outlined[index] = False, True
             out.append((float(score[best]), y0 + ty0, x0 + tx0, mask))
     return out
 
