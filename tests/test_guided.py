@@ -79,9 +79,10 @@ def test_guided_max_area_must_be_positive():
         GeneratorParams(guided_max_area=0)
 
 
-def _window_decoder(confidence_at):
-    """A WindowDecoder at full resolution whose only candidate at each point is a mask over its
-    whole window (a network spanning many tesserae), predicted with ``confidence_at(x, y)``."""
+def _window_decoder(confidence_at, outlines=lambda x, y: False):
+    """A WindowDecoder at full resolution with one candidate per point, predicted with
+    ``confidence_at(x, y)``: where ``outlines(x, y)``, a square of 6 px around the point (a
+    tessera it outlines), else a mask over its whole window (a network spanning many tesserae)."""
     def decoder_for(crop):
         h, w = crop.shape[:2]
 
@@ -90,6 +91,11 @@ def _window_decoder(confidence_at):
             corners = np.stack([np.clip(centers[:, 1] - size // 2, 0, h - size),
                                 np.clip(centers[:, 0] - size // 2, 0, w - size)], axis=1).astype(np.int64)
             logits = torch.ones((len(points), 1, size, size))
+            for i, (x, y) in enumerate(points):
+                if outlines(x, y):
+                    r, c = int(y) - corners[i, 0], int(x) - corners[i, 1]
+                    logits[i] = -1.0
+                    logits[i, 0, r - 3:r + 3, c - 3:c + 3] = 1.0
             ious = torch.tensor([[confidence_at(x, y)] for x, y in points], dtype=torch.float32)
             return logits, ious, corners, (h, w)
         return decode
@@ -112,29 +118,6 @@ def test_guided_drops_a_proposal_on_the_grout_network():
     assert (out[90:100, 90:100] > 0).all() and int(out.max()) == 1
 
 
-def _outlining_decoder(outlines, confidence_at):
-    """A WindowDecoder at full resolution with one candidate per point: where ``outlines(x, y)``,
-    a square of 6 px around the point (a tessera it outlines), else a mask over the whole window
-    (refused: it spills); predicted with ``confidence_at(x, y)``."""
-    def decoder_for(crop):
-        h, w = crop.shape[:2]
-
-        def decode(points, centers, extent):
-            size = int(np.ceil(extent))
-            corners = np.stack([np.clip(centers[:, 1] - size // 2, 0, h - size),
-                                np.clip(centers[:, 0] - size // 2, 0, w - size)], axis=1).astype(np.int64)
-            logits = torch.ones((len(points), 1, size, size))
-            for i, (x, y) in enumerate(points):
-                if outlines(x, y):
-                    r, c = int(y) - corners[i, 0], int(x) - corners[i, 1]
-                    logits[i] = -1.0
-                    logits[i, 0, r - 3:r + 3, c - 3:c + 3] = 1.0
-            ious = torch.tensor([[confidence_at(x, y)] for x, y in points], dtype=torch.float32)
-            return logits, ious, corners, (h, w)
-        return decode
-    return decoder_for
-
-
 @pytest.mark.parametrize("outlined_iou, dropped", [(0.95, True), (0.3, False)])
 def test_a_fine_tune_drops_the_proposals_it_predicts_far_below_its_outlines(outlined_iou, dropped):
     """A proposal left without a candidate whose prediction is under ``drop_fraction`` of the
@@ -150,8 +133,8 @@ def test_a_fine_tune_drops_the_proposals_it_predicts_far_below_its_outlines(outl
     proposals[90:100, 10:20] = 4  # refused, predicted far under the outlines
     proposals[90:100, 90:100] = 5  # refused, predicted a little under the outlines
     low, unsure = 0.2, 0.7 * outlined_iou  # 0.2: "more wrong than right", said by a good model only
-    decoder_for = _outlining_decoder(lambda x, y: y < 50,
-                                     lambda x, y: outlined_iou if y < 50 else low if x < 60 else unsure)
+    decoder_for = _window_decoder(lambda x, y: outlined_iou if y < 50 else low if x < 60 else unsure,
+                                  outlines=lambda x, y: y < 50)
     params = GeneratorParams(method="guided", pred_iou_thresh=min(0.735, 0.9 * outlined_iou))
     base = guided_instances(image, proposals, params, decoder_for, second_round=False, reference_area=100.0)
     tuned = guided_instances(image, proposals, params, decoder_for, second_round=False, reference_area=100.0,
