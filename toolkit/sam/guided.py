@@ -26,9 +26,9 @@ post-processing) in their window only and painted into one map by decreasing sco
 overwriting, skipping a mask that is mostly painted already (a duplicate). With a base model any
 other proposal with no candidate left keeps the classical region, painted after all SAM 2 masks.
 A fine-tune's one output is trained to outline tesserae and to predict its IoU with them, so a
-proposal it outlines with a predicted IoU under ``TRAINED_DROP_FRACTION`` of its median over the
-proposals it did outline (about 0.5 for a good fine-tune: its outline more wrong than right) is
-not a tessera: it is dropped, not painted back as its classical region (on the real photograph
+proposal it leaves without an outline, predicted under ``TRAINED_DROP_FRACTION`` of its median
+prediction over the proposals it did outline (about 0.5 for a good fine-tune: its outline more
+wrong than right), is not a tessera: it is dropped, not painted back as its classical region (on the real photograph
 these are grout patches; decision 0010). Relative to the median, a weak fine-tune, which scores
 every outline low, keeps its proposals. A base model's low scores mean no such thing
 (``drop_fraction=0``). A second round looks
