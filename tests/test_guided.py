@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mosaic_toolkit.core.instances import paint_instances
 from mosaic_toolkit.core.instances import paint_windows
-from mosaic_toolkit.sam.guided import upsample_window
+from mosaic_toolkit.sam.guided import SPECK_FRACTION, speck_area, upsample_window
 from mosaic_toolkit.sam.params import GeneratorParams
 from test_engine import assert_valid_instances
 
@@ -188,3 +188,12 @@ def test_regions_that_follow_the_grout_are_dropped():
     assert (out > 0).sum() == (instances > 0).sum() - (instances == 2).sum()
     assert out[10, 10] == 1 and out[10, 55] == 2 and out[70, 10] == 3 and out[40, 42] == 0
     assert drop_grout_shapes(out) is out  # nothing left to drop
+
+
+def test_speck_floor_follows_the_tessera_size():
+    """``min_area`` in pixels holds for tesserae of the size it was set at; for fine tesserae the
+    floor is SPECK_FRACTION of the squared size (64 px is a whole 8-px tessera)."""
+    assert speck_area(64, 37.6) == 64  # the real photograph's tesserae: unchanged
+    assert speck_area(64, 8.0) == round(SPECK_FRACTION * 64) < 64
+    assert speck_area(2, 8.0) == 2  # a smaller (tuned) floor is kept
+    assert speck_area(0, 8.0) == 0

@@ -74,7 +74,7 @@ from ..core.errors import InternalError, MosaicError
 from .adapter import PromptDecoder, Sam2Adapter, autocast, stock_generator
 from ..core.instances import paint_instances, postprocess
 from .fast import Decoder, FastState, tile_interior
-from .guided import TRAINED_DROP_FRACTION, WindowDecoder, drop_grout_shapes, guided_instances
+from .guided import TRAINED_DROP_FRACTION, WindowDecoder, drop_grout_shapes, guided_instances, speck_area
 from .params import METHODS, OUTPUT_SAM2, GeneratorParams
 from .models import ModelSpec, declare_output, load_model, model_version, pick_device, resolve_model
 
@@ -358,7 +358,8 @@ class Sam2Engine:
             raw = guided_instances(image, proposals, params, decoder_for or self.candidate_decoder,
                                    tile, overlap, progress,
                                    drop_fraction=0.0 if self.output == OUTPUT_SAM2 else TRAINED_DROP_FRACTION)
-        return drop_grout_shapes(postprocess(raw, params.opening, params.min_area, params.erosion))
+        min_area = speck_area(params.min_area, tessera_size)
+        return drop_grout_shapes(postprocess(raw, params.opening, min_area, params.erosion))
 
     def _segment_stock(self, image: np.ndarray, params: GeneratorParams) -> np.ndarray:
         generator = stock_generator(

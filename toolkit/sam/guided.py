@@ -35,7 +35,10 @@ every outline low, keeps its proposals. A base model's low scores mean no such t
 for tesserae neither covered: edge-free discs in the unpainted tile interior
 (``fast.tile_interior``) of at least ``SECOND_ROUND_RADIUS`` times the median proposal's radius
 are prompted the same way; their outlines are kept, a disc SAM 2 cannot outline is dropped.
-Last (``drop_grout_shapes``, after ``postprocess``), a region that fills less than
+Post-processing drops pieces under ``min_area`` pixels or under ``SPECK_FRACTION`` of the
+squared tessera size, whichever is smaller (``speck_area``): ``min_area``'s 64 px is 5 % of a
+35-px tessera, but larger than a whole 8-px one. Last (``drop_grout_shapes``, after
+``postprocess``), a region that fills less than
 ``GUIDED_MIN_SOLIDITY`` of its convex hull is dropped: it follows the grout between tilted
 tesserae (branched, concave) where a tessera, cut stone or glass, is nearly convex (on the real
 photograph no reference tessera fills under 0.84 of its hull, the grout regions 0.5-0.8).
@@ -73,6 +76,9 @@ AGREEMENT_WEIGHT = 1.0  # weight of a candidate's IoU with its proposal in its s
 GROUT_IOU = 0.8  # a candidate this confident that spills beyond the window: the grout network
 GUIDED_MIN_SOLIDITY = 0.75  # a region filling less of its convex hull follows the grout network
 TRAINED_DROP_FRACTION = 0.5  # a fine-tune predicting this part of its median IoU or less: not a tessera
+#: Pieces under this fraction of the squared tessera size are specks (the classical engine's
+#: ``min_area``): the guided path's floor when it is below ``min_area`` in pixels.
+SPECK_FRACTION = 0.05
 
 
 def guided_instances(
@@ -278,6 +284,12 @@ def upsample_window(
     cols = _interp_matrix(x0, x1, sx, c0, size, lw)
     up = rows @ logits.astype(np.float64) @ cols.T
     return y0, x0, up > threshold
+
+
+def speck_area(min_area: int, tessera_size: float) -> int:
+    """The guided path's speck floor (px): ``min_area``, or ``SPECK_FRACTION`` of the squared
+    ``tessera_size`` when that is smaller (fine tesserae)."""
+    return min(int(min_area), int(round(SPECK_FRACTION * tessera_size**2)))
 
 
 def drop_grout_shapes(instances: np.ndarray, min_solidity: float = GUIDED_MIN_SOLIDITY) -> np.ndarray:
