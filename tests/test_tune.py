@@ -204,7 +204,7 @@ def test_resuming_with_other_images_or_method_is_refused(studied, tiny_dataset, 
     finetune = studied["finetune"]
     with pytest.raises(MosaicError, match=r"study 'ft-generator' .* other images"):
         tune(tiny_dataset, finetune, trials=1, max_images=1, progress=False)
-    with pytest.raises(MosaicError, match="other fixed parameters"):
+    with pytest.raises(MosaicError, match="other (search space and )?fixed parameters"):
         tune(tiny_dataset, finetune, trials=1, method="stock", progress=False)
     assert len(complete_trials(studied["url"], "ft-generator")) == 5
 
@@ -282,3 +282,16 @@ def test_cli_errors_are_one_line(finetune_file, tiny_dataset, tmp_path):
     result = runner.invoke(main, base + ["--out", str(tmp_path / "taken"), "--storage", str(tmp_path / "x.db")])
     assert result.exit_code == 1 and "is not an earlier tune output" in result.output
     assert (tmp_path / "taken" / "mine.txt").read_text() == "keep me"
+
+
+def test_guided_search_stops_at_the_speck_floor():
+    """The guided path caps min_area at SPECK_FRACTION of the squared tessera size, so its
+    search ends there; the fast path searches up to MIN_AREA_FRACTION of the median area."""
+    from mosaic_toolkit.sam.guided import SPECK_FRACTION
+    from mosaic_toolkit.training.tune import MIN_AREA_FRACTION, TuningImage, search_space
+
+    gt = np.zeros((60, 60), np.int32)
+    gt[5:15, 5:15], gt[20:30, 20:30], gt[40:50, 40:50] = 1, 2, 3  # median area 100 px
+    images = [TuningImage("a", np.zeros((60, 60, 3), np.uint8), gt > 0, gt, 60, 0)]
+    assert search_space(images, "fast")["min_area"] == [0, int(MIN_AREA_FRACTION * 100)]
+    assert search_space(images, "guided")["min_area"] == [0, int(SPECK_FRACTION * 4 / math.pi * 100)]
