@@ -135,7 +135,7 @@ class Settings:
     prelabel_scores: bool = _setting(
         "MOSAIC_BACKEND_PRELABEL_SCORES", True,
         "SAM 2 pre-labels: score every tessera with the model's predicted IoU (one more decoder "
-        "pass per tessera, about a fifth of the pre-label time on a CPU).", lambda s: _flag(s))
+        "pass per tessera: on two CPU cores, 61 s more than the 103 s of a 1575x787 photograph).", lambda s: _flag(s))
     polygon_iou: float = _setting(
         "MOSAIC_BACKEND_POLYGON_IOU", 0.97,
         "Fineness of polygon regions: each tessera's outline keeps the fewest vertices whose "
