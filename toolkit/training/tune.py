@@ -56,7 +56,7 @@ from ..core.cache import ByteLRU
 from ..engines import open_engine
 from ..sam.engine import Sam2Engine, as_rgb
 from ..sam.fast import FastState
-from ..sam.guided import SPECK_FRACTION
+from ..sam.guided import speck_area
 from ..sam.params import GeneratorParams
 from ..core.errors import MosaicError
 from ..evaluation.metrics import drop_specks, pixel_metrics, tile_metrics
@@ -263,18 +263,18 @@ def score_images(segment: SegmentWith, images: list[TuningImage], params: Genera
 def search_space(images: list[TuningImage], method: str = "fast") -> dict[str, list]:
     """``{name: [low, high]}`` of every searched parameter (``min_area`` from the images).
 
-    The guided method caps ``min_area`` at ``SPECK_FRACTION`` of the squared tessera size
-    (``sam.guided.speck_area``), so its search stops there: the diameter of a disc of the
-    median ground-truth area stands for the tessera size."""
+    The guided method caps ``min_area`` at its speck floor (``sam.guided.speck_area``), so its
+    search stops there: the diameter of a disc of the median ground-truth area stands for the
+    tessera size."""
     areas = np.concatenate([np.bincount(item.gt_instances.ravel())[1:] for item in images])
     areas = areas[areas > 0]
     median_area = float(np.median(areas)) if areas.size else 0.0
     space: dict[str, list] = {name: list(bounds) for name, bounds in FLOAT_RANGES.items()}
     space.update({name: list(bounds) for name, bounds in INT_RANGES.items()})
-    high = MIN_AREA_FRACTION * median_area
+    high = int(MIN_AREA_FRACTION * median_area)
     if method == "guided":
-        high = min(high, SPECK_FRACTION * 4 / math.pi * median_area)
-    space["min_area"] = [0, max(1, int(high))]
+        high = speck_area(high, 2 * math.sqrt(median_area / math.pi))
+    space["min_area"] = [0, max(1, high)]
     return space
 
 
