@@ -134,8 +134,9 @@ class Settings:
         lambda s: Path(s).expanduser() if s.strip() else None)
     prelabel_scores: bool = _setting(
         "MOSAIC_BACKEND_PRELABEL_SCORES", True,
-        "SAM 2 pre-labels: score every tessera with the model's predicted IoU (one more decoder "
-        "pass per tessera: on two CPU cores, 61 s more than the 103 s of a 1575x787 photograph).", lambda s: _flag(s))
+        "SAM 2 pre-labels: score every tessera with the IoU the model predicted for it, so that "
+        "the least likely can be reviewed first (0: a region SAM 2 did not outline). Free with "
+        "the guided method; the other methods decode every tessera once more.", lambda s: _flag(s))
     polygon_iou: float = _setting(
         "MOSAIC_BACKEND_POLYGON_IOU", 0.97,
         "Fineness of polygon regions: each tessera's outline keeps the fewest vertices whose "

@@ -31,8 +31,9 @@ engine through 1024-pixel tiles. Either stops with a 504 error when the request'
 between two tiles (a 503 when the server shuts down). The same ``Deadline`` covers a click: the
 classical segmentation of a first click stops between tiles, SAM 2 checks it before the model
 call; concurrent first clicks on one image share one segmentation (``SingleFlight``). With SAM 2 every tessera also gets a score (MOSAIC_BACKEND_PRELABEL_SCORES):
-the model's predicted IoU for a click on the tessera's point (``decode_points`` on the cached
-tile features; skipped when the deadline has passed).
+the IoU SAM 2 predicted for it. The guided method keeps the prediction of each outline it
+paints (no extra decoding); the other methods decode a click on each tessera's point
+(``decode_points`` on the cached tile features; skipped when the deadline has passed).
 """
 from __future__ import annotations
 
@@ -267,12 +268,12 @@ class Predictor:
         tile, overlap = self.tiling(image, key)
         if engine.params.method == "guided":  # SAM 2 outlines the classical proposals, tile by tile
             proposals = self.classical_index(ClassicalEngine(), image, key, deadline).instances
-            instances = engine.segment_guided(
+            instances, scores = engine.segment_guided(
                 image, tessera_size=self.tessera_size(image, key), proposals=proposals, tile=tile,
-                overlap=overlap, progress=lambda done: deadline.check())
-        else:
-            instances = segment_tiled(image, guarded(engine.segment, deadline), tile=tile, overlap=overlap,
-                                      progress=False)
+                overlap=overlap, progress=lambda done: deadline.check(), with_scores=True)
+            return instances, scores if self.prelabel_scores and scores else None
+        instances = segment_tiled(image, guarded(engine.segment, deadline), tile=tile, overlap=overlap,
+                                  progress=False)
         scores = None
         if self.prelabel_scores and instances.any() and not deadline.passed():
             scores = self._tessera_scores(engine, image, instances, tile, overlap)

@@ -539,6 +539,26 @@ def test_sam2_clicks_use_the_prelabel_tiles_and_their_encodings(sam2_engine) -> 
         assert set(sam2_engine.cached_keys()) == encoded  # no encoder run for the click
 
 
+def test_guided_prelabel_scores_need_no_second_decoding(sam2_engine, monkeypatch) -> None:
+    """SAM 2's guided pre-labels score every region with the prediction of the outline painted:
+    one score per region, and no prompt is decoded again once the map is made. With scores off
+    (MOSAIC_BACKEND_PRELABEL_SCORES=0), the same map and no scores."""
+    from mosaic_backend.predict import Predictor
+
+    image, _ = synth_mosaic(np.random.default_rng(4), 420, 300, style="irregular", tessera_size=24)
+    assert sam2_engine.params.method == "guided"
+    decoded = []
+    decode_points = sam2_engine.decode_points
+    monkeypatch.setattr(sam2_engine, "decode_points", lambda *a, **k: decoded.append(a) or decode_points(*a, **k))
+    instances, scores = Predictor(cache_bytes=1 << 26).prelabel(sam2_engine, image, "img", Deadline.after(600, "task 1"))
+    assert decoded == []
+    assert int(instances.max()) > 0 and len(scores) == int(instances.max())
+    assert all(np.isfinite(scores))
+    plain, none = Predictor(cache_bytes=1 << 26, prelabel_scores=False).prelabel(
+        sam2_engine, image, "img", Deadline.after(600, "task 1"))
+    assert none is None and np.array_equal(plain, instances)
+
+
 def test_prelabel_timeout_is_a_clear_error(tmp_path_factory, hosts) -> None:
     """A pre-label that cannot finish within the predict timeout stops with a 504 JSON error."""
     with make_client(tmp_path_factory, hosts, engine="classical", predict_timeout=1e-6) as client:

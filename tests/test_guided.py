@@ -144,6 +144,48 @@ def test_a_fine_tune_drops_the_proposals_it_predicts_far_below_its_outlines(outl
     assert bool(tuned[90:100, 10:20].any()) is not dropped and (tuned[90:100, 90:100] > 0).all()
 
 
+def test_each_guided_region_scores_the_prediction_of_what_was_painted():
+    """An outlined proposal scores the IoU SAM 2 predicted for the outline painted; a proposal
+    painted as it is (no candidate kept) scores 0."""
+    from mosaic_toolkit.sam.guided import guided_outlines
+
+    image = np.full((120, 120, 3), 128, np.uint8)
+    proposals = np.zeros((120, 120), np.int32)
+    for k, x0 in enumerate((10, 40, 70), start=1):  # outlined, predicted 0.8 + x / 1000
+        proposals[10:20, x0:x0 + 10] = k
+    proposals[90:100, 90:100] = 4  # refused (a mask over its whole window), predicted 0.3
+    decoder_for = _window_decoder(lambda x, y: 0.8 + x / 1000 if y < 50 else 0.3, outlines=lambda x, y: y < 50)
+    params = GeneratorParams(method="guided", pred_iou_thresh=0.5)
+    out, scores = guided_outlines(image, proposals, params, decoder_for, second_round=False, reference_area=100.0)
+    assert int(out.max()) == 4 and scores.shape == (5,)
+    for k, x0 in enumerate((10, 40, 70), start=1):
+        region = int(out[15, x0 + 5])
+        assert region > 0 and scores[region] == pytest.approx(0.8 + (x0 + 4.5) / 1000, abs=1e-3)
+    assert int(out[95, 95]) > 0 and scores[int(out[95, 95])] == 0.0
+
+
+def test_scores_follow_their_regions_through_post_processing():
+    """``carried_scores``: a renumbered region keeps its raw region's score; the pieces of a
+    split region share it by area; a dropped one takes no id."""
+    from mosaic_toolkit.core.instances import postprocess
+    from mosaic_toolkit.sam.guided import carried_scores
+
+    raw = np.zeros((60, 60), np.int32)
+    raw[2:20, 40:58] = 1  # renumbered after region 2 (raster order)
+    raw[2:20, 2:20] = 2
+    raw[30:40, 2:58] = 3  # cut in two by a 1-px gap of grout
+    raw[30:40, 30] = 0
+    raw[50:52, 50:52] = 4  # a speck: dropped
+    raw_scores = np.array([0.0, 0.91, 0.82, 0.73, 0.64])
+    instances = postprocess(raw, 0, 10, 0)
+    scores = carried_scores(raw, raw_scores, instances)
+    assert int(instances.max()) == 4 and scores.shape == (5,)
+    for y, x in ((10, 50), (10, 10)):
+        assert scores[instances[y, x]] == raw_scores[raw[y, x]]
+    assert scores[instances[35, 10]] == pytest.approx(0.73 * 28 / 55)  # columns 2-29 of 2-57 less one
+    assert scores[instances[35, 50]] == pytest.approx(0.73 * 27 / 55)
+
+
 def test_the_engine_drops_unlikely_proposals_for_a_fine_tune_only(sam2_engine, tessera_grid_image, monkeypatch):
     """The engine passes ``TRAINED_DROP_FRACTION`` to the guided path for a trained output, 0 for
     a base model's."""
@@ -153,13 +195,13 @@ def test_the_engine_drops_unlikely_proposals_for_a_fine_tune_only(sam2_engine, t
     from mosaic_toolkit.sam.params import OUTPUT_SINGLE
 
     seen = []
-    real = engine_module.guided_instances
+    real = engine_module.guided_outlines
 
     def spy(*args, **kwargs):
         seen.append(kwargs["drop_fraction"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "guided_instances", spy)
+    monkeypatch.setattr(engine_module, "guided_outlines", spy)
     image, _ = tessera_grid_image
     params = GeneratorParams(method="guided")
     sam2_engine.segment(image, params)

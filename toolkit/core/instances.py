@@ -78,12 +78,16 @@ def paint_instances(
 
 def paint_windows(
     masks: Iterable[tuple[int, int, np.ndarray]], shape: tuple[int, int], min_new_fraction: float = 0.0,
-    instances: np.ndarray | None = None,
+    instances: np.ndarray | None = None, painted: list[int] | None = None,
 ) -> np.ndarray:
-    """:func:`paint_instances` for masks given as windows ``(row, column, mask)`` of the map."""
+    """:func:`paint_instances` for masks given as windows ``(row, column, mask)`` of the map.
+
+    ``painted``, when given, receives the position (in ``masks``) of every mask painted, in the
+    order of the ids they got.
+    """
     out = np.zeros(shape, dtype=np.int32) if instances is None else instances.copy()
     next_id = int(out.max(initial=0)) + 1
-    for y0, x0, mask in masks:
+    for position, (y0, x0, mask) in enumerate(masks):
         area = int(np.count_nonzero(mask))
         if area == 0:
             continue
@@ -94,4 +98,6 @@ def paint_windows(
             continue
         view[free] = next_id
         next_id += 1
+        if painted is not None:
+            painted.append(position)
     return out

@@ -74,7 +74,8 @@ from ..core.errors import InternalError, MosaicError
 from .adapter import PromptDecoder, Sam2Adapter, autocast, stock_generator
 from ..core.instances import paint_instances, postprocess
 from .fast import Decoder, FastState, tile_interior
-from .guided import TRAINED_DROP_FRACTION, WindowDecoder, drop_grout_shapes, guided_instances, speck_area
+from .guided import (TRAINED_DROP_FRACTION, WindowDecoder, carried_scores, drop_grout_shapes, guided_outlines,
+                     speck_area)
 from .params import METHODS, OUTPUT_SAM2, GeneratorParams
 from .models import ModelSpec, declare_output, load_model, model_version, pick_device, resolve_model
 
@@ -335,13 +336,15 @@ class Sam2Engine:
         self, image: np.ndarray, params: GeneratorParams | None = None, *,
         tessera_size: float | None = None, statistics: Any = None, proposals: np.ndarray | None = None,
         tile: int | None = None, overlap: int | None = None, progress: Any = None,
-        decoder_for: Any = None,
-    ) -> np.ndarray:
+        decoder_for: Any = None, with_scores: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, list[float]]:
         """The guided path (``sam.guided``): SAM 2 outlines of the classical engine's proposals.
 
         ``proposals`` default to ``ClassicalEngine().segment(image, tessera_size, statistics)``;
         ``tile``/``overlap`` to about 100 tesserae per tile (``core.tiling.resolve_tiling``);
         ``decoder_for`` to :meth:`candidate_decoder` (``tune`` passes one that remembers).
+        ``with_scores`` also returns every tessera's score (tessera 1 first): the IoU SAM 2
+        predicted for the outline painted (``guided.guided_outlines``), no extra decoding.
         """
         from ..classical import ClassicalEngine
         from ..core.scale import estimate_tessera_size
@@ -355,11 +358,14 @@ class Sam2Engine:
             proposals = ClassicalEngine().segment(image, tessera_size=tessera_size, statistics=statistics)
         tile, overlap = resolve_tiling(image, tile, overlap, tessera_size)
         with self._lock:
-            raw = guided_instances(image, proposals, params, decoder_for or self.candidate_decoder,
-                                   tile, overlap, progress,
-                                   drop_fraction=0.0 if self.output == OUTPUT_SAM2 else TRAINED_DROP_FRACTION)
+            raw, raw_scores = guided_outlines(
+                image, proposals, params, decoder_for or self.candidate_decoder, tile, overlap, progress,
+                drop_fraction=0.0 if self.output == OUTPUT_SAM2 else TRAINED_DROP_FRACTION)
         min_area = speck_area(params.min_area, tessera_size)
-        return drop_grout_shapes(postprocess(raw, params.opening, min_area, params.erosion))
+        instances = drop_grout_shapes(postprocess(raw, params.opening, min_area, params.erosion))
+        if not with_scores:
+            return instances
+        return instances, [float(v) for v in carried_scores(raw, raw_scores, instances)[1:]]
 
     def _segment_stock(self, image: np.ndarray, params: GeneratorParams) -> np.ndarray:
         generator = stock_generator(

@@ -43,6 +43,11 @@ squared tessera size, whichever is smaller (``speck_area``): ``min_area``'s 64 p
 tesserae (branched, concave) where a tessera, cut stone or glass, is nearly convex (on the real
 photograph no reference tessera fills under 0.84 of its hull, the grout regions 0.5-0.8).
 
+Every region keeps a score (``guided_outlines``): the IoU SAM 2 predicted for the outline it
+was painted from, times the share of the painted outline that post-processing left it
+(``carried_scores``); 0 for a proposal painted as it is. The backend sends it with each
+pre-label region, so a reviewer can open the least likely first, at no extra decoding.
+
 Large images: each proposal is decoded once, in the tile (``core.tiling.plan_tiles``, about
 100 tesserae, as the model was trained) whose core holds its point; a tile is encoded once,
 and only when it owns a proposal.
@@ -81,7 +86,12 @@ TRAINED_DROP_FRACTION = 0.5  # a fine-tune predicting this part of its median Io
 SPECK_FRACTION = 0.05
 
 
-def guided_instances(
+def guided_instances(*args, **kwargs) -> np.ndarray:
+    """The raw instance map of :func:`guided_outlines` (same arguments), without its scores."""
+    return guided_outlines(*args, **kwargs)[0]
+
+
+def guided_outlines(
     image: np.ndarray,
     proposals: np.ndarray,
     params: GeneratorParams,
@@ -95,8 +105,12 @@ def guided_instances(
     keep_unoutlined: bool = True,
     drop_fraction: float = 0.0,
     decoders: dict | None = None,
-) -> np.ndarray:
-    """The raw instance map (before ``postprocess``) of SAM 2 outlines of ``proposals``.
+) -> tuple[np.ndarray, np.ndarray]:
+    """The raw instance map (before ``postprocess``) of SAM 2 outlines of ``proposals``, and
+    each of its regions' score (float array indexed by id, ``scores[0]`` unused).
+
+    A region's score is the IoU SAM 2 predicted for the outline painted; a proposal painted as
+    it is (SAM 2 outlined none of its candidates) scores 0.
 
     ``proposals`` is an instance map of likely tesserae (the classical engine's);
     ``decoder_for(crop)`` encodes an image crop and returns its :data:`WindowDecoder`;
@@ -110,7 +124,7 @@ def guided_instances(
     proposals = relabel_sequential(proposals.astype(np.int32, copy=False))
     count = int(proposals.max(initial=0))
     if count == 0:
-        return np.zeros((h, w), dtype=np.int32)
+        return np.zeros((h, w), dtype=np.int32), np.zeros(1)
     points = np.asarray(tessera_points(proposals), dtype=np.float32).reshape(-1, 2)
     areas = np.bincount(proposals.ravel(), minlength=count + 1)[1:].astype(np.float64)
     boxes = np.zeros((count, 4), dtype=np.int64)  # y0, y1, x0, x1
@@ -126,7 +140,7 @@ def guided_instances(
     row_of = np.searchsorted(core_bounds(rows, h)[1:-1], points[:, 1], side="right")
     col_of = np.searchsorted(core_bounds(cols, w)[1:-1], points[:, 0], side="right")
 
-    kept: list[tuple[float, int, int, np.ndarray]] = []  # score, y0, x0, window mask
+    kept: list[tuple[float, float, int, int, np.ndarray]] = []  # rank, predicted IoU, y0, x0, window mask
     fallback = np.ones(count, dtype=bool)
     predicted = np.full(count, np.nan)  # each proposal's best predicted IoU
     outlined = np.zeros(count, dtype=bool)  # SAM 2's outline kept
@@ -147,16 +161,23 @@ def guided_instances(
     if drop_fraction > 0 and outlined.any():  # a fine-tune's "not a tessera"
         fallback &= ~(predicted < drop_fraction * float(np.median(predicted[outlined])))
 
+    kept.sort(key=lambda item: -item[0])
+    unoutlined = np.flatnonzero(fallback) if keep_unoutlined else np.zeros(0, dtype=np.int64)
+    # each mask's score; a proposal SAM 2 did not outline: 0 (on the real photograph, most are wrong)
+    offered = np.concatenate([[item[1] for item in kept], np.zeros(len(unoutlined))])
+
     def masks() -> Iterator[tuple[int, int, np.ndarray]]:
-        for _, y0, x0, mask in sorted(kept, key=lambda item: -item[0]):
+        for _, _, y0, x0, mask in kept:
             yield y0, x0, mask
-        for index in np.flatnonzero(fallback) if keep_unoutlined else ():  # the proposal itself
+        for index in unoutlined:  # the proposal itself
             y0, y1, x0, x1 = boxes[index]
             yield int(y0), int(x0), proposals[y0:y1, x0:x1] == index + 1
 
-    painted = paint_windows(masks(), (h, w), GUIDED_MIN_NEW_FRACTION)
+    positions: list[int] = []
+    painted = paint_windows(masks(), (h, w), GUIDED_MIN_NEW_FRACTION, painted=positions)
+    scores = np.concatenate([[0.0], offered[positions]])
     if not second_round:
-        return painted
+        return painted, scores
     # Second round: tesserae neither the proposals nor SAM 2 covered (small fragments, tiles the
     # classical engine merged into grout): edge-free discs of at least SECOND_ROUND_RADIUS times
     # the median proposal's radius in the unpainted tile interior, outlined by SAM 2 or dropped.
@@ -166,24 +187,28 @@ def guided_instances(
     min_radius = SECOND_ROUND_RADIUS * float(np.sqrt(reference / np.pi))
     centres, radii = tessera_prompts(free, count, 0, min_radius=min_radius)
     if len(centres) == 0:
-        return painted
+        return painted, scores
     discs = np.zeros((h, w), dtype=np.int32)
     for i, ((x, y), radius) in enumerate(zip(centres, radii)):
         cv2.circle(discs, (int(x), int(y)), max(1, int(radius)), i + 1, -1)
     discs[~free] = 0
-    found = guided_instances(image, discs, params, decoder_for, tile, overlap, second_round=False,
-                             reference_area=reference, keep_unoutlined=False, decoders=decoders)
-    slices = ndi.find_objects(found)
-    windows = ((sl[0].start, sl[1].start, found[sl] == k + 1) for k, sl in enumerate(slices) if sl is not None)
-    return paint_windows(windows, (h, w), GUIDED_MIN_NEW_FRACTION, painted)
+    found, found_scores = guided_outlines(image, discs, params, decoder_for, tile, overlap, second_round=False,
+                                          reference_area=reference, keep_unoutlined=False, decoders=decoders)
+    slices = [(k + 1, sl) for k, sl in enumerate(ndi.find_objects(found)) if sl is not None]
+    windows = ((sl[0].start, sl[1].start, found[sl] == label) for label, sl in slices)
+    positions = []
+    painted = paint_windows(windows, (h, w), GUIDED_MIN_NEW_FRACTION, painted, painted=positions)
+    labels = np.array([label for label, _ in slices], dtype=np.int64)
+    return painted, np.concatenate([scores, found_scores[labels[positions]]])
 
 
 def _outline_batch(
     decode: WindowDecoder, batch: np.ndarray, crop_proposals: np.ndarray, points: np.ndarray,
     boxes: np.ndarray, cap: np.ndarray, params: GeneratorParams, origin: tuple[int, int],
     fallback: np.ndarray, predicted: np.ndarray, outlined: np.ndarray,
-) -> list[tuple[float, int, int, np.ndarray]]:
-    """Decode one batch of proposals of one tile; the kept masks in image coordinates. Updates
+) -> list[tuple[float, float, int, int, np.ndarray]]:
+    """Decode one batch of proposals of one tile; the kept masks (rank score, predicted IoU,
+    window) in image coordinates. Updates
     ``fallback`` (the classical region is kept), ``predicted`` (best predicted IoU) and
     ``outlined`` (SAM 2's outline kept) of the batch's proposals."""
     ty0, tx0 = origin
@@ -232,7 +257,7 @@ def _outline_batch(
                                        params.mask_threshold)
         if mask.any():
             fallback[index], outlined[index] = False, True
-            out.append((float(score[best]), y0 + ty0, x0 + tx0, mask))
+            out.append((float(score[best]), float(ious[i, best]), y0 + ty0, x0 + tx0, mask))
     return out
 
 
@@ -284,6 +309,21 @@ def upsample_window(
     cols = _interp_matrix(x0, x1, sx, c0, size, lw)
     up = rows @ logits.astype(np.float64) @ cols.T
     return y0, x0, up > threshold
+
+
+def carried_scores(raw: np.ndarray, raw_scores: np.ndarray, instances: np.ndarray) -> np.ndarray:
+    """The scores of ``instances`` (float array indexed by id, ``[0]`` unused) from those of the
+    ``raw`` map they were post-processed from (which only removes pixels, splits and renumbers,
+    so every region lies in one raw region): the raw region's score times the share of its
+    area the region kept. A piece holding a fifth of an outline has at most a fifth of its IoU
+    with the tessera the outline fits (on the real photograph such pieces are wrong regions)."""
+    ids, first = np.unique(instances.ravel(), return_index=True)
+    source = raw.ravel()[first]
+    kept = np.bincount(instances.ravel(), minlength=len(ids))[ids] / np.bincount(raw.ravel())[source]
+    out = np.zeros(int(instances.max(initial=0)) + 1)
+    out[ids] = raw_scores[source] * np.minimum(kept, 1.0)
+    out[0] = 0.0
+    return out
 
 
 def speck_area(min_area: int, tessera_size: float) -> int:
