@@ -11,8 +11,9 @@ a small HTTP server in this process plays the Label Studio host and serves synth
   regions, as Label Studio sends it on an image with hundreds of tesserae;
 * pre-labels: ``POST /predict`` without context on images not seen before: seconds per image
   (download and decode included) and the number of regions. For SAM 2 only with
-  ``--sam2-prelabel``: on 2 CPU cores a 1024 px mosaic takes about ten minutes (the mask decoder
-  runs once per prompt, about a thousand prompts per image), GPU territory.
+  ``--sam2-prelabel``: on 2 CPU cores a 1024 px mosaic takes about 36 s with the official tiny
+  weights (the guided method), about ten minutes with random ones and the filters opened
+  (``RANDOM_PARAMS``).
 
 SAM 2 runs as 2.1 tiny with RANDOM weights unless ``--model`` names real ones (no weights can be
 downloaded here): the timings are tiny's, the masks meaningless; the full-image filters are

@@ -138,6 +138,24 @@ def test_prelabel_is_resumable_and_survives_a_deleted_task(label_studio, small_p
     assert len(client.predictions.list(project=project)) == 4  # nothing stored twice
 
 
+def test_sam2_prelabels_carry_each_region_score(label_studio, small_project, sam2_engine) -> None:
+    """SAM 2's guided pre-labels store each region's score (the IoU SAM 2 predicted for its
+    outline, 0 for a classical region it did not outline) and the prediction's score, their
+    mean, as Label Studio returns them."""
+    from mosaic_toolkit.segment import segment_image_info
+
+    project, ids, images = small_project
+    assert sam2_engine.params.method == "guided"
+    summary = prelabel_project(label_studio.url, label_studio.token, project, sam2_engine,
+                               model_version="sam2-scored", tasks=[ids[0]], progress=False)
+    assert summary.done == [ids[0]] and not summary.failed
+    [prediction] = [p for p in label_studio.client().predictions.list(task=ids[0]) if p.model_version == "sam2-scored"]
+    instances, info = segment_image_info(sam2_engine, images[0], scores=True)
+    assert len(prediction.result) == int(instances.max()) == len(info["scores"]) > 0
+    assert [r["score"] for r in prediction.result] == [round(v, 4) for v in info["scores"]]
+    assert prediction.score == pytest.approx(np.mean(info["scores"]), abs=1e-4)
+
+
 def test_prelabel_errors_are_one_line(label_studio) -> None:
     result = CliRunner().invoke(main, ["prelabel", "--url", label_studio.url, "--api-key", "wrong" * 8,
                                        "--project", "1", "--engine", "classical"])

@@ -11,7 +11,9 @@ does the same work from outside, through ``label-studio-sdk``:
 3. each task is fetched again just before its turn (a task deleted meanwhile is skipped), its
    image downloaded (the exporter's resolver: uploads, local files, cloud storage), segmented
    (``segment.segment_image``) and stored as one prediction: a light polygon per tessera
-   (``polygons``) with the engine's model version. A task deleted while it was being segmented
+   (``polygons``) with the engine's model version; with SAM 2's guided method each region
+   carries its score (the IoU SAM 2 predicted for its outline) and the prediction their mean.
+   A task deleted while it was being segmented
    is skipped too; any other failure of one task is recorded and the run goes on;
 4. the summary counts done / skipped / failed tasks.
 
@@ -61,8 +63,10 @@ def config_names(text: str, where: str = "label config") -> ConfigNames:
     raise MosaicError(f"{where}: no <PolygonLabels> or <BrushLabels> pointing at an <Image value=\"$...\">")
 
 
-def brush_results(instances: np.ndarray, names: Names) -> list[dict[str, Any]]:
-    """BrushLabels results (RLE by the SDK), one per tessera, for a config without polygons."""
+def brush_results(instances: np.ndarray, names: Names, scores: Sequence[float] | None = None
+                  ) -> list[dict[str, Any]]:
+    """BrushLabels results (RLE by the SDK), one per tessera, for a config without polygons;
+    ``scores[k - 1]`` is tessera k's ``score``."""
     from label_studio_sdk.converter.brush import mask2rle
 
     height, width = instances.shape
@@ -73,6 +77,8 @@ def brush_results(instances: np.ndarray, names: Names) -> list[dict[str, Any]]:
                     "type": "brushlabels", "original_width": int(width), "original_height": int(height),
                     "image_rotation": 0, "readonly": False,
                     "value": {"format": "rle", "rle": rle, "brushlabels": [names.label]}})
+        if scores is not None:
+            out[-1]["score"] = round(float(scores[k - 1]), 4)
     return out
 
 
@@ -153,7 +159,7 @@ def prelabel_project(
     from label_studio_sdk.core.api_error import ApiError
 
     from ..core.io import read_image
-    from ..segment import segment_image
+    from ..segment import segment_image_info
     from .export import _client, label_studio_resolver
 
     iou = check_iou(iou)
@@ -199,10 +205,12 @@ def prelabel_project(
                     raise MosaicError(f"its data has no {names.image_key!r} image field")
                 path = resolve(task_id, reference)
                 image = read_image(path)
-                instances = segment_image(engine, image)
-                results = (polygon_results(instances, iou, names) if names.tag == "PolygonLabels"
-                           else brush_results(instances, names))
-                client.predictions.create(task=task_id, result=results, model_version=model_version)
+                instances, info = segment_image_info(engine, image, scores=True)
+                scores = info["scores"]  # SAM 2's guided method: each tessera's predicted IoU
+                results = (polygon_results(instances, iou, names, scores=scores) if names.tag == "PolygonLabels"
+                           else brush_results(instances, names, scores))
+                score = {} if not scores else {"score": round(float(np.mean(scores)), 4)}
+                client.predictions.create(task=task_id, result=results, model_version=model_version, **score)
             except ApiError as exc:
                 if exc.status_code == 404 or not _task_exists(client, task_id):
                     summary.skipped[task_id] = "deleted during the run"

@@ -108,8 +108,9 @@ def crop_instances(instances: np.ndarray, crop: tuple[int, int, int, int]) -> np
 
 
 def polygon_results(instances: np.ndarray, iou: float = DEFAULT_IOU, names: Names = Names(),
-                    prefix: str = "t") -> list[dict[str, Any]]:
-    """Label Studio PolygonLabels results, one light polygon per tessera of an instance map."""
+                    prefix: str = "t", scores: Sequence[float] | None = None) -> list[dict[str, Any]]:
+    """Label Studio PolygonLabels results, one light polygon per tessera of an instance map;
+    ``scores[k - 1]``, when given, is tessera k's ``score``."""
     height, width = instances.shape
     out = []
     for k, xy in instance_polygons(instances, iou).items():
@@ -120,6 +121,8 @@ def polygon_results(instances: np.ndarray, iou: float = DEFAULT_IOU, names: Name
             "value": {"points": to_percent(xy, width, height), "closed": True,
                       "polygonlabels": [names.label]},
         })
+        if scores is not None:
+            out[-1]["score"] = round(float(scores[k - 1]), 4)
     return out
 
 
