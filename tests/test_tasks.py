@@ -179,6 +179,41 @@ def test_prelabels_are_light_polygons_inside_each_crop(mosaic, tmp_path) -> None
             owner += rasterise_region(task["data"]["image"], region, meta["width"], meta["height"])
         assert owner.max() == 1  # no two polygons share a pixel
         assert np.median([len(r["value"]["points"]) for r in prediction["result"]]) <= 12
+        assert "score" not in prediction and not any("score" in r for r in prediction["result"])
+
+
+def test_pieces_of_a_tessera_carry_its_score() -> None:
+    """A crop's regions (tesserae, and pieces of tesserae the crop cuts, some in two) carry the
+    score of the mosaic's tessera they are part of."""
+    from mosaic_toolkit.data.tasks import piece_scores
+
+    mosaic = np.zeros((40, 60), np.int32)
+    mosaic[5:15, 5:15] = 1
+    mosaic[5:35, 30:40] = 2  # the crop cuts it in two: a notch leaves the crop at column 30
+    mosaic[18:22, 30:40] = 0
+    mosaic[18:22, 38:40] = 2
+    mosaic[25:35, 45:58] = 3  # outside the crop
+    crop = (0, 0, 40, 38)
+    local = crop_instances(mosaic, crop)
+    scores = piece_scores(local, mosaic[0:40, 0:38], [0.9, 0.6, 0.3])
+    assert int(local.max()) == 3 and scores.shape == (3,)
+    assert scores[local[10, 10] - 1] == 0.9
+    assert scores[local[10, 33] - 1] == scores[local[30, 33] - 1] == 0.6 and local[10, 33] != local[30, 33]
+
+
+def test_sam2_prelabel_tasks_carry_scores(tmp_path, sam2_engine) -> None:
+    """With SAM 2's guided method every region of every task carries a score and the prediction
+    their mean."""
+    image, _ = synth_mosaic(np.random.default_rng(2), 200, 150, tessera_size=24)
+    Image.fromarray(image).save(tmp_path / "small.png")
+    tasks = make_tasks([tmp_path / "small.png"], tmp_path / "out", tessera_size=SIZE, url_prefix="/x",
+                       engine=sam2_engine, model_version="sam2", max_tesserae=30, progress=False)
+    assert len(tasks) > 1
+    for task in tasks:
+        [prediction] = task["predictions"]
+        regions = prediction["result"]
+        assert regions and all(0.0 <= r["score"] <= 1.5 for r in regions)
+        assert prediction["score"] == pytest.approx(np.mean([r["score"] for r in regions]), abs=1e-3)
 
 
 def test_small_mosaic_is_one_task_and_bad_input_fails_cleanly(tmp_path) -> None:

@@ -15,7 +15,9 @@ overlapping crops of at most about ``max_tesserae`` tesserae, using the tessera 
   data in every export format);
 * with an engine (``--prelabel``), the whole mosaic is segmented once and each task carries one
   prediction: a light polygon (``polygons.instance_polygons``) per tessera or piece of one inside
-  the crop, with the engine's ``model_version``.
+  the crop, with the engine's ``model_version``; with SAM 2's guided method each region carries
+  the score of the tessera it is part of (the IoU SAM 2 predicted for its outline) and the
+  prediction their mean.
 
 ``stitch`` is the inverse used by ``export``: the crops' annotated instance maps are merged by
 ``tiling.segment_tiled``'s core-region rule (a tessera seen by two crops is kept once; a tessera
@@ -107,6 +109,17 @@ def crop_instances(instances: np.ndarray, crop: tuple[int, int, int, int]) -> np
     return relabel_sequential(split_disconnected(np.ascontiguousarray(instances[y0:y1, x0:x1])))
 
 
+def piece_scores(local: np.ndarray, parent: np.ndarray, scores: Sequence[float]) -> np.ndarray:
+    """The score of every region of ``local`` (``crop_instances`` of ``parent``, the mosaic's
+    map cut to the crop; region k at index k - 1): that of the mosaic's tessera it is part of
+    (``scores[j - 1]`` for tessera j)."""
+    ids, first = np.unique(local.ravel(), return_index=True)
+    ids, first = ids[ids > 0], first[ids > 0]
+    out = np.zeros(int(local.max(initial=0)))
+    out[ids - 1] = np.asarray(scores, dtype=np.float64)[parent.ravel()[first] - 1]
+    return out
+
+
 def polygon_results(instances: np.ndarray, iou: float = DEFAULT_IOU, names: Names = Names(),
                     prefix: str = "t", scores: Sequence[float] | None = None) -> list[dict[str, Any]]:
     """Label Studio PolygonLabels results, one light polygon per tessera of an instance map;
@@ -189,11 +202,12 @@ def make_tasks(
             height, width = image.shape[:2]
             size = tessera_size if tessera_size else tessera_size_of(image)
             side, overlap, crops = crop_layout(height, width, size, max_tesserae)
-            instances = None
+            instances = scores = None
             if engine is not None:
-                from ..segment import segment_image
+                from ..segment import segment_image_info
 
-                instances = segment_image(engine, image, progress=progress)
+                instances, info = segment_image_info(engine, image, progress=progress, scores=True)
+                scores = info["scores"]
             stem = _stem(path)
             spans_y, spans_x = _spans(crops)
             for index, crop in enumerate(crops):
@@ -207,8 +221,13 @@ def make_tasks(
                     "meta": {CROP_KEY: meta},
                 }
                 if instances is not None:
-                    regions = polygon_results(crop_instances(instances, crop), iou, names)
-                    task["predictions"] = [{"model_version": model_version or "unknown", "result": regions}]
+                    local = crop_instances(instances, crop)
+                    kept = None if scores is None else piece_scores(local, instances[y0:y1, x0:x1], scores)
+                    prediction = {"model_version": model_version or "unknown",
+                                  "result": polygon_results(local, iou, names, scores=kept)}
+                    if kept is not None and len(kept):
+                        prediction["score"] = round(float(np.mean(kept)), 4)
+                    task["predictions"] = [prediction]
                 tasks.append(task)
         (tmp / TASKS_FILE).write_text(json.dumps(tasks) + "\n")
     return tasks
