@@ -156,6 +156,28 @@ def test_sam2_prelabels_carry_each_region_score(label_studio, small_project, sam
     assert prediction.score == pytest.approx(np.mean(info["scores"]), abs=1e-4)
 
 
+def test_scored_task_predictions_import_into_label_studio(label_studio, sam2_engine, tmp_path) -> None:
+    """``tasks --prelabel`` with SAM 2: Label Studio imports each task's prediction with its
+    regions' scores and the prediction's score as written."""
+    from mosaic_toolkit.data.tasks import make_tasks
+
+    client = label_studio.client()
+    project = client.projects.create(title="scored tasks", label_config=LABEL_CONFIG)
+    image, _ = synth_mosaic(np.random.default_rng(9), 200, 150, tessera_size=24)
+    Image.fromarray(image).save(tmp_path / "scored.png")
+    out = label_studio.document_root / f"scored-{project.id}"
+    tasks = make_tasks([tmp_path / "scored.png"], out, tessera_size=22, engine=sam2_engine, model_version="sam2-scored",
+                       max_tesserae=30, document_root=label_studio.document_root, progress=False)
+    label_studio.add_local_storage(project.id, out)
+    ids = list(client.projects.import_tasks(id=project.id, request=tasks, return_task_ids=True).task_ids)
+    assert len(ids) == len(tasks) > 1
+    for task_id, task in zip(ids, tasks):
+        [written] = task["predictions"]
+        [stored] = client.predictions.list(task=task_id)
+        assert stored.model_version == "sam2-scored" and stored.score == pytest.approx(written["score"])
+        assert [r["score"] for r in stored.result] == [r["score"] for r in written["result"]]
+
+
 def test_prelabel_errors_are_one_line(label_studio) -> None:
     result = CliRunner().invoke(main, ["prelabel", "--url", label_studio.url, "--api-key", "wrong" * 8,
                                        "--project", "1", "--engine", "classical"])
