@@ -8,10 +8,13 @@ tiny) with its speck floor as it is (``scaled``: ``min_area`` or 5 % of the squa
 whichever is smaller, ``sam.guided.speck_area``) and fixed at ``min_area`` pixels (``fixed``: what
 the path did before the floor followed the scale). ``--finetune DIR`` (a ``bench_finetune_real``
 output folder) also scores DIR/finetune.pt and its base on DIR/val_band, the part it did not
-train on.
+train on. ``--small-tiles`` also runs the base on the whole top half with tiles of about 100
+tesserae (``core.tiling.choose_tile_size`` without its 256-px floor, passed as ``segment --tile``),
+the scale of the training crops, where the default tiles hold more tesserae below 25-px ones.
 
 Run: ``.venv/bin/python bench/bench_fine_tesserae.py --model .cache/weights/sam2_hiera_tiny.pt
-[--finetune DIR]`` (9 minutes on two cores with ``--finetune``, 7 without).
+[--finetune DIR] [--small-tiles]`` (9 minutes on two cores with ``--finetune``, 7 without; about
+5 more with ``--small-tiles``).
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--factors", default="2,3,4", help="shrink factors, comma-separated")
     p.add_argument("--finetune", type=Path, default=None,
                    help="a bench_finetune_real output folder: also score its finetune.pt on its val band")
+    p.add_argument("--small-tiles", action="store_true",
+                   help="also run the base with tiles of about 100 tesserae (no 256-px floor) on the top half")
     return p.parse_args(argv)
 
 
@@ -71,17 +76,18 @@ def shrink(src: Path, factor: int, out: Path) -> int:
     return int(truth.max())
 
 
-def score(engine, data: Path, work: Path) -> dict:
+def score(engine, data: Path, work: Path, tile: int | None = None) -> dict:
     from mosaic_toolkit.evaluation.evaluate import evaluate
     from mosaic_toolkit.segment import segment_paths
 
     started = time.perf_counter()
-    records = segment_paths([data], work / "pred", engine, progress=False)
+    records = segment_paths([data], work / "pred", engine, tile=tile, progress=False)
     seconds = time.perf_counter() - started
     mean = evaluate(work / "pred", data, work / "eval")["mean"]
     return {"tile_f": round(mean["tile"]["f_measure"], 4), "count_error": round(mean["tile"]["count_error"], 4),
             "pixel_iou": round(mean["pixel"]["iou"], 4), "regions": int(records[0]["tesserae"]),
-            "tessera_size_px": records[0].get("tessera_size_px"), "seconds": round(seconds, 1)}
+            "tessera_size_px": records[0].get("tessera_size_px"), "tile": records[0].get("tile"),
+            "seconds": round(seconds, 1)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,16 +113,24 @@ def main(argv: list[str] | None = None) -> None:
             for name, src in sets.items():
                 data = Path(tmp) / f"{name}_{factor}"
                 tesserae = shrink(src, factor, data)
-                runs = [("classical", ClassicalEngine(), None)] if name == "top" else []
-                runs += [(m, e, floor) for m, e in models.items() if name != "top" or m == "base"
+                runs = [("classical", ClassicalEngine(), None, None)] if name == "top" else []
+                runs += [(m, e, floor, None) for m, e in models.items() if name != "top" or m == "base"
                          for floor in floors]
-                for model, engine, floor in runs:
+                if args.small_tiles and name == "top":
+                    from mosaic_toolkit.core.dataset import Dataset
+                    from mosaic_toolkit.core.scale import estimate_tessera_size
+                    from mosaic_toolkit.core.tiling import choose_tile_size
+
+                    shrunk = Dataset.open(data)
+                    size = estimate_tessera_size(shrunk.image(shrunk.samples[0]))
+                    runs.append(("base", models["base"], "scaled", choose_tile_size(size, min_tile=64)))
+                for model, engine, floor, tile in runs:
                     engine_module.speck_area = floors[floor] if floor else scaled_floor
                     try:
                         work = Path(tmp) / "run"
                         shutil.rmtree(work, ignore_errors=True)
                         row = {"factor": factor, "image": name, "tesserae": tesserae, "model": model,
-                               "speck_floor": floor, **score(engine, data, work)}
+                               "speck_floor": floor, **score(engine, data, work, tile)}
                     finally:
                         engine_module.speck_area = scaled_floor
                     results.append(row)
