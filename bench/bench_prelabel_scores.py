@@ -28,6 +28,7 @@ import numpy as np
 from scipy import stats
 
 from mosaic_toolkit.core.dataset import Dataset
+from mosaic_toolkit.evaluation.metrics import tile_matches
 from mosaic_toolkit.sam.engine import Sam2Engine
 from mosaic_backend.predict import Deadline, Predictor
 
@@ -36,18 +37,10 @@ RIGHT_IOU = 0.5
 
 
 def region_iou(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Every predicted region's IoU with the reference tessera it overlaps most (index id - 1)."""
-    n = int(pred.max())
-    both = (truth > 0) & (pred > 0)
-    key = pred[both].astype(np.int64) * (int(truth.max()) + 1) + truth[both]
-    pairs, counts = np.unique(key, return_counts=True)
-    region, tessera = np.divmod(pairs, int(truth.max()) + 1)
-    pred_area = np.bincount(pred.ravel(), minlength=n + 1)
-    truth_area = np.bincount(truth.ravel())
-    iou = counts / (pred_area[region] + truth_area[tessera] - counts)
-    best = np.zeros(n + 1)
-    np.maximum.at(best, region, iou)
-    return best[1:]
+    """Every predicted region's IoU with the reference tessera it overlaps most (index id - 1);
+    a region with IoU 0.5 or more with some tessera overlaps that one most."""
+    match = tile_matches(pred, truth)  # the regions as "tiles", matched to reference tesserae
+    return match.intersection / (match.tile_area + match.region_area - match.intersection)
 
 
 def score_quality(scores: np.ndarray, right: np.ndarray) -> dict:

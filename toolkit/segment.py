@@ -70,9 +70,9 @@ def segment_image_info(
 ) -> tuple[np.ndarray, dict]:
     """(instance map, {"tessera_size_px", "tile", "overlap"[, "scale", "warning"]}) of ``image``.
 
-    ``scores`` adds ``"scores"``: every tessera's score (tessera 1 first), the IoU SAM 2
-    predicted for its outline (``Sam2Engine.segment_guided``), or None where the engine or
-    method gives none (the classical engine; SAM 2's other methods).
+    ``scores`` adds ``"scores"`` where SAM 2's guided method segmented: every tessera's score
+    (tessera 1 first), the IoU SAM 2 predicted for its outline (``Sam2Engine.segment_guided``).
+    The classical engine and SAM 2's other methods give none.
 
     When the size is estimated, ``scale`` is the estimate (``ScaleEstimate.to_json``: confidence,
     method, alternatives) and ``warning`` a one-line message when it is uncertain. When the
@@ -105,8 +105,6 @@ def segment_image_info(
         if scale.coarse:  # tesserae of a few px: a warning, not figure-sized "tesserae"
             info = {"tessera_size_px": round(float(tessera_size), 2), "tile": None,
                     "overlap": None, "scale": scale.to_json(), "warning": scale.warning()}
-            if scores:
-                info["scores"] = None
             return np.zeros((h, w), np.int32), info
     elif not tessera_size > 0:
         raise MosaicError(f"tessera size must be positive, got {tessera_size}")
@@ -124,19 +122,17 @@ def segment_image_info(
                                                            statistics=statistics), tile=CLASSICAL_TILE,
                                   overlap=resolve_tiling(image, CLASSICAL_TILE, None, tessera_size)[1])
         tile, overlap = resolve_tiling(image, tile, None, tessera_size)
-        instances, kept = engine.segment_guided(np.asarray(image), tessera_size=tessera_size, proposals=proposals,
-                                                tile=tile, overlap=overlap, with_scores=True)
+        instances = engine.segment_guided(np.asarray(image), tessera_size=tessera_size, proposals=proposals,
+                                          tile=tile, overlap=overlap, with_scores=scores)
         info = {"tessera_size_px": round(float(tessera_size), 2), "tile": tile, "overlap": overlap}
         if scores:
-            info["scores"] = kept
+            instances, info["scores"] = instances
         return instances, _with_scale(info, scale)
     else:
         segment_fn = engine.segment
     tile, overlap = resolve_tiling(image, tile, None, tessera_size)
     instances = segment_tiled(image, segment_fn, tile=tile, overlap=overlap, progress=progress)
     info = {"tessera_size_px": round(float(tessera_size), 2), "tile": tile, "overlap": overlap}
-    if scores:
-        info["scores"] = None
     return instances, _with_scale(info, scale)
 
 

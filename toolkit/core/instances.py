@@ -64,6 +64,15 @@ def postprocess(instances: np.ndarray, opening: int, min_area: int, erosion: int
     return relabel_sequential(pieces)
 
 
+def source_ids(instances: np.ndarray, source: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, source ids): every region of ``instances`` and the id ``source`` has at its first
+    pixel. For a map derived from ``source`` by removing pixels, splitting and renumbering (a
+    crop, ``postprocess``), every region lies in one region of ``source``: the one it came from."""
+    ids, first = np.unique(instances.ravel(), return_index=True)
+    keep = ids > 0
+    return ids[keep], source.ravel()[first[keep]]
+
+
 def paint_instances(
     masks: Iterable[np.ndarray], shape: tuple[int, int], min_new_fraction: float = 0.0,
     instances: np.ndarray | None = None,

@@ -206,7 +206,7 @@ def prelabel_project(
                 path = resolve(task_id, reference)
                 image = read_image(path)
                 instances, info = segment_image_info(engine, image, scores=True)
-                scores = info["scores"]  # SAM 2's guided method: each tessera's predicted IoU
+                scores = info.get("scores")  # SAM 2's guided method: each tessera's predicted IoU
                 results = (polygon_results(instances, iou, names, scores=scores) if names.tag == "PolygonLabels"
                            else brush_results(instances, names, scores))
                 score = {} if not scores else {"score": round(float(np.mean(scores)), 4)}

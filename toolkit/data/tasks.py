@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from ..classical import ClassicalEngine, estimate_tessera_size
 from ..core.dataset import relabel_sequential, split_disconnected
+from ..core.instances import source_ids
 from ..core.errors import MosaicError
 from ..core.io import atomic_output_dir, read_image, write_image
 from ..core.polygons import DEFAULT_IOU, check_iou, instance_polygons, to_percent
@@ -113,10 +114,9 @@ def piece_scores(local: np.ndarray, parent: np.ndarray, scores: Sequence[float])
     """The score of every region of ``local`` (``crop_instances`` of ``parent``, the mosaic's
     map cut to the crop; region k at index k - 1): that of the mosaic's tessera it is part of
     (``scores[j - 1]`` for tessera j)."""
-    ids, first = np.unique(local.ravel(), return_index=True)
-    ids, first = ids[ids > 0], first[ids > 0]
+    ids, tesserae = source_ids(local, parent)
     out = np.zeros(int(local.max(initial=0)))
-    out[ids - 1] = np.asarray(scores, dtype=np.float64)[parent.ravel()[first] - 1]
+    out[ids - 1] = np.asarray(scores, dtype=np.float64)[tesserae - 1]
     return out
 
 
@@ -207,7 +207,7 @@ def make_tasks(
                 from ..segment import segment_image_info
 
                 instances, info = segment_image_info(engine, image, progress=progress, scores=True)
-                scores = info["scores"]
+                scores = info.get("scores")
             stem = _stem(path)
             spans_y, spans_x = _spans(crops)
             for index, crop in enumerate(crops):

@@ -63,7 +63,7 @@ from scipy import ndimage as ndi
 from skimage.measure import regionprops
 
 from ..core.dataset import relabel_sequential, tessera_points
-from ..core.instances import paint_windows
+from ..core.instances import paint_windows, source_ids
 from ..core.tiling import axis_spans, core_bounds
 from .params import GeneratorParams
 
@@ -317,12 +317,10 @@ def carried_scores(raw: np.ndarray, raw_scores: np.ndarray, instances: np.ndarra
     so every region lies in one raw region): the raw region's score times the share of its
     area the region kept. A piece holding a fifth of an outline has at most a fifth of its IoU
     with the tessera the outline fits (on the real photograph such pieces are wrong regions)."""
-    ids, first = np.unique(instances.ravel(), return_index=True)
-    source = raw.ravel()[first]
-    kept = np.bincount(instances.ravel(), minlength=len(ids))[ids] / np.bincount(raw.ravel())[source]
+    ids, source = source_ids(instances, raw)
+    kept = np.bincount(instances.ravel())[ids] / np.bincount(raw.ravel())[source]
     out = np.zeros(int(instances.max(initial=0)) + 1)
     out[ids] = raw_scores[source] * np.minimum(kept, 1.0)
-    out[0] = 0.0
     return out
 
 
