@@ -254,3 +254,41 @@ def test_click_mask_threshold_trims_the_outline(real_sam2_engine, real_crop):
         at05.append(_iou(tight, instances == label))
     assert 0.005 < np.mean(shrink) < 0.1, np.mean(shrink)  # a trim, not a collapse
     assert abs(np.mean(at05) - np.mean(at0)) < 0.005, (np.mean(at05), np.mean(at0))
+
+
+def test_guided_memory_is_the_embedding_cache(real_sam2_engine, real_crop):
+    """The guided path holds no tile's features beyond the engine's byte-bounded cache: with a
+    cache of one tile, at most that tile and the one being decoded are alive, the second round
+    encodes again the tiles it needs, and the map is the one a cache of every tile gives."""
+    import weakref
+
+    image, _ = real_crop
+    engine = real_sam2_engine
+    encode = engine._sam.encode
+    alive: list[weakref.ref] = []
+    most = [0]
+
+    def tracked(crop):
+        features = encode(crop)
+        alive.append(weakref.ref(features["image_embed"]))
+        most[0] = max(most[0], sum(ref() is not None for ref in alive))
+        return features
+
+    budget = engine.cache_bytes
+    engine._sam.encode = tracked
+    try:
+        engine.clear_cache()
+        whole = engine.segment_guided(image, tile=200, overlap=76)  # 4 tiles, all cached
+        encoded_once = len(alive)
+        assert encoded_once == 4 and engine.cache_used_bytes > 0
+        engine.cache_bytes = engine.cache_used_bytes // 4  # one tile's features
+        engine.clear_cache()
+        alive.clear(), most.clear(), most.append(0)
+        bounded = engine.segment_guided(image, tile=200, overlap=76)
+    finally:
+        engine._sam.encode = encode
+        engine.cache_bytes = budget
+        engine.clear_cache()
+    assert most[0] <= 2, most  # the cached tile and the one being decoded
+    assert len(alive) > encoded_once  # the second round encoded evicted tiles again
+    assert np.array_equal(whole, bounded)

@@ -49,8 +49,9 @@ was painted from, times the share of the painted outline that post-processing le
 pre-label region, so a reviewer can open the least likely first, at no extra decoding.
 
 Large images: each proposal is decoded once, in the tile (``core.tiling.plan_tiles``, about
-100 tesserae, as the model was trained) whose core holds its point; a tile is encoded once,
-and only when it owns a proposal.
+100 tesserae, as the model was trained) whose core holds its point; a tile is encoded only
+when it owns a proposal. Memory stays bounded: the features live in the engine's byte-bounded
+cache, and a tile the second round needs after the cache let it go is encoded again.
 """
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ def guided_outlines(
     reference_area: float | None = None,
     keep_unoutlined: bool = True,
     drop_fraction: float = 0.0,
-    decoders: dict | None = None,
+    reverse: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The raw instance map (before ``postprocess``) of SAM 2 outlines of ``proposals``, and
     each of its regions' score (float array indexed by id, ``scores[0]`` unused).
@@ -119,6 +120,11 @@ def guided_outlines(
     SAM 2 did not outline as they are, except those whose every candidate is predicted under
     ``drop_fraction`` times the median predicted IoU of the outlined proposals
     (``TRAINED_DROP_FRACTION`` for a fine-tune, 0 for a base model).
+
+    Memory: no tile's encoding is held here beyond the tile's own decoding; the second round
+    asks ``decoder_for`` again for the tiles it prompts (the engine's byte-bounded cache answers,
+    or encodes again what it evicted), visiting them last-encoded first (``reverse``), so a
+    cache of N tiles spares N encodings. The order of the tiles does not change the map.
     """
     h, w = proposals.shape
     proposals = relabel_sequential(proposals.astype(np.int32, copy=False))
@@ -133,30 +139,31 @@ def guided_outlines(
             boxes[i] = (sl[0].start, sl[0].stop, sl[1].start, sl[1].stop)
     reference = float(np.median(areas)) if reference_area is None else reference_area
     cap = params.guided_max_area * np.maximum(areas, reference)
-    decoders = {} if decoders is None else decoders  # (tile row, column) -> its decoder, encoded once
-
     tile = tile or max(h, w)
     rows, cols = axis_spans(h, tile, overlap), axis_spans(w, tile, overlap)
     row_of = np.searchsorted(core_bounds(rows, h)[1:-1], points[:, 1], side="right")
     col_of = np.searchsorted(core_bounds(cols, w)[1:-1], points[:, 0], side="right")
 
-    kept: list[tuple[float, float, int, int, np.ndarray]] = []  # rank, predicted IoU, y0, x0, window mask
     fallback = np.ones(count, dtype=bool)
     predicted = np.full(count, np.nan)  # each proposal's best predicted IoU
     outlined = np.zeros(count, dtype=bool)  # SAM 2's outline kept
-    for r, (ty0, ty1) in enumerate(rows):
-        for c, (tx0, tx1) in enumerate(cols):
-            members = np.flatnonzero((row_of == r) & (col_of == c))
-            if len(members):
-                if (ty0, tx0) not in decoders:
-                    decoders[(ty0, tx0)] = decoder_for(np.ascontiguousarray(image[ty0:ty1, tx0:tx1]))
-                decode = decoders[(ty0, tx0)]
-                for start in range(0, len(members), params.points_per_batch):
-                    batch = members[start : start + params.points_per_batch]
-                    kept += _outline_batch(decode, batch, proposals[ty0:ty1, tx0:tx1], points, boxes,
-                                           cap, params, (ty0, tx0), fallback, predicted, outlined)
-            if progress is not None:
-                progress(1)
+    tiles = [(r, c) for r in range(len(rows)) for c in range(len(cols))]
+    # per tile: (rank, predicted IoU, y0, x0, window mask) of its kept masks
+    per_tile: dict[tuple[int, int], list[tuple[float, float, int, int, np.ndarray]]] = {}
+    for r, c in reversed(tiles) if reverse else tiles:
+        (ty0, ty1), (tx0, tx1) = rows[r], cols[c]
+        members = np.flatnonzero((row_of == r) & (col_of == c))
+        if len(members):
+            decode = decoder_for(np.ascontiguousarray(image[ty0:ty1, tx0:tx1]))
+            found = per_tile[(r, c)] = []
+            for start in range(0, len(members), params.points_per_batch):
+                batch = members[start : start + params.points_per_batch]
+                found += _outline_batch(decode, batch, proposals[ty0:ty1, tx0:tx1], points, boxes,
+                                        cap, params, (ty0, tx0), fallback, predicted, outlined)
+            del decode  # the tile's features go back to the engine's cache alone
+        if progress is not None:
+            progress(1)
+    kept = [item for key in tiles for item in per_tile.get(key, ())]  # in tile order, however visited
 
     if drop_fraction > 0 and outlined.any():  # a fine-tune's "not a tessera"
         fallback &= ~(predicted < drop_fraction * float(np.median(predicted[outlined])))
@@ -193,7 +200,7 @@ def guided_outlines(
         cv2.circle(discs, (int(x), int(y)), max(1, int(radius)), i + 1, -1)
     discs[~free] = 0
     found, found_scores = guided_outlines(image, discs, params, decoder_for, tile, overlap, second_round=False,
-                                          reference_area=reference, keep_unoutlined=False, decoders=decoders)
+                                          reference_area=reference, keep_unoutlined=False, reverse=True)
     slices = [(k + 1, sl) for k, sl in enumerate(ndi.find_objects(found)) if sl is not None]
     windows = ((sl[0].start, sl[1].start, found[sl] == label) for label, sl in slices)
     positions = []
@@ -257,7 +264,10 @@ def _outline_batch(
                                        params.mask_threshold)
         if mask.any():
             fallback[index], outlined[index] = False, True
-            out.append((float(score[best]), float(ious[i, best]), y0 + ty0, x0 + tx0, mask))
+            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+            mask = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]  # its box: a ninth of the window
+            out.append((float(score[best]), float(ious[i, best]), y0 + ty0 + int(rows[0]),
+                        x0 + tx0 + int(cols[0]), mask))
     return out
 
 
