@@ -44,7 +44,7 @@ class GeneratorParams:
     stability_score_offset: float = 0.909  # logit offset used by the stability score
     mask_threshold: float = 0.0  # logit threshold binarising the masks
     points_per_side: int = 32  # stock: prompt grid side; fast: cap of points_per_side² prompts
-    points_per_batch: int = 64  # prompts decoded at once
+    points_per_batch: int = 16  # prompts decoded at once (64: as fast on a CPU, 1.1 GB more at peak)
     crop_n_layers: int = 2  # stock only: extra layers of image crops
     crop_overlap_ratio: float = 0.3  # stock only: overlap of the crops
     crop_n_points_downscale_factor: int = 2  # stock only: grid thinning per crop layer
