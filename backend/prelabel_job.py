@@ -151,7 +151,8 @@ def _engine(job: dict[str, Any]):
     from mosaic_toolkit.sam.engine import Sam2Engine
     from mosaic_toolkit.sam.models import ModelSpec
 
-    return Sam2Engine.from_spec(ModelSpec.from_json(job["spec"]), device=job["device"], cache_bytes=0,
+    # the default embedding cache: the guided method's second round reads its tiles' features again
+    return Sam2Engine.from_spec(ModelSpec.from_json(job["spec"]), device=job["device"],
                                 overrides=job["params"], version=job["model_version"])
 
 

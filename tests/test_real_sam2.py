@@ -292,3 +292,19 @@ def test_guided_memory_is_the_embedding_cache(real_sam2_engine, real_crop):
     assert most[0] <= 2, most  # the cached tile and the one being decoded
     assert len(alive) > encoded_once  # the second round encoded evicted tiles again
     assert np.array_equal(whole, bounded)
+
+
+def test_segment_encodes_each_tile_once(real_sam2_checkpoint, tmp_path):
+    """`segment`'s engine keeps an embedding cache: the guided second round reads the tiles it
+    prompts from it instead of encoding them again."""
+    from fixtures_sam2 import REAL_CROP
+    from mosaic_toolkit.engines import open_engine
+    from mosaic_toolkit.segment import segment_paths
+
+    engine = open_engine("sam2", str(real_sam2_checkpoint), "cpu")
+    encode, runs = engine._sam.encode, []
+    engine._sam.encode = lambda crop: runs.append(crop.shape) or encode(crop)
+    records = segment_paths([REAL_CROP / "images" / "butterfly_crop.jpg"], tmp_path / "out", engine, tile=200,
+                            progress=False)
+    assert records[0]["tesserae"] > 50
+    assert len(runs) == 4, runs  # 2 x 2 tiles, each encoded once

@@ -52,7 +52,7 @@ def open_engine(
     device: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     *,
-    cache_bytes: int = 0,
+    cache_bytes: int | None = None,
     image_size: int | None = None,
     base: str | Path | None = None,
     version: str | None = None,
@@ -64,7 +64,8 @@ def open_engine(
     name, checkpoint or fine-tune file (SAM 2 only; default: the best installed model);
     ``overrides`` SAM 2 generator parameters laid over the model's own (e.g. ``{"method":
     "stock"}``; the classical engine has no generator and ignores them); ``cache_bytes`` the
-    embedding cache (0 for batch segmentation, which never sees a tile twice); ``version``
+    embedding cache (None: the engine's default, 512 MiB; the guided method's second round
+    reads its tiles' features again from it, and encodes again what it let go); ``version``
     the model version to report instead of the one derived from the files; ``output`` the
     decoder output a SAM 2 checkpoint was trained on (``--output``; a fine-tune file records
     its own, see ``sam.models.declare_output``).
@@ -81,8 +82,9 @@ def open_engine(
         raise MosaicError(f"SAM 2 engine: no SAM 2 weights are installed; {FETCH_HINT}")
     from .sam.engine import Sam2Engine  # imports torch: only when SAM 2 is used
 
-    return Sam2Engine.from_spec(name, device=device, cache_bytes=cache_bytes, base=base,
-                                image_size=image_size, overrides=overrides, version=version, output=output)
+    cache = {} if cache_bytes is None else {"cache_bytes": cache_bytes}
+    return Sam2Engine.from_spec(name, device=device, base=base, image_size=image_size, overrides=overrides,
+                                version=version, output=output, **cache)
 
 
 def engine_version(engine: Engine) -> str:
