@@ -188,7 +188,8 @@ class Settings:
         "Memory for decoded images and classical segmentations kept between clicks (MiB).", int)
     embedding_cache_mb: int = _setting(
         "MOSAIC_BACKEND_EMBEDDING_CACHE_MB", 512,
-        "Memory for SAM 2 image embeddings kept between clicks (MiB; ~16 per 1024² image).", int)
+        "Memory for SAM 2 image embeddings kept between clicks and by pre-label jobs (MiB; ~16 per "
+        "1024² image; the guided method's second round reads its tiles' embeddings from it).", int)
     basic_auth_user: str | None = _setting(
         "MOSAIC_BACKEND_BASIC_AUTH_USER", None,
         "With the password: require HTTP basic auth on every endpoint except GET /health.",

@@ -99,6 +99,7 @@ class PrelabelJobs(WorkerJobs):
         if job["engine"] == "sam2":
             job["spec"] = job_base_spec(engine)
             job["params"] = engine.params.to_dict()
+            job["cache_bytes"] = self.settings.embedding_cache_mb * 2**20
         return job
 
     def _watch(self, process: subprocess.Popen, job_dir: Path) -> None:
@@ -151,9 +152,10 @@ def _engine(job: dict[str, Any]):
     from mosaic_toolkit.sam.engine import Sam2Engine
     from mosaic_toolkit.sam.models import ModelSpec
 
-    # the default embedding cache: the guided method's second round reads its tiles' features again
+    # the guided method's second round reads its tiles' features again from the embedding cache
     return Sam2Engine.from_spec(ModelSpec.from_json(job["spec"]), device=job["device"],
-                                overrides=job["params"], version=job["model_version"])
+                                cache_bytes=job["cache_bytes"], overrides=job["params"],
+                                version=job["model_version"])
 
 
 def run_job(job_path: Path, api_key: str) -> int:

@@ -927,3 +927,18 @@ def test_too_coarse_image_gets_no_classical_tesserae_and_is_counted() -> None:
     assert summary["coarse"] == 1 and summary["confident"] == summary["uncertain"] == 0
     assert "too coarse" in summary["last"]["warning"]
     assert 'mosaic_backend_scale_estimates_total{outcome="coarse"} 1' in metrics.prometheus({})
+
+
+def test_prelabel_worker_engine_keeps_the_embedding_cache(sam, tmp_path) -> None:
+    """A SAM 2 pre-label job's worker opens its engine with MOSAIC_BACKEND_EMBEDDING_CACHE_MB:
+    the guided method's second round reads its tiles' features from that cache (with none it
+    would encode every tile again)."""
+    from mosaic_backend import prelabel_job
+
+    backend: Backend = sam.app.state.backend
+    job = backend.prelabels._job(tmp_path, 1, None, "http://label-studio.invalid")
+    assert job["engine"] == "sam2"
+    assert job["cache_bytes"] == backend.settings.embedding_cache_mb * 2**20 > 0
+    engine = prelabel_job._engine(json.loads(json.dumps(job)))  # as the worker reads it from disk
+    assert engine.cache_bytes == job["cache_bytes"]
+    assert engine.model_version == job["model_version"] and engine.params.to_dict() == job["params"]
