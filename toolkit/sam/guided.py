@@ -148,7 +148,7 @@ def guided_outlines(
     predicted = np.full(count, np.nan)  # each proposal's best predicted IoU
     outlined = np.zeros(count, dtype=bool)  # SAM 2's outline kept
     tiles = [(r, c) for r in range(len(rows)) for c in range(len(cols))]
-    # per tile: (rank, predicted IoU, y0, x0, window mask) of its kept masks
+    # per tile: (rank, predicted IoU, y0, x0, mask in its box) of its kept masks
     per_tile: dict[tuple[int, int], list[tuple[float, float, int, int, np.ndarray]]] = {}
     for r, c in reversed(tiles) if reverse else tiles:
         (ty0, ty1), (tx0, tx1) = rows[r], cols[c]
