@@ -80,11 +80,11 @@ def open_engine(
     name = model or weights.default_model()
     if name is None:
         raise MosaicError(f"SAM 2 engine: no SAM 2 weights are installed; {FETCH_HINT}")
-    from .sam.engine import Sam2Engine  # imports torch: only when SAM 2 is used
+    from .sam.engine import DEFAULT_CACHE_BYTES, Sam2Engine  # imports torch: only when SAM 2 is used
 
-    cache = {} if cache_bytes is None else {"cache_bytes": cache_bytes}
     return Sam2Engine.from_spec(name, device=device, base=base, image_size=image_size, overrides=overrides,
-                                version=version, output=output, **cache)
+                                version=version, output=output,
+                                cache_bytes=DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)
 
 
 def engine_version(engine: Engine) -> str:

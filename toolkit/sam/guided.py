@@ -155,10 +155,10 @@ def guided_outlines(
         members = np.flatnonzero((row_of == r) & (col_of == c))
         if len(members):
             decode = decoder_for(np.ascontiguousarray(image[ty0:ty1, tx0:tx1]))
-            found = per_tile[(r, c)] = []
+            outlines = per_tile[(r, c)] = []
             for start in range(0, len(members), params.points_per_batch):
                 batch = members[start : start + params.points_per_batch]
-                found += _outline_batch(decode, batch, proposals[ty0:ty1, tx0:tx1], points, boxes,
+                outlines += _outline_batch(decode, batch, proposals[ty0:ty1, tx0:tx1], points, boxes,
                                         cap, params, (ty0, tx0), fallback, predicted, outlined)
             del decode  # the tile's features go back to the engine's cache alone
         if progress is not None:
@@ -264,10 +264,9 @@ def _outline_batch(
                                        params.mask_threshold)
         if mask.any():
             fallback[index], outlined[index] = False, True
-            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-            mask = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]  # its box: a ninth of the window
-            out.append((float(score[best]), float(ious[i, best]), y0 + ty0 + int(rows[0]),
-                        x0 + tx0 + int(cols[0]), mask))
+            by, bx = ndi.find_objects(mask.view(np.uint8))[0]  # its box: a ninth of the window
+            out.append((float(score[best]), float(ious[i, best]), y0 + ty0 + by.start, x0 + tx0 + bx.start,
+                        mask[by, bx]))
     return out
 
 
