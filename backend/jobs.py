@@ -8,7 +8,7 @@ and pre-labels with the current model while it trains. The worker:
 1. pulls the project's tasks and annotations through label-studio-sdk and exports them as a
    dataset (``mosaic_toolkit.data.export``; images are downloaded from Label Studio);
 2. augments it (crops, rotations, flips; ``mosaic_toolkit.data.augment``), split per mosaic into
-   train and val (at least two annotated images are needed: one is held out);
+   train and val (one annotated mosaic is enough: it is split into train and val bands);
 3. measures the current model's validation Dice, then fine-tunes it
    (``mosaic_toolkit.training.trainer.Trainer``, the small settings ``MOSAIC_BACKEND_TRAIN_*``), which
    keeps the epoch with the best validation Dice on the same images with the same parameters;

@@ -10,7 +10,8 @@ look at its engine) with SAM 2.1 tiny at random weights, and is connected throug
 2. "Retrieve predictions" (the Data Manager action) stores one pre-label region per tessera the
    backend found, with the backend's model version; a second backend on the classical engine
    shows those regions lie on the real tesserae (per-tessera F against the synthetic truth);
-3. after two tasks are annotated, "start training" (``ml.train``) runs a training job in a
+3. after two tasks are annotated (in another project, one: a single mosaic is split into
+   bands), "start training" (``ml.train``) runs a training job in a
    worker process (export -> augment into 128 px crops -> 20 short epochs at 128 px, lr 6e-4) and, with the
    default promotion rule (``better``), the model version changes because the fine-tune
    measurably beats the random model on the run's validation images (a held-out mosaic): its
@@ -257,6 +258,33 @@ def test_training_changes_the_model_version(label_studio, project, connected, sa
     assert response.json()["data"]["model_version"] == after
     listed = client.ml.list_model_versions(id=connected)
     assert after in listed.versions
+
+
+def test_one_annotated_mosaic_is_enough_to_train(label_studio, tiny_sam2_checkpoint, tmp_path_factory) -> None:
+    """(3, one mosaic) A project with a single annotated image trains: the worker splits that
+    mosaic into a train and a val band (``augment``'s spatial split) instead of asking for a
+    second annotated image."""
+    project = make_project(label_studio, "one annotated mosaic", (31, 32))
+    settings = Settings.from_env(
+        {}, engine="sam2", model=str(tiny_sam2_checkpoint), image_size=256, generator_params=SAM_PARAMS,
+        models_dir=tmp_path_factory.mktemp("one-mosaic-models"),
+        **{**TRAINING, "train_epochs": 2, "train_promote": "always"})
+    with BackendServer(settings) as server:
+        client = label_studio.client()
+        ml = client.ml.create(url=server.url, project=project.id, is_interactive=True, title="one mosaic")
+        assert ml.state == "CO", ml.error_message
+        truth = project.truths[0]
+        client.annotations.create(id=project.tasks[0], result=[brush_result(truth == k, f"t{k}")
+                                                               for k in range(1, int(truth.max()) + 1)])
+        client.ml.train(id=ml.id)
+        deadline = time.monotonic() + TRAINING_TIMEOUT_S
+        status = server.get("/train/status")
+        while status["state"] in ("idle", "running") and time.monotonic() < deadline:
+            time.sleep(1)
+            status = server.get("/train/status")
+    assert status["state"] == "succeeded", status
+    assert status["annotated_tasks"] == 1 and status["train_images"] > 0 and status["val_images"] > 0, status
+    assert status["epochs_completed"] == 2 and status["promoted"] is True, status
 
 
 def test_bad_requests_through_label_studio(label_studio, project, connected, sam_backend, caplog) -> None:
