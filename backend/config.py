@@ -204,7 +204,11 @@ class Settings:
     train_epochs: int = _setting("MOSAIC_BACKEND_TRAIN_EPOCHS", 3, "Epochs per training run.", int)
     train_batch_size: int = _setting(
         "MOSAIC_BACKEND_TRAIN_BATCH_SIZE", 4, "Images per optimizer step.", int)
-    train_lr: float = _setting("MOSAIC_BACKEND_TRAIN_LR", 1e-5, "Learning rate (AdamW).", float)
+    train_lr: float = _setting(
+        "MOSAIC_BACKEND_TRAIN_LR", 3e-4,
+        "Learning rate (AdamW, cosine to a hundredth). A run on the annotations made so far is tens "
+        "of steps: 3e-4 lifts its pre-labels where the thesis's 1e-5 (for ~2,000 steps) made them "
+        "worse (docs/fine-tuning.md).", float)
     train_max_prompts: int = _setting(
         "MOSAIC_BACKEND_TRAIN_MAX_PROMPTS", 64, "Tesserae prompted per image and step; 0 = all.",
         int)
