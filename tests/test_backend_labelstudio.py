@@ -162,6 +162,16 @@ def brush_result(mask: np.ndarray, rid: str) -> dict:
             "value": {"format": "rle", "rle": mask2rle(mask.astype(np.uint8) * 255), "brushlabels": ["Tessera"]}}
 
 
+def wait_for_training(server: BackendServer, timeout_s: float = TRAINING_TIMEOUT_S) -> dict:
+    """The backend's ``/train/status`` once the run "Start training" began has ended (or at the deadline)."""
+    deadline = time.monotonic() + timeout_s
+    status = server.get("/train/status")
+    while status["state"] in ("idle", "running") and time.monotonic() < deadline:
+        time.sleep(1)
+        status = server.get("/train/status")
+    return status
+
+
 def middle_of(truth: np.ndarray) -> tuple[float, float]:
     """The centroid of the tessera nearest the image centre."""
     k = int(truth[HEIGHT // 2, WIDTH // 2]) or int(np.max(truth[HEIGHT // 2]))
@@ -238,11 +248,7 @@ def test_training_changes_the_model_version(label_studio, project, connected, sa
         client.annotations.create(id=task, result=regions)
     before = sam_backend.get("/health")["model_version"]
     client.ml.train(id=connected)
-    deadline = time.monotonic() + TRAINING_TIMEOUT_S
-    status = sam_backend.get("/train/status")
-    while status["state"] in ("idle", "running") and time.monotonic() < deadline:
-        time.sleep(1)
-        status = sam_backend.get("/train/status")
+    status = wait_for_training(sam_backend)
     assert status["state"] == "succeeded", status
     assert status["promoted"] is True and status["annotated_tasks"] == 2
     assert isinstance(status["val_dice"], float) and isinstance(status["baseline_dice"], float)
@@ -277,11 +283,7 @@ def test_one_annotated_mosaic_is_enough_to_train(label_studio, tiny_sam2_checkpo
         client.annotations.create(id=project.tasks[0], result=[brush_result(truth == k, f"t{k}")
                                                                for k in range(1, int(truth.max()) + 1)])
         client.ml.train(id=ml.id)
-        deadline = time.monotonic() + TRAINING_TIMEOUT_S
-        status = server.get("/train/status")
-        while status["state"] in ("idle", "running") and time.monotonic() < deadline:
-            time.sleep(1)
-            status = server.get("/train/status")
+        status = wait_for_training(server)
     assert status["state"] == "succeeded", status
     assert status["annotated_tasks"] == 1 and status["train_images"] > 0 and status["val_images"] > 0, status
     assert status["epochs_completed"] == 2 and status["promoted"] is True, status

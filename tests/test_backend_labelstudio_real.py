@@ -51,7 +51,8 @@ from mosaic_toolkit.core.dataset import mask_to_instances, tessera_points
 from mosaic_toolkit.core.io import read_mask
 from mosaic_toolkit.data.export import rasterise_region
 from mosaic_toolkit.evaluation.metrics import drop_specks, pixel_metrics, tile_metrics
-from test_backend_labelstudio import LABEL_CONFIG, BackendServer, brush_result, interactive, keypoint
+from test_backend_labelstudio import (LABEL_CONFIG, BackendServer, brush_result, interactive, keypoint,
+                                      wait_for_training)
 
 # the weights first: without them the module skips before Label Studio starts
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow, pytest.mark.usefixtures("real_sam2_checkpoint")]
@@ -131,15 +132,6 @@ def prelabel_scores(label_studio: LabelStudioServer, project: int, task: int, cr
             "regions": tiles["n_pred"], "tesserae": tiles["n_gt"]}
 
 
-def wait_for_training(backend: BackendServer) -> dict:
-    deadline = time.monotonic() + TRAINING_TIMEOUT_S
-    status = backend.get("/train/status")
-    while status["state"] in ("idle", "running") and time.monotonic() < deadline:
-        time.sleep(2)
-        status = backend.get("/train/status")
-    return status
-
-
 # --------------------------------------------------------------------------------------------
 def test_training_on_annotations_improves_prelabels_of_a_held_out_crop(label_studio, project, crops, backend) -> None:
     project_id, tasks = project
@@ -160,7 +152,7 @@ def test_training_on_annotations_improves_prelabels_of_a_held_out_crop(label_stu
             brush_result(truth == k, f"t{k}") for k in np.unique(truth[truth > 0])])
     started = time.monotonic()
     client.ml.train(id=ml.id)
-    status = wait_for_training(backend)
+    status = wait_for_training(backend, TRAINING_TIMEOUT_S)
     seconds = time.monotonic() - started
     assert status["state"] == "succeeded", status
     assert (status["annotated_tasks"], status["train_images"], status["val_images"]) == (3, 12, 6), status
