@@ -228,6 +228,7 @@ def click_scores(engine, data, samples, best_of_three: bool) -> dict:
     for sample in samples:
         image, instances = data.image(sample), data.instances(sample)
         kept = drop_specks(instances)[0]  # reference specks are not tesserae (as eval scores)
+        entry = engine._encoded(image)[1] if best_of_three else None  # the sample's features, once
         for k, point in enumerate(data.points(sample), start=1):
             truth = instances == k
             if not kept[truth].any():
@@ -236,7 +237,6 @@ def click_scores(engine, data, samples, best_of_three: bool) -> dict:
                 mask, _ = engine.predict_points(image, [[x, y]], [1])
                 served.setdefault(name, []).append(iou(mask, truth))
                 if best_of_three:
-                    _, entry = engine._encoded(image)
                     with torch.inference_mode():
                         logits, _, _ = engine._sam.click(entry.features, entry.hw, np.array([[x, y]], np.float32),
                                                          np.array([1]), None)
