@@ -12,6 +12,7 @@ from mosaic_toolkit.core.errors import MosaicError
 from mosaic_toolkit.sam.models import (
     FINETUNE_FORMAT,
     FINETUNE_PREFIXES,
+    VIDEO_ONLY_PREFIXES,
     ModelSpec,
     build_sam2_model,
     load_finetune,
@@ -22,6 +23,8 @@ from mosaic_toolkit.sam.models import (
     update_finetune_metadata,
 )
 from mosaic_toolkit.sam.weights import MODELS
+
+from fixtures_sam2 import grid_mosaic
 
 TINY = "sam2.1-tiny"
 
@@ -144,6 +147,48 @@ def test_corrupt_checkpoint_names_file(tmp_path, tiny_sam2_checkpoint):
     torch.save({"weights": torch.zeros(3)}, not_sam)
     with pytest.raises(MosaicError, match=f"{not_sam}.*not a SAM 2 checkpoint"):
         build_sam2_model(MODELS[TINY].config, not_sam, "cpu")
+
+
+def test_base_checkpoint_in_other_layouts_loads_the_same_weights(tiny_sam2_checkpoint, tmp_path):
+    """A bare state dict, a wrapper's prefixed keys, and an export without the video-only
+    modules (the image predictor never runs them) are read as the official layout is."""
+    config = MODELS[TINY].config
+    official = torch.load(tiny_sam2_checkpoint, weights_only=True)["model"]
+    image_only = {k: v for k, v in official.items() if not k.startswith(VIDEO_ONLY_PREFIXES)}
+    assert len(image_only) < len(official)
+    layouts = {
+        "bare.pt": official,
+        "prefixed.pt": {"module." + k: v for k, v in official.items()},
+        "image_only.pt": {"model": image_only},
+    }
+    for name, data in layouts.items():
+        torch.save(data, tmp_path / name)
+        model = build_sam2_model(config, tmp_path / name, "cpu", image_size=256)
+        loaded = model.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in image_only.items()), name
+
+
+def test_base_checkpoint_missing_an_image_tensor_names_it(tiny_sam2_checkpoint, tmp_path):
+    official = torch.load(tiny_sam2_checkpoint, weights_only=True)["model"]
+    key = "sam_mask_decoder.iou_token.weight"
+    torch.save({"model": {k: v for k, v in official.items() if k != key}}, tmp_path / "cut.pt")
+    with pytest.raises(MosaicError, match=f"cut.pt.*missing 1 .*{key}"):
+        build_sam2_model(MODELS[TINY].config, tmp_path / "cut.pt", "cpu", image_size=256)
+
+
+def test_finetune_runs_on_a_base_without_video_modules(sam2_home, tuned, tiny_sam2_checkpoint, tmp_path):
+    """A fine-tune made on the official checkpoint serves on an export of the same weights
+    that leaves out the video-only modules: same clicks."""
+    official = torch.load(tiny_sam2_checkpoint, weights_only=True)["model"]
+    reduced = tmp_path / "image_only.pt"
+    torch.save({"model": {k: v for k, v in official.items() if not k.startswith(VIDEO_ONLY_PREFIXES)}}, reduced)
+    path = write_finetune(tmp_path / "tuned.pt", tuned[0])
+    image, _ = grid_mosaic(4, 4)
+    masks = []
+    for base in (tiny_sam2_checkpoint, reduced):
+        engine = Sam2Engine.from_spec(resolve_model(path, base=base), device="cpu")
+        masks.append(engine.predict_points(image, [[40, 40]], [1])[0])
+    assert masks[0].any() and (masks[0] == masks[1]).all()
 
 
 def test_checkpoint_for_other_config_is_error(tiny_sam2_checkpoint):

@@ -88,19 +88,57 @@ def _read_torch_file(path: Path, what: str, mmap: bool = False) -> Any:
         raise MosaicError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc})") from exc
 
 
-def read_checkpoint_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, torch.Tensor]:
-    """The state dict of an official SAM 2 checkpoint ``{"model": state_dict}``.
+#: sam2 modules that only video tracking uses: the image predictor never runs them, and exports
+#: of the image model (such as the ONNX one that ``weights import-onnx`` reads) leave them out.
+#: A base checkpoint without them loads; they keep their initial values.
+VIDEO_ONLY_PREFIXES = (
+    "memory_attention.", "memory_encoder.", "maskmem_tpos_enc", "no_mem_pos_enc", "no_obj_ptr",
+    "mask_downsample.", "obj_ptr_proj.", "obj_ptr_tpos_proj.", "sam_mask_decoder.pred_obj_score_head.",
+)
+_WRAPPER_PREFIXES = ("model.", "module.")
 
+
+def read_checkpoint_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict of a SAM 2 checkpoint.
+
+    The official format is ``{"model": state_dict}``. A bare state dict (``torch.save(
+    model.state_dict(), path)``) is read too, and so are keys that all carry a wrapper's
+    ``model.`` or ``module.`` prefix; anything without SAM 2's image-encoder tensors is an error.
     ``mmap=True`` maps the tensors instead of reading them: cheap when only names and shapes
     are needed.
     """
     path = Path(path)
     data = _read_torch_file(path, "SAM 2 checkpoint", mmap=mmap)
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-        if isinstance(data, dict) and data.get("format") == FINETUNE_FORMAT:
-            raise MosaicError(f"{path}: is a fine-tune file, not a base SAM 2 checkpoint")
-        raise MosaicError(f'{path}: not a SAM 2 checkpoint (expected a dict with a "model" key)')
-    return data["model"]
+    if isinstance(data, dict) and data.get("format") == FINETUNE_FORMAT:
+        raise MosaicError(f"{path}: is a fine-tune file, not a base SAM 2 checkpoint")
+    state = data.get("model") if isinstance(data, dict) and isinstance(data.get("model"), dict) else data
+    if isinstance(state, dict) and state and all(isinstance(k, str) for k in state):
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+        if any(k.startswith("image_encoder.") for k in state) and all(
+                isinstance(v, torch.Tensor) for v in state.values()):
+            return state
+    raise MosaicError(
+        f'{path}: not a SAM 2 checkpoint (expected {{"model": state_dict}} or a state dict '
+        "with SAM 2's image_encoder.* tensors)"
+    )
+
+
+def _load_base_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], checkpoint: Path,
+                       config: str) -> None:
+    """Load ``state`` into ``model``: every tensor of the image model must be there and fit;
+    video-only modules may be absent (they keep their initial values)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.startswith(VIDEO_ONLY_PREFIXES)]
+    unknown = [k for k in state if k not in expected]
+    wrong = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unknown or wrong:
+        parts = [f"{label} {len(items)} (first: {', '.join(items[:3])})"
+                 for label, items in (("missing", missing), ("unknown", unknown), ("shape mismatch", wrong))
+                 if items]
+        raise MosaicError(f"{checkpoint}: weights do not match config {config} ({'; '.join(parts)})"[:600])
+    model.load_state_dict(state, strict=False)
 
 
 def build_sam2_model(
@@ -110,7 +148,7 @@ def build_sam2_model(
     image_size: int | None = None,
     overrides: Iterable[str] = (),
 ) -> torch.nn.Module:
-    """Build a SAM 2 model from its Hydra ``config`` and load ``checkpoint`` strictly.
+    """Build a SAM 2 model from its Hydra ``config`` and load ``checkpoint`` (``_load_base_weights``).
 
     ``checkpoint=None`` keeps the random initialisation (tests). ``image_size`` overrides the
     config's input resolution (1024); the weights do not depend on it (Hiera interpolates its
@@ -133,13 +171,7 @@ def build_sam2_model(
     except (HydraException, OmegaConfBaseException) as exc:
         raise MosaicError(f"{config}: cannot build SAM 2 model ({exc})") from exc
     if state is not None:
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()
-            raise MosaicError(
-                f"{checkpoint}: weights do not match config {config} ({' '.join(first[:3])[:400]})"
-            ) from exc
+        _load_base_weights(model, state, checkpoint, config)
     return model.to(pick_device(device)).eval()
 
 
@@ -531,10 +563,11 @@ def _check_shapes(
     base: Path,
     reference: Mapping[str, torch.Tensor],
 ) -> None:
-    """Every fine-tuned tensor must exist in the base with the same shape."""
+    """Every fine-tuned tensor must exist in the base with the same shape (video-only tensors,
+    which a base checkpoint may leave out, are checked only where both have them)."""
     expected = {k for k in reference if k.startswith(FINETUNE_PREFIXES)}
-    missing = sorted(expected - set(tuned))
-    unknown = sorted(set(tuned) - expected)
+    missing = sorted(k for k in expected - set(tuned) if not k.startswith(VIDEO_ONLY_PREFIXES))
+    unknown = sorted(k for k in set(tuned) - expected if not k.startswith(VIDEO_ONLY_PREFIXES))
     wrong = sorted(
         f"{k} {tuple(tuned[k].shape)} vs {tuple(reference[k].shape)}"
         for k in set(tuned) & expected

