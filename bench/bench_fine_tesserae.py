@@ -11,10 +11,12 @@ output folder) also scores DIR/finetune.pt and its base on DIR/val_band, the par
 train on. ``--small-tiles`` also runs the base on the whole top half with tiles of about 100
 tesserae (``core.tiling.choose_tile_size`` without its 256-px floor, passed as ``segment --tile``),
 the scale of the training crops, where the default tiles hold more tesserae below 25-px ones.
+``--fast`` (with ``--finetune``) also scores the fine-tune's prompt-free fast method on the val
+band, with both floors (the fast and stock paths follow the same scale-aware floor).
 
 Run: ``.venv/bin/python bench/bench_fine_tesserae.py --model .cache/weights/sam2_hiera_tiny.pt
-[--finetune DIR] [--small-tiles]`` (9 minutes on two cores with ``--finetune``, 7 without; about
-5 more with ``--small-tiles``).
+[--finetune DIR [--fast]] [--small-tiles]`` (9 minutes on two cores with ``--finetune``, 7
+without; about 5 more with ``--small-tiles``).
 """
 from __future__ import annotations
 
@@ -44,7 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a bench_finetune_real output folder: also score its finetune.pt on its val band")
     p.add_argument("--small-tiles", action="store_true",
                    help="also run the base with tiles of about 100 tesserae (no 256-px floor) on the top half")
-    return p.parse_args(argv)
+    p.add_argument("--fast", action="store_true",
+                   help="with --finetune: also score the fine-tune's fast method on its val band")
+    args = p.parse_args(argv)
+    if args.fast and args.finetune is None:
+        p.error("--fast needs --finetune")
+    return args
 
 
 def shrink(src: Path, factor: int, out: Path) -> int:
@@ -107,6 +114,9 @@ def main(argv: list[str] | None = None) -> None:
         models["finetuned"] = Sam2Engine.from_spec(str(args.finetune / "finetune.pt"), device="cpu",
                                                    base=args.model)
         sets["val_band"] = args.finetune / "val_band"
+        if args.fast:
+            models["finetuned_fast"] = Sam2Engine.from_spec(str(args.finetune / "finetune.pt"), device="cpu",
+                                                            base=args.model, overrides={"method": "fast"})
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for factor in [int(f) for f in args.factors.split(",")]:

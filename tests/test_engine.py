@@ -6,6 +6,8 @@ hand-made arrays.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import threading
 
 import numpy as np
@@ -275,6 +277,20 @@ def test_segment_gives_valid_instance_map(sam2_engine, tessera_grid_image, metho
     instances = sam2_engine.segment(image, params)
     assert instances.max() > 0
     assert_valid_instances(instances, image.shape[:2], min_area=params.min_area)
+
+
+@pytest.mark.parametrize("method", ["fast", "stock"])
+def test_segment_speck_floor_follows_the_tessera_size(sam2_engine, tessera_grid_image, method):
+    """A min_area larger than a tessera (tuned on coarser tesserae) drops every region unless
+    the image's tessera size is known: then pieces under 5 % of its square are the specks."""
+    from mosaic_toolkit.sam.guided import speck_area
+
+    image, _ = tessera_grid_image
+    params = dataclasses.replace(random_weight_params(sam2_engine, image, method=method), min_area=10**6)
+    assert sam2_engine.segment(image, params).max() == 0
+    instances = sam2_engine.segment(image, params, tessera_size=20.0)
+    assert instances.max() > 0
+    assert_valid_instances(instances, image.shape[:2], min_area=speck_area(params.min_area, 20.0))
 
 
 def test_segment_default_thresholds_and_unknown_method(sam2_engine, tessera_grid_image):

@@ -284,14 +284,13 @@ def test_cli_errors_are_one_line(finetune_file, tiny_dataset, tmp_path):
     assert (tmp_path / "taken" / "mine.txt").read_text() == "keep me"
 
 
-def test_guided_search_stops_at_the_speck_floor():
-    """The guided path caps min_area at SPECK_FRACTION of the squared tessera size, so its
-    search ends there; the fast path searches up to MIN_AREA_FRACTION of the median area."""
+def test_min_area_search_stops_at_the_speck_floor():
+    """Segmentation caps min_area at SPECK_FRACTION of the squared tessera size on every
+    method, so the search ends there (a larger value could not be served as tuned)."""
     from mosaic_toolkit.sam.guided import SPECK_FRACTION
-    from mosaic_toolkit.training.tune import MIN_AREA_FRACTION, TuningImage, search_space
+    from mosaic_toolkit.training.tune import TuningImage, search_space
 
     gt = np.zeros((60, 60), np.int32)
     gt[5:15, 5:15], gt[20:30, 20:30], gt[40:50, 40:50] = 1, 2, 3  # median area 100 px
     images = [TuningImage("a", np.zeros((60, 60, 3), np.uint8), gt > 0, gt, 60, 0)]
-    assert search_space(images, "fast")["min_area"] == [0, int(MIN_AREA_FRACTION * 100)]
-    assert search_space(images, "guided")["min_area"] == [0, int(SPECK_FRACTION * 4 / math.pi * 100)]
+    assert search_space(images)["min_area"] == [0, round(SPECK_FRACTION * 4 / math.pi * 100)]

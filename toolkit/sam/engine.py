@@ -53,7 +53,9 @@
 
 Post-processing (both paths, ``postprocess``): per-tessera morphological opening (removes spurs
 and specks), per-tessera erosion (separates touching tesserae), then every 4-connected piece
-becomes its own tessera and pieces smaller than ``min_area`` pixels are dropped.
+becomes its own tessera and pieces smaller than ``min_area`` pixels are dropped (or smaller than
+``guided.SPECK_FRACTION`` of the squared tessera size, when that is less and the size is known:
+``guided.speck_area``, so that a whole fine tessera is not a speck).
 """
 from __future__ import annotations
 
@@ -288,21 +290,23 @@ class Sam2Engine:
 
         ``params`` default to the engine's (tuned) parameters; ``method`` overrides
         ``params.method`` ("fast", "stock" or "guided", see the module docstring).
-        ``tessera_size`` and ``statistics`` (the classical engine's, for the whole image) only
-        serve the guided method's proposals.
+        ``tessera_size`` (px) lowers the speck floor ``min_area`` for fine tesserae on every
+        path (``guided.speck_area``); with ``statistics`` (the classical engine's, for the whole
+        image) it also serves the guided method's proposals.
         """
         image = as_rgb(image)
         params = params or self.params
         method = method or params.method
         if method not in METHODS:
             raise MosaicError(f"segment: unknown method {method!r} (choose from {METHODS})")
+        floor = params.min_area if tessera_size is None else speck_area(params.min_area, tessera_size)
         with self._lock:
             if method == "fast":
-                return self.prepare_fast(image).generate(params)
+                return self.prepare_fast(image).generate(params, min_area=floor)
             if method == "guided":
                 return self.segment_guided(image, params, tessera_size=tessera_size, statistics=statistics)
             raw = self._segment_stock(image, params)
-        return postprocess(raw, params.opening, params.min_area, params.erosion)
+        return postprocess(raw, params.opening, floor, params.erosion)
 
     def candidate_decoder(self, image: np.ndarray) -> WindowDecoder:
         """A :data:`guided.WindowDecoder` on ``image`` (encoded now, or taken from the cache).

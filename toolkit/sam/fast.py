@@ -103,10 +103,11 @@ class FastState:
     interior: np.ndarray  # tile_interior(image)
     decode: Decoder  # bound to the image's features
 
-    def generate(self, params: GeneratorParams) -> np.ndarray:
-        """The post-processed instance map under ``params`` (what ``Sam2Engine.segment`` returns)."""
+    def generate(self, params: GeneratorParams, min_area: int | None = None) -> np.ndarray:
+        """The post-processed instance map under ``params`` (what ``Sam2Engine.segment`` returns);
+        ``min_area`` replaces ``params.min_area`` (the engine passes its scale-aware floor)."""
         raw = fast_instances(self.interior, params, self.decode)
-        return postprocess(raw, params.opening, params.min_area, params.erosion)
+        return postprocess(raw, params.opening, params.min_area if min_area is None else min_area, params.erosion)
 
     def with_decoder(self, decode: Decoder) -> "FastState":
         """The same state decoding through ``decode`` (e.g. a memo wrapping ``self.decode``)."""

@@ -81,8 +81,6 @@ FLOAT_RANGES: dict[str, tuple[float, float]] = {
 }
 #: Searched post-processing radii (px).
 INT_RANGES: dict[str, tuple[int, int]] = {"opening": (0, 3), "erosion": (0, 2)}
-#: ``min_area`` is searched from 0 to this fraction of the median ground-truth tessera area.
-MIN_AREA_FRACTION = 0.25
 SEARCHED = (*FLOAT_RANGES, "opening", "min_area", "erosion")
 
 DEFAULT_TRIALS = 30
@@ -260,20 +258,18 @@ def score_images(segment: SegmentWith, images: list[TuningImage], params: Genera
 # --------------------------------------------------------------------------------------------
 # Search space and study
 # --------------------------------------------------------------------------------------------
-def search_space(images: list[TuningImage], method: str = "fast") -> dict[str, list]:
+def search_space(images: list[TuningImage]) -> dict[str, list]:
     """``{name: [low, high]}`` of every searched parameter (``min_area`` from the images).
 
-    The guided method caps ``min_area`` at its speck floor (``sam.guided.speck_area``), so its
-    search stops there: the diameter of a disc of the median ground-truth area stands for the
-    tessera size."""
+    Segmentation caps ``min_area`` at the speck floor of the image's tessera size
+    (``sam.guided.speck_area``, on every method), so the search stops there: the diameter of a
+    disc of the median ground-truth area stands for the tessera size."""
     areas = np.concatenate([np.bincount(item.gt_instances.ravel())[1:] for item in images])
     areas = areas[areas > 0]
     median_area = float(np.median(areas)) if areas.size else 0.0
     space: dict[str, list] = {name: list(bounds) for name, bounds in FLOAT_RANGES.items()}
     space.update({name: list(bounds) for name, bounds in INT_RANGES.items()})
-    high = int(MIN_AREA_FRACTION * median_area)
-    if method == "guided":
-        high = speck_area(high, 2 * math.sqrt(median_area / math.pi))
+    high = speck_area(int(median_area), 2 * math.sqrt(median_area / math.pi))  # the floor itself
     space["min_area"] = [0, max(1, high)]
     return space
 
@@ -514,7 +510,7 @@ def tune(
     data, images = load_images(dataset, split, max_images, tile)
     fixed = GeneratorParams.from_dict(spec.generator)
     fixed = fixed if method is None else fixed.replace(method=method)
-    space = search_space(images, fixed.method)
+    space = search_space(images)
     record = {
         "dataset": str(data.root.resolve()), "split": split, "model": str(model_file),
         "images": [item.stem for item in images], "space": space,
