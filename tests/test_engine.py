@@ -291,6 +291,12 @@ def test_segment_speck_floor_follows_the_tessera_size(sam2_engine, tessera_grid_
     instances = sam2_engine.segment(image, params, tessera_size=20.0)
     assert instances.max() > 0
     assert_valid_instances(instances, image.shape[:2], min_area=speck_area(params.min_area, 20.0))
+    # What `segment` and the backend's pre-labels run: the tessera size (given, or estimated)
+    # reaches the path.
+    from mosaic_toolkit.segment import segment_image
+
+    served = Sam2Engine(sam2_engine.model, version="floor", params=params)
+    assert np.array_equal(segment_image(served, image, tessera_size=20.0), instances)
 
 
 def test_segment_default_thresholds_and_unknown_method(sam2_engine, tessera_grid_image):

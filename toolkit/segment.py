@@ -128,8 +128,8 @@ def segment_image_info(
         if scores:
             instances, info["scores"] = instances
         return instances, _with_scale(info, scale)
-    else:
-        segment_fn = engine.segment
+    else:  # SAM 2's fast and stock paths: the tessera size sets their speck floor
+        segment_fn = functools.partial(engine.segment, tessera_size=tessera_size)
     tile, overlap = resolve_tiling(image, tile, None, tessera_size)
     instances = segment_tiled(image, segment_fn, tile=tile, overlap=overlap, progress=progress)
     info = {"tessera_size_px": round(float(tessera_size), 2), "tile": tile, "overlap": overlap}
