@@ -272,8 +272,9 @@ class Predictor:
                 image, tessera_size=self.tessera_size(image, key), proposals=proposals, tile=tile,
                 overlap=overlap, progress=lambda done: deadline.check(), with_scores=True)
             return instances, scores if self.prelabel_scores and scores else None
-        instances = segment_tiled(image, guarded(engine.segment, deadline), tile=tile, overlap=overlap,
-                                  progress=False)
+        segment, size = guarded(engine.segment, deadline), self.tessera_size(image, key)
+        instances = segment_tiled(image, lambda crop: segment(crop, tessera_size=size), tile=tile,
+                                  overlap=overlap, progress=False)  # the size sets the speck floor
         scores = None
         if self.prelabel_scores and instances.any() and not deadline.passed():
             scores = self._tessera_scores(engine, image, instances, tile, overlap)

@@ -137,3 +137,19 @@ def real_crop():
 
     image = np.asarray(Image.open(REAL_CROP / "images" / "butterfly_crop.jpg").convert("RGB"))
     return image, mask_to_instances(read_mask(REAL_CROP / "masks" / "butterfly_crop.png"))
+
+
+def random_weight_params(engine, image: np.ndarray, **changes):
+    """Parameters under which a random-weight model yields masks: no quality filtering and
+    the mask threshold at the median of its logits (random logits hover around a constant)."""
+    from mosaic_toolkit.sam.fast import tessera_prompts, tile_interior
+    from mosaic_toolkit.sam.params import GeneratorParams
+
+    points, _ = tessera_prompts(tile_interior(image), 16, 4)
+    logits, _ = engine.decode_points(image, points)
+    base = dict(
+        pred_iou_thresh=0.0, stability_score_thresh=0.0, stability_score_offset=0.05,
+        mask_threshold=float(logits.median()), points_per_side=6, points_per_batch=16,
+        crop_n_layers=0, opening=1, min_area=4, erosion=0,
+    )
+    return GeneratorParams(**{**base, **changes})

@@ -47,6 +47,8 @@ from mosaic_toolkit.data.export import rasterise_region
 from mosaic_toolkit.segment import segment_image
 from mosaic_toolkit.data.synth import synth_mosaic
 
+from fixtures_sam2 import random_weight_params
+
 LABEL_CONFIG = (Path(__file__).resolve().parents[1] / "label_config.xml").read_text()
 BRUSH_ONLY = """<View><Image name="img" value="$picture"/>
   <BrushLabels name="mask" toName="img"><Label value="Tessera"/><Label value="Other"/></BrushLabels>
@@ -557,6 +559,22 @@ def test_guided_prelabel_scores_need_no_second_decoding(sam2_engine, monkeypatch
     plain, none = Predictor(cache_bytes=1 << 26, prelabel_scores=False).prelabel(
         sam2_engine, image, "img", Deadline.after(600, "task 1"))
     assert none is None and np.array_equal(plain, instances)
+
+
+@pytest.mark.parametrize("method", ["fast", "stock"])
+def test_sam2_prelabels_speck_floor_follows_the_image_scale(sam2_engine, method) -> None:
+    """Pre-labels on SAM 2's fast and stock paths drop specks by the image's tessera size: a
+    min_area tuned far above it (on coarser tesserae) does not wipe out the image."""
+    import dataclasses
+
+    from mosaic_backend.predict import Predictor
+    from mosaic_toolkit.sam.engine import Sam2Engine
+
+    image, _ = synth_mosaic(np.random.default_rng(4), 420, 300, style="irregular", tessera_size=24)
+    params = dataclasses.replace(random_weight_params(sam2_engine, image, method=method), min_area=10**6)
+    engine = Sam2Engine(sam2_engine.model, version="floor", params=params)
+    instances, _ = Predictor(cache_bytes=1 << 26).prelabel(engine, image, "img", Deadline.after(600, "task 1"))
+    assert int(instances.max()) > 0
 
 
 def test_prelabel_timeout_is_a_clear_error(tmp_path_factory, hosts) -> None:

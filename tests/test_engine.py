@@ -22,6 +22,8 @@ from mosaic_toolkit.sam.fast import tessera_prompts, tile_interior
 from mosaic_toolkit.sam.params import GeneratorParams
 from mosaic_toolkit.core.errors import MosaicError
 
+from fixtures_sam2 import random_weight_params
+
 
 # ------------------------------------------------------------------------------ helpers
 def fresh_engine(engine: Sam2Engine, cache_bytes: int) -> Sam2Engine:
@@ -62,19 +64,6 @@ def assert_valid_instances(instances: np.ndarray, shape: tuple[int, int], min_ar
         _, pieces = ndi.label(region, structure=FOUR_CONNECTED)
         assert pieces == 1, f"id {idx} has {pieces} 4-connected pieces"
         assert region.sum() >= min_area
-
-
-def random_weight_params(engine: Sam2Engine, image: np.ndarray, **changes) -> GeneratorParams:
-    """Parameters under which a random-weight model yields masks: no quality filtering and
-    the mask threshold at the median of its logits (random logits hover around a constant)."""
-    points, _ = tessera_prompts(tile_interior(image), 16, 4)
-    logits, _ = engine.decode_points(image, points)
-    base = dict(
-        pred_iou_thresh=0.0, stability_score_thresh=0.0, stability_score_offset=0.05,
-        mask_threshold=float(logits.median()), points_per_side=6, points_per_batch=16,
-        crop_n_layers=0, opening=1, min_area=4, erosion=0,
-    )
-    return GeneratorParams(**{**base, **changes})
 
 
 # ------------------------------------------------------------------------------ parameters
