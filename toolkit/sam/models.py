@@ -89,7 +89,7 @@ def _read_torch_file(path: Path, what: str, mmap: bool = False) -> Any:
 
 
 #: sam2 modules that only video tracking uses: the image predictor never runs them, and exports
-#: of the image model (such as the ONNX one that ``weights import-onnx`` reads) leave them out.
+#: of the image model (such as the ONNX one that ``weights import`` reads) leave them out.
 #: A base checkpoint without them loads; they keep their initial values.
 VIDEO_ONLY_PREFIXES = (
     "memory_attention.", "memory_encoder.", "maskmem_tpos_enc", "no_mem_pos_enc", "no_obj_ptr",
